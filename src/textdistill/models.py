@@ -1,0 +1,164 @@
+"""Loading causal LMs and tokenizers by name (offline named models), hub id or local folder; LoRA adapters.
+
+Named models (``smollm2-135m``, ``gemma3-270m``) resolve to the cached folders made by ``textdistill assets
+install``; anything else goes to ``from_pretrained`` unchanged (``trust_remote_code`` only when asked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .assets import NAMED_MODELS, named_model_path
+from .config import LoraSettings
+from .errors import ModelError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``fp32``/``bf16``/``fp16``/``fp64`` (or a torch dtype) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A named model's cached folder, an existing local folder, or the string unchanged (a hub id)."""
+    if name_or_path in NAMED_MODELS:
+        return str(named_model_path(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} exists but has no config.json: not a Hugging Face model folder")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelError(f"model folder not found: {name_or_path}")
+    if "/" not in name_or_path:
+        raise ModelError(f"unknown model '{name_or_path}': not a named model ({', '.join(NAMED_MODELS)}), "
+                         f"not a local folder, and not a hub id of the form owner/name")
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, with a pad token (EOS) when it has none; right padding."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(f"could not load a tokenizer for '{name_or_path}' ({path}): {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(name_or_path: str, *, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = "auto",
+               attn_implementation: str | None = "eager", adapter: str | Path | None = None,
+               trust_remote_code: bool = False) -> Any:
+    """A causal LM in eval mode on ``device``; with ``adapter``, a LoRA adapter folder loaded on top.
+
+    Eager attention is the default because the distillation meta-gradient needs a double backward, which the
+    CPU flash kernel of ``sdpa`` does not provide; evaluation and training may pass ``"sdpa"``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"could not load model '{name_or_path}' ({path}): {exc}") from exc
+    model.to(resolve_device(device))
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    model.eval()
+    return model
+
+
+def load_adapter(model: Any, adapter: str | Path, *, trainable: bool = False) -> Any:
+    """Wrap ``model`` with a saved peft LoRA adapter folder (clear error when the folder is not an adapter)."""
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+
+
+def add_lora(model: Any, settings: LoraSettings) -> Any:
+    """Wrap ``model`` with a fresh LoRA adapter; only the LoRA tensors are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in settings.target_modules if m not in names]
+    if missing:
+        raise ModelError(f"LoRA target module(s) {', '.join(missing)} not found in {type(model).__name__}")
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules), task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, config)
+
+
+def model_fingerprint(model: Any) -> str:
+    """Short hash of a model's architecture config and a sample of its weights, to refuse mismatched artifacts."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
+                     "attn_implementation", "use_cache"):
+        config.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    embedding = base.get_input_embeddings().weight
+    digest.update(embedding[:: max(1, embedding.shape[0] // 64)].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Short hash of a tokenizer's vocabulary."""
+    vocab = tokenizer.get_vocab()
+    return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What an artifact records about the model it was made with."""
+
+    name: str
+    path: str
+    architecture: str
+    fingerprint: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    hidden_size: int
+
+
+def model_identity(name: str, model: Any, tokenizer: Any) -> ModelIdentity:
+    """Identity record of a loaded model and tokenizer."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding = base.get_input_embeddings().weight
+    path = name
+    try:
+        path = resolve_model_path(name)
+    except ModelError:
+        pass
+    return ModelIdentity(name=name, path=str(path), architecture=type(base).__name__,
+                         fingerprint=model_fingerprint(base), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                         vocab_size=int(embedding.shape[0]), hidden_size=int(embedding.shape[1]))

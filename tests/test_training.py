@@ -1,0 +1,99 @@
+"""The explicit training loop: response-only loss, loss goes down, schedules, NaN guard, run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from textdistill.config import DataSettings, LoraSettings, TrainConfig
+from textdistill.data import Example, tokenize_examples
+from textdistill.errors import TrainingError
+from textdistill.models import add_lora, load_model, load_tokenizer
+from textdistill.training import collate, lr_multiplier, response_loss, train, train_model
+
+
+def _examples():
+    return [Example(prompt=f"Question: what colour is thing {i}?\nAnswer:", response=" blue", id=str(i))
+            for i in range(16)]
+
+
+def test_loss_covers_response_tokens_only(tiny_llama_dir):
+    tok = load_tokenizer(str(tiny_llama_dir))
+    model = load_model(str(tiny_llama_dir), device="cpu")
+    tokenized = tokenize_examples(tok, _examples()[:3], max_length=64)
+    batch = collate(tokenized, tok.pad_token_id)
+    loss, count = response_loss(model, batch)
+    # naive: sum of -log p(response token | everything before it), over response tokens only
+    logprobs = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    total, n = 0.0, 0
+    for row, ex in enumerate(tokenized):
+        start = len(ex.prompt_ids)
+        for pos, token in enumerate(ex.response_ids):
+            total -= logprobs[row, start + pos - 1, token].item()
+            n += 1
+    assert count == n
+    assert loss.item() == pytest.approx(total / n, rel=1e-5)
+    # prompt tokens are masked: changing them in the labels tensor changes nothing
+    assert (batch["labels"][0, : len(tokenized[0].prompt_ids)] == -100).all()
+
+
+def test_training_lowers_the_loss(tiny_llama_dir):
+    tok = load_tokenizer(str(tiny_llama_dir))
+    tokenized = tokenize_examples(tok, _examples(), max_length=64)
+    # full fine-tuning: a random 32-wide model with tied embeddings can fit the constant response
+    model = load_model(str(tiny_llama_dir), device="cpu")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    result = train_model(model, tokenized, TrainConfig(method="full", lr=1e-2, max_steps=12, batch_size=8,
+                                                       warmup_ratio=0.0, schedule="constant"),
+                         pad_id=tok.pad_token_id, progress=False)
+    assert result.losses[-1] < 0.7 * result.losses[0]
+
+
+def test_lora_training_changes_only_lora_tensors_and_lowers_the_loss(tiny_llama_dir):
+    tok = load_tokenizer(str(tiny_llama_dir))
+    model = add_lora(load_model(str(tiny_llama_dir), device="cpu"),
+                     LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj", "o_proj", "down_proj")))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train_model(model, tokenize_examples(tok, _examples(), max_length=64),
+                         TrainConfig(lr=1e-2, max_steps=8, batch_size=8, warmup_ratio=0.0, schedule="constant"),
+                         pad_id=tok.pad_token_id, progress=False)
+    assert result.losses[-1] < result.losses[0] - 0.1
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == ("lora_B" in name or "lora_A" in name), name
+
+
+def test_nan_loss_stops_with_a_clear_error(tiny_llama_dir):
+    tok = load_tokenizer(str(tiny_llama_dir))
+    model = add_lora(load_model(str(tiny_llama_dir), device="cpu"), LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        model.get_base_model().model.norm.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="loss became nan at step 1"):
+        train_model(model, tokenize_examples(tok, _examples(), max_length=64), TrainConfig(max_steps=2),
+                    pad_id=tok.pad_token_id, progress=False)
+
+
+def test_schedules():
+    assert lr_multiplier(0, 100, 10, "linear") == pytest.approx(0.1)
+    assert lr_multiplier(10, 100, 10, "linear") == pytest.approx(1.0)
+    assert lr_multiplier(99, 100, 10, "linear") == pytest.approx(1 - 89 / 90)
+    assert lr_multiplier(55, 100, 10, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(70, 100, 0, "constant") == 1.0
+
+
+def test_train_entry_writes_run_folder(tiny_llama_dir, tmp_path):
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in _examples()))
+    out = tmp_path / "run"
+    summary = train(model_name=str(tiny_llama_dir), data=str(data_file), output=out,
+                    config=TrainConfig(max_steps=3, batch_size=4, lora=LoraSettings(r=2, alpha=4),
+                                       data=DataSettings(max_length=64)), device="cpu", progress=False)
+    assert summary["steps"] == 3
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["lora"]["r"] == 2 and "torch" in run["versions"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
