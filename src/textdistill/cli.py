@@ -70,7 +70,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_select(args: argparse.Namespace) -> int:
     from .selection import select
 
-    result = select(method=args.method, data=args.data, budget=args.budget, output=args.output, seed=args.seed)
+    kwargs = {}
+    if args.method == "less":
+        kwargs = {"model": args.model, "target": args.target, "device": args.device,
+                  "projection_dim": args.projection_dim, "warmup_fraction": args.warmup_fraction,
+                  "warmup_epochs": args.warmup_epochs, "max_val_examples": args.max_val_examples,
+                  "trust_remote_code": args.trust_remote_code}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    result = select(method=args.method, data=args.data, budget=args.budget, output=args.output, seed=args.seed,
+                    progress=not args.no_progress, **kwargs)
     print(f"selected {result['count']} rows -> {args.output}")
     return 0
 
@@ -102,6 +110,35 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     summary = distill(experts=args.experts, output=args.output, config=config, resume=args.resume,
                       device=args.device, progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import load_experiment_config, run_experiment
+    from .report import comparison_table
+
+    config = load_experiment_config(args.config, overrides={"target.limit": args.limit})
+    rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress)
+    print(comparison_table(rows))
+    print(f"results: {args.output}/results.csv, report: {args.output}/report.md")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import assets
+    from .experiment import load_experiment_config, run_experiment
+    from .report import comparison_table
+
+    for name in ("smollm2-135m", "gemma3-270m"):
+        if not assets.is_converted(name):
+            raise assets.AssetsError(f"{name} is not converted yet: run `textdistill assets install` first")
+    config = load_experiment_config("demo")
+    print("textdistill demo: SmolLM2-135M distils 5% of 240 ARC-Easy train rows; SmolLM2 and Gemma-3-270M are "
+          "fine-tuned on the distilled text and on real subsets of the same size, then scored on 200 ARC-Easy "
+          f"test questions. Output: {args.output}", flush=True)
+    rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress)
+    print(comparison_table(rows))
+    print(f"results: {args.output}/results.csv, report: {args.output}/report.md")
     return 0
 
 
@@ -200,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_distill)
 
+    p = sub.add_parser("experiment", help="run a comparison (config file or preset: demo, arc-easy, mmlu)")
+    p.add_argument("config", help="YAML file or preset name")
+    p.add_argument("--output", required=True)
+    p.add_argument("--limit", type=int, help="evaluate on the first N target items (overrides the config)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("demo", help="the whole pipeline, scaled down (about 15 min on 2 CPU cores)")
+    p.add_argument("--output", default="runs/demo")
+    _add_common(p)
+    p.set_defaults(func=_cmd_demo)
+
     p = sub.add_parser("select", help="select a budget of rows (random or LESS)")
     p.add_argument("--method", required=True, choices=["random", "less"])
     p.add_argument("--model", help="model for LESS gradients")
@@ -207,7 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="target task for LESS, e.g. arc-easy:validation")
     p.add_argument("--budget", required=True, help="count or percentage, e.g. 113 or 5%%")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="selection file (JSON)")
+    p.add_argument("--projection-dim", type=int, help="LESS: random projection dimension (default 8192)")
+    p.add_argument("--warmup-fraction", type=float, help="LESS: fraction of the pool for the warm-up (default 0.05)")
+    p.add_argument("--warmup-epochs", type=int, help="LESS: warm-up epochs = checkpoints (default 4)")
+    p.add_argument("--max-val-examples", type=int, help="LESS: target validation examples used (default 64)")
     _add_common(p)
     p.set_defaults(func=_cmd_select)
     return parser

@@ -18,6 +18,7 @@ The differentiable inner loop itself lives in :mod:`textdistill.unroll`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -76,7 +77,8 @@ class DistillConfig:
     recompute: bool = False  # exact constant-memory backward through the unroll
     regularizer: RegularizerSettings = field(default_factory=RegularizerSettings)
     projection_metric: Literal["cosine", "l2"] = "cosine"
-    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
+    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"  # weights and embeddings
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the student's forward/backward (2-3x on CPUs with bf16)
     seed: int = 0
     log_every: int = 1
     checkpoint_every: int = 10
@@ -313,6 +315,8 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
     valid = (init_ids >= 0) & (mask.squeeze(-1) > 0)  # (S, P_max) learnable positions
     nearest_ids: torch.Tensor | None = None
     reg = config.regularizer
+    autocast = (torch.autocast(device_type=embed_matrix.device.type, dtype=torch.bfloat16)
+                if config.precision == "bf16" else contextlib.nullcontext())
     start_time = time.time()
     bar = tqdm(total=config.iterations, initial=loop.iteration, desc="distill", disable=not progress,
                dynamic_ncols=True)
@@ -334,7 +338,8 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
             prompts = torch.where(mask > 0, straight_through(prompts, embed_matrix, nearest_ids), prompts)
         batches = [synthetic.batch(b, prompts) for b in batches_idx]
         lr = loop.log_lr.exp()
-        student = unroll(model, start_params, batches, lr, recompute=config.recompute)
+        with autocast:
+            student = unroll(model, start_params, batches, lr, recompute=config.recompute)
         match = matching_loss(student, start_params, target_params)
         loss = match
         reg_value = torch.zeros((), dtype=match.dtype)

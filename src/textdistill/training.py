@@ -173,6 +173,26 @@ def train_model(model: Any, examples: Sequence[TokenizedExample], config: TrainC
     return TrainResult(steps=total, tokens=tokens, seconds=time.time() - start, losses=losses)
 
 
+def train_on_examples(*, model_name: str, examples: Sequence[Any], config: TrainConfig, device: str = "auto",
+                      trust_remote_code: bool = False, progress: bool = True,
+                      metrics_log: list[dict[str, Any]] | None = None) -> tuple[Any, Any, TrainResult]:
+    """Load ``model_name``, add LoRA (or unfreeze everything for full fine-tuning) and train on ``examples``
+    (prompt/response pairs, tokenized here with the model's own tokenizer). Returns (model, tokenizer, result)."""
+    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    tokenized = tokenize_examples(tokenizer, examples, max_length=config.data.max_length,
+                                  append_eos=config.data.append_eos)
+    model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa",
+                       trust_remote_code=trust_remote_code)
+    if config.method == "lora":
+        model = add_lora(model, config.lora)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    result = train_model(model, tokenized, config, pad_id=tokenizer.pad_token_id, progress=progress,
+                         metrics_log=metrics_log)
+    return model, tokenizer, result
+
+
 def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig, device: str = "auto",
           selection: str | Path | None = None, evaluate_on: Sequence[tuple[str, str]] = (), eval_limit: int | None = None,
           trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -183,7 +203,7 @@ def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig
     selection file lists. ``evaluate_on`` lists (task, split) pairs evaluated after training.
     """
     output = Path(output)
-    if output.exists() and any(output.glob("adapter_model.safetensors")) or (output / "model.safetensors").exists():
+    if (output / "adapter_model.safetensors").exists() or (output / "model.safetensors").exists():
         raise ConfigError(f"{output} already holds a trained model; choose another --output or delete it")
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     examples = load_examples(data, config.data, tokenizer=tokenizer)
@@ -191,29 +211,21 @@ def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig
         from .selection import apply_selection
 
         examples = apply_selection(examples, selection)
-    tokenized = tokenize_examples(tokenizer, examples, max_length=config.data.max_length,
-                                  append_eos=config.data.append_eos)
-    model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa",
-                       trust_remote_code=trust_remote_code)
-    if config.method == "lora":
-        model = add_lora(model, config.lora)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
     output.mkdir(parents=True, exist_ok=True)
     write_run_info(output, command="train", config=config, seeds={"seed": config.seed},
-                   extra={"model": model_name, "data": data, "num_examples": len(tokenized),
+                   extra={"model": model_name, "data": data, "num_examples": len(examples),
                           "selection": str(selection) if selection else None})
     log: list[dict[str, Any]] = []
     try:
-        result = train_model(model, tokenized, config, pad_id=tokenizer.pad_token_id, progress=progress,
-                             metrics_log=log)
+        model, tokenizer, result = train_on_examples(model_name=model_name, examples=examples, config=config,
+                                                     device=device, trust_remote_code=trust_remote_code,
+                                                     progress=progress, metrics_log=log)
     finally:
         write_jsonl(output / "metrics.jsonl", log)
     model.save_pretrained(output, safe_serialization=True)
     if config.method == "full":
         tokenizer.save_pretrained(output)
-    summary: dict[str, Any] = {"model": model_name, "data": data, "examples": len(tokenized), "steps": result.steps,
+    summary: dict[str, Any] = {"model": model_name, "data": data, "examples": len(examples), "steps": result.steps,
                                "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
                                "first_loss": result.losses[0], "last_loss": result.losses[-1]}
     if evaluate_on:

@@ -1,0 +1,297 @@
+"""The experiment runner: every (method, budget, seed) cell, for every evaluated model, trained with one recipe.
+
+Methods:
+
+* ``base``: the model as it is (no training).
+* ``full``: the whole pool.
+* ``random``: a random subset at the budget (seeded).
+* ``less``: the LESS selection at the budget.
+* ``distilled``: the projected text of a distillation initialised from random real samples.
+* ``distill-init``: the real samples that distillation started from (the control for ``distilled``).
+* ``distilled-less``: a distillation initialised from the LESS selection.
+
+Every stage's output is kept under the run folder and every finished cell writes ``cells/.../result.json``, so a
+rerun skips what is done. Results: ``results.csv``/``results.json``, ``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .artifacts import atomic_write_json, atomic_write_text, read_json, write_run_info
+from .config import DataSettings, EvalConfig, TrainConfig, build_dataclass, read_preset, read_yaml
+from .data import Example, load_examples, load_task, normalize_split, parse_dataset_spec, rows_to_examples
+from .distill import DistillConfig
+from .errors import ConfigError
+from .experts import ExpertsConfig
+
+METHODS = ("base", "full", "random", "less", "distilled", "distill-init", "distilled-less")
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    """The benchmark split every cell is evaluated on."""
+
+    task: str = "arc-easy"
+    split: str = "test"
+    template: Literal["rc", "mc"] = "rc"
+    num_fewshot: int = 0
+    limit: int | None = None
+    per_subject_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class LessSettings:
+    """LESS options (the gradients come from ``distill_model``)."""
+
+    target: str = "arc-easy:validation"
+    warmup_fraction: float = 0.05
+    warmup_epochs: int = 4
+    projection_dim: int = 8192
+    max_val_examples: int = 64
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole comparison: pool, target, models, budgets, methods, seeds and the one training recipe."""
+
+    name: str = "experiment"
+    pool: str = "arc-easy:train"
+    pool_limit: int | None = None
+    target: TargetSettings = field(default_factory=TargetSettings)
+    distill_model: str = "smollm2-135m"
+    models: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
+    budgets: tuple[str, ...] = ("5%",)
+    methods: tuple[str, ...] = ("base", "full", "random", "less", "distilled")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    recipe: TrainConfig = field(default_factory=TrainConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    less: LessSettings = field(default_factory=LessSettings)
+    distill_per_seed: bool = True  # False: one distillation (seed 0) shared by all training seeds
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        if not self.models:
+            raise ConfigError("list at least one model under 'models'")
+        if not self.seeds:
+            raise ConfigError("list at least one seed under 'seeds'")
+
+
+def load_experiment_config(path_or_preset: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """An experiment config from a YAML file or a shipped preset name (``demo``, ``arc-easy``, ``mmlu``)."""
+    path = Path(path_or_preset)
+    values = read_yaml(path) if path.suffix in (".yaml", ".yml") or path.exists() else read_preset(path_or_preset)
+    values = values.get("experiment", values)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = values
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return build_dataclass(ExperimentConfig, values, "experiment")
+
+
+def _pool_settings(config: ExperimentConfig) -> DataSettings:
+    return dataclasses.replace(config.recipe.data, limit=config.pool_limit)
+
+
+def validate(config: ExperimentConfig) -> list[Example]:
+    """Check everything that can be checked before any model is loaded; returns the pool examples."""
+    from .selection import resolve_budget
+
+    normalize_split(config.target.task, config.target.split)
+    load_task(config.target.task, config.target.split, limit=1)
+    if "less" in config.methods or "distilled-less" in config.methods:
+        spec = parse_dataset_spec(config.less.target)
+        if spec.kind != "task":
+            raise ConfigError(f"less.target must be a benchmark split such as arc-easy:validation, got "
+                              f"'{config.less.target}'")
+    pool = load_examples(config.pool, _pool_settings(config))
+    for budget in config.budgets:
+        resolve_budget(budget, len(pool))
+    return pool
+
+
+def _cell_dir(root: Path, model: str, method: str, budget: str, seed: int | None) -> Path:
+    safe_model = model.strip("/").replace("/", "__")
+    budget_name = budget.replace("%", "pct")
+    return root / "cells" / safe_model / method / budget_name / (f"seed{seed}" if seed is not None else "none")
+
+
+class _Stages:
+    """Produces (and caches on disk) the training data of each (method, budget, seed)."""
+
+    def __init__(self, config: ExperimentConfig, root: Path, pool: list[Example], device: str, progress: bool):
+        self.config, self.root, self.pool, self.device, self.progress = config, root, pool, device, progress
+        self.seconds: dict[str, float] = {}
+
+    def _timed(self, key: str, fn):
+        start = time.time()
+        value = fn()
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.time() - start
+        return value
+
+    def experts_dir(self) -> Path:
+        from .experts import make_experts
+
+        folder = self.root / "experts"
+        if (folder / "manifest.json").is_file():
+            try:
+                from .experts import load_experts
+
+                trajectories = load_experts(folder)
+                if len(trajectories.snapshots) >= self.config.experts.num_experts:
+                    return folder
+            except Exception:
+                pass
+        experts_config = dataclasses.replace(self.config.experts, train=dataclasses.replace(
+            self.config.experts.train, data=_pool_settings(self.config)))
+        self._timed("experts", lambda: make_experts(model_name=self.config.distill_model, data=self.config.pool,
+                                                    output=folder, config=experts_config, device=self.device,
+                                                    progress=self.progress))
+        return folder
+
+    def selection(self, method: str, budget: str, seed: int) -> Path:
+        from .selection import select
+
+        name = f"{method}-{budget.replace('%', 'pct')}-seed{seed if method == 'random' else 0}.json"
+        path = self.root / "selections" / name
+        if path.is_file():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if method == "random":
+            self._timed("select-random", lambda: select(method="random", data=self.config.pool, budget=budget,
+                                                        output=path, seed=seed, examples=self.pool))
+        else:
+            less = self.config.less
+            self._timed("select-less", lambda: select(
+                method="less", data=self.config.pool, budget=budget, output=path, seed=0, examples=self.pool,
+                model=self.config.distill_model, target=less.target, warmup_fraction=less.warmup_fraction,
+                warmup_epochs=less.warmup_epochs, projection_dim=less.projection_dim,
+                max_val_examples=less.max_val_examples, device=self.device, progress=self.progress,
+                data_settings=_pool_settings(self.config)))
+        return path
+
+    def distilled(self, budget: str, seed: int, from_less: bool) -> Path:
+        from .distill import distill
+
+        folder = self.root / "distill" / f"{budget.replace('%', 'pct')}-seed{seed}{'-less' if from_less else ''}"
+        if (folder / "distilled.jsonl").is_file():
+            return folder
+        experts = self.experts_dir()
+        config = dataclasses.replace(self.config.distill, budget=budget, seed=seed)
+        if from_less:
+            config = dataclasses.replace(config, init="selection", selection=str(self.selection("less", budget, 0)))
+        resume = (folder / "state.json").is_file()
+        self._timed("distill", lambda: distill(experts=experts, output=folder, config=config, resume=resume,
+                                               device=self.device, progress=self.progress))
+        return folder
+
+    def examples(self, method: str, budget: str, seed: int) -> tuple[list[Example], dict[str, Any]]:
+        """Training examples of a cell and what to record about them."""
+        from .selection import apply_selection
+
+        if method == "full":
+            return list(self.pool), {}
+        if method in ("random", "less"):
+            return apply_selection(self.pool, self.selection(method, budget, seed)), {}
+        distill_seed = seed if self.config.distill_per_seed else 0
+        folder = self.distilled(budget, distill_seed, from_less=method == "distilled-less")
+        if method == "distill-init":
+            init = read_json(folder / "init.json")
+            return [self.pool[i] for i in init["indices"]], {"distill_run": str(folder)}
+        rows = [json.loads(line) for line in (folder / "distilled.jsonl").read_text().splitlines() if line.strip()]
+        return rows_to_examples(rows, origin=str(folder / "distilled.jsonl")), {"distill_run": str(folder)}
+
+
+def _evaluate_cell(model: Any, tokenizer: Any, target: TargetSettings, progress: bool) -> dict[str, Any]:
+    from .evaluation import evaluate_model
+
+    config = EvalConfig(task=target.task, split=target.split, template=target.template,
+                        num_fewshot=target.num_fewshot, limit=target.limit,
+                        per_subject_limit=target.per_subject_limit)
+    return evaluate_model(model, tokenizer, config, progress=progress)
+
+
+def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method: str, budget: str,
+             seed: int | None, progress: bool) -> dict[str, Any]:
+    """Train (unless ``base``) and evaluate one cell; returns its result row."""
+    from .models import load_model, load_tokenizer
+    from .training import train_on_examples
+
+    row: dict[str, Any] = {"model": model_name, "method": method, "budget": budget if method not in ("base",) else "",
+                           "seed": seed if seed is not None else "", "task": f"{config.target.task}:{config.target.split}"}
+    start = time.time()
+    if method == "base":
+        tokenizer = load_tokenizer(model_name)
+        model = load_model(model_name, device=stages.device, attn_implementation="sdpa")
+        row.update({"train_examples": 0, "train_seconds": 0.0, "data_seconds": 0.0})
+    else:
+        data_start = time.time()
+        examples, info = stages.examples(method, budget, seed)
+        row["data_seconds"] = round(time.time() - data_start, 1)
+        row.update(info)
+        recipe = dataclasses.replace(config.recipe, seed=seed)
+        model, tokenizer, result = train_on_examples(model_name=model_name, examples=examples, config=recipe,
+                                                     device=stages.device, progress=progress)
+        row.update({"train_examples": len(examples), "train_steps": result.steps,
+                    "train_seconds": round(result.seconds, 1), "train_last_loss": round(result.losses[-1], 4)})
+        if method in ("distilled", "distilled-less"):
+            prompt_tokens = [len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"]) for e in examples]
+            row["prompt_tokens_mean"] = round(sum(prompt_tokens) / len(prompt_tokens), 2)
+    metrics = _evaluate_cell(model, tokenizer, config.target, progress)
+    row.update({"acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
+                "eval_seconds": metrics["seconds"], "cell_seconds": round(time.time() - start, 1)})
+    return row
+
+
+def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str = "auto",
+                   progress: bool = True, log=print) -> list[dict[str, Any]]:
+    """Entry of ``textdistill experiment``: run every cell not finished yet and write the results and report."""
+    from .report import write_report
+
+    root = Path(output)
+    pool = validate(config)  # fails before any model is loaded
+    root.mkdir(parents=True, exist_ok=True)
+    write_run_info(root, command="experiment", config=config, seeds={"seeds": list(config.seeds)})
+    stages = _Stages(config, root, pool, device, progress)
+    cells: list[tuple[str, str, str, int | None]] = []
+    for method in config.methods:
+        if method == "base":
+            cells.append((method, "", "", None))
+        elif method == "full":
+            cells += [(method, "100%", "100%", s) for s in config.seeds]
+        else:
+            cells += [(method, b, b, s) for b in config.budgets for s in config.seeds]
+    total = len(cells) * len(config.models)
+    done = 0
+    for method, budget, _, seed in cells:
+        for model_name in config.models:
+            folder = _cell_dir(root, model_name, method, budget or "none", seed)
+            done += 1
+            if (folder / "result.json").is_file():
+                log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: done earlier, skipped")
+                continue
+            log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}")
+            row = run_cell(config, stages, model_name, method, budget, seed, progress)
+            atomic_write_json(folder / "result.json", row)
+            log(f"    acc {row['acc']:.4f}  acc_norm {row['acc_norm']:.4f}  ({row['cell_seconds']:.0f} s)")
+    rows = [read_json(p) for p in sorted((root / "cells").rglob("result.json"))]
+    stage_seconds = {k: round(v, 1) for k, v in stages.seconds.items()}
+    previous = read_json(root / "stage_seconds.json") if (root / "stage_seconds.json").is_file() else {}
+    for key, value in previous.items():
+        stage_seconds[key] = round(stage_seconds.get(key, 0.0) + value, 1)
+    atomic_write_json(root / "stage_seconds.json", stage_seconds)
+    write_report(root, rows, config=config, stage_seconds=stage_seconds)
+    return rows

@@ -1,0 +1,173 @@
+"""Results of an experiment: CSV/JSON, a markdown report with mean ± std per cell, and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+from .artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+CSV_COLUMNS = ("model", "method", "budget", "seed", "task", "acc", "acc_norm", "n", "train_examples",
+               "train_steps", "train_seconds", "eval_seconds", "data_seconds", "cell_seconds", "prompt_tokens_mean")
+
+
+def summarize(rows: Sequence[dict[str, Any]], metric: str = "acc") -> list[dict[str, Any]]:
+    """Mean and sample std of ``metric`` over seeds for each (model, method, budget), in first-seen order."""
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["method"], str(row["budget"])), []).append(float(row[metric]))
+    out = []
+    for (model, method, budget), values in groups.items():
+        out.append({"model": model, "method": method, "budget": budget, "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": len(values)})
+    return out
+
+
+def comparison_table(rows: Sequence[dict[str, Any]], metric: str = "acc") -> str:
+    """Markdown table: one line per (model, method, budget) with mean ± std over seeds."""
+    lines = [f"| model | method | budget | {metric} (mean ± std) | seeds |", "|---|---|---|---|---|"]
+    for s in summarize(rows, metric):
+        lines.append(f"| {s['model']} | {s['method']} | {s['budget'] or '-'} | "
+                     f"{s['mean']:.4f} ± {s['std']:.4f} | {s['seeds']} |")
+    return "\n".join(lines)
+
+
+def _method_order(method: str) -> int:
+    order = ["base", "full", "random", "less", "distill-init", "distilled", "distilled-less"]
+    return order.index(method) if method in order else len(order)
+
+
+def _sorted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (r["model"], _method_order(r["method"]), str(r["budget"]), str(r["seed"])))
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def plot_accuracy_vs_budget(rows: Sequence[dict[str, Any]]) -> bytes:
+    """Accuracy against budget, one panel per model, one line per method (error bars: std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = summarize(rows)
+    models = sorted({s["model"] for s in stats})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [s for s in stats if s["model"] == model]
+        for method in sorted({s["method"] for s in mine}, key=_method_order):
+            points = [s for s in mine if s["method"] == method]
+            if method in ("base", "full"):
+                ax.axhline(points[0]["mean"], linestyle="--" if method == "base" else ":", color="grey" if
+                           method == "base" else "black", label=f"{method} ({points[0]['mean']:.3f})")
+                continue
+            points.sort(key=lambda s: float(s["budget"].rstrip("%")) if s["budget"].rstrip("%").replace(".", "").isdigit() else 0)
+            xs = [s["budget"] for s in points]
+            ax.errorbar(xs, [s["mean"] for s in points], yerr=[s["std"] for s in points], marker="o", capsize=3,
+                        label=method)
+        ax.set_title(model)
+        ax.set_xlabel("budget")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_matching_loss(runs: dict[str, list[dict[str, Any]]]) -> bytes:
+    """Matching loss per iteration for each distillation run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, metrics in runs.items():
+        ax.plot([m["iteration"] for m in metrics], [m["matching_loss"] for m in metrics], label=name, linewidth=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("matching loss")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_distance_histogram(distances: list[float]) -> bytes:
+    """Histogram of the distance of each learned prompt vector to its nearest token embedding."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.hist(distances, bins=40)
+    ax.set_xlabel("distance to nearest token")
+    ax.set_ylabel("prompt vectors")
+    return _png(fig)
+
+
+def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, stage_seconds: dict[str, float]) -> Path:
+    """Write ``results.csv``, ``results.json``, ``report.md`` and the PNG plots into ``root``."""
+    rows = _sorted_rows(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+    atomic_write_text(root / "results.csv", buffer.getvalue())
+    atomic_write_json(root / "results.json", {"rows": rows, "summary": summarize(rows),
+                                              "stage_seconds": stage_seconds})
+    lines = [f"# Experiment `{getattr(config, 'name', 'experiment')}`", "",
+             f"Pool `{config.pool}`" + (f" (first {config.pool_limit} rows)" if config.pool_limit else "") +
+             f"; target `{config.target.task}:{config.target.split}`" +
+             (f" (first {config.target.limit} items)" if config.target.limit else "") +
+             f", {config.target.template} template, {config.target.num_fewshot}-shot; distilling model "
+             f"`{config.distill_model}`; seeds {list(config.seeds)}.", "",
+             "## Accuracy", "", comparison_table(rows), "", "![accuracy vs budget](accuracy_vs_budget.png)", ""]
+    if rows:
+        atomic_write_bytes(root / "accuracy_vs_budget.png", plot_accuracy_vs_budget(rows))
+    runs = {}
+    distances: list[float] = []
+    samples: list[dict[str, Any]] = []
+    for folder in sorted((root / "distill").glob("*")) if (root / "distill").is_dir() else []:
+        metrics_file = folder / "metrics.jsonl"
+        if metrics_file.is_file():
+            runs[folder.name] = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
+        data_file = folder / "distilled.jsonl"
+        if data_file.is_file():
+            for line in data_file.read_text().splitlines():
+                row = json.loads(line)
+                distances.extend(row.get("token_distance", []))
+                if len(samples) < 4:
+                    samples.append(row)
+    if runs:
+        atomic_write_bytes(root / "matching_loss.png", plot_matching_loss(runs))
+        lines += ["## Distillation", "", "| run | iterations | matching loss first | last | min | learned lr |",
+                  "|---|---|---|---|---|---|"]
+        for name, metrics in runs.items():
+            if metrics:
+                losses = [m["matching_loss"] for m in metrics]
+                lines.append(f"| {name} | {len(metrics)} | {losses[0]:.4f} | {losses[-1]:.4f} | {min(losses):.4f} | "
+                             f"{metrics[-1]['lr']:.4g} |")
+        lines += ["", "![matching loss](matching_loss.png)", ""]
+    if distances:
+        atomic_write_bytes(root / "token_distance.png", plot_distance_histogram(distances))
+        lines += ["![nearest-token distance](token_distance.png)", ""]
+    if samples:
+        lines += ["## Decoded distilled samples", ""]
+        for row in samples:
+            lines += [f"- initial prompt: `{row.get('init_prompt', '')[:200]!r}`",
+                      f"  - distilled prompt: `{row['prompt'][:200]!r}`", f"  - response: `{row['response'][:100]!r}`"]
+        lines.append("")
+    lines += ["## Wall time per stage (seconds, this machine)", "", "| stage | seconds |", "|---|---|"]
+    for key, value in sorted(stage_seconds.items()):
+        lines.append(f"| {key} | {value:.0f} |")
+    train_s = sum(float(r.get("train_seconds") or 0) for r in rows)
+    eval_s = sum(float(r.get("eval_seconds") or 0) for r in rows)
+    lines += [f"| training (all cells) | {train_s:.0f} |", f"| evaluation (all cells) | {eval_s:.0f} |", ""]
+    atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
+    return root / "report.md"

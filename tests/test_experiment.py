@@ -1,0 +1,66 @@
+"""The experiment runner: bad configs fail before any work, finished cells are skipped, results are written."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from textdistill.errors import ConfigError, DataError
+from textdistill.experiment import load_experiment_config, run_experiment
+from textdistill.report import comparison_table, summarize
+
+
+def _config(tmp_path, tiny_llama_dir, **extra):
+    body = {
+        "name": "t", "pool": "arc-easy:train", "pool_limit": 16,
+        "target": {"task": "arc-easy", "split": "validation", "limit": 6},
+        "distill_model": str(tiny_llama_dir), "models": [str(tiny_llama_dir)],
+        "budgets": ["4"], "methods": ["base", "random"], "seeds": [0, 1],
+        "recipe": {"max_steps": 2, "batch_size": 2, "lora": {"r": 2, "alpha": 4}, "data": {"max_length": 64}},
+    }
+    body.update(extra)
+    import yaml
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"experiment": body}))
+    return load_experiment_config(str(path))
+
+
+def test_bad_configs_fail_before_any_work(tmp_path, tiny_llama_dir):
+    with pytest.raises(ConfigError, match="unknown method"):
+        _config(tmp_path, tiny_llama_dir, methods=["random", "magic"])
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="larger than the pool"):
+        run_experiment(_config(tmp_path, tiny_llama_dir, budgets=["17"]), out, device="cpu", progress=False)
+    with pytest.raises(DataError, match="has no split 'dev'"):
+        run_experiment(_config(tmp_path, tiny_llama_dir, target={"task": "arc-easy", "split": "dev"}), out,
+                       device="cpu", progress=False)
+    assert not out.exists()
+
+
+def test_cells_run_once_and_results_are_written(tmp_path, tiny_llama_dir):
+    config = _config(tmp_path, tiny_llama_dir)
+    out = tmp_path / "out"
+    logs: list[str] = []
+    rows = run_experiment(config, out, device="cpu", progress=False, log=logs.append)
+    assert len(rows) == 3  # base + random x 2 seeds
+    with open(out / "results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert {"model", "method", "budget", "seed", "task", "acc"} <= set(table[0])
+    assert sorted(r["method"] for r in table) == ["base", "random", "random"]
+    assert (out / "report.md").read_text().count("| random |") == 1
+    assert (out / "accuracy_vs_budget.png").stat().st_size > 1000
+    results = sorted(out.rglob("result.json"))
+    stamps = [p.stat().st_mtime_ns for p in results]
+    logs.clear()
+    run_experiment(config, out, device="cpu", progress=False, log=logs.append)
+    assert [p.stat().st_mtime_ns for p in results] == stamps
+    assert sum("skipped" in line for line in logs) == 3
+
+
+def test_summary_mean_and_std():
+    rows = [{"model": "m", "method": "random", "budget": "5%", "acc": a} for a in (0.5, 0.7)]
+    (s,) = summarize(rows)
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1414213562)
+    assert "0.6000 ± 0.1414" in comparison_table(rows)
