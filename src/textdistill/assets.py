@@ -141,7 +141,7 @@ def convert_model(name: str, *, force: bool = False, log=print) -> Path:
     are moved into a plain model built from the same config (without its quantization config) and saved from there.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = NAMED_MODELS[name]
     target = model_folder(name)

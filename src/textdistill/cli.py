@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from .errors import TextDistillError
 
@@ -106,7 +105,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         "budget": args.budget, "iterations": args.iterations, "syn_steps": args.syn_steps,
         "expert_epochs": args.expert_epochs, "init": args.init, "selection": args.selection, "seed": args.seed,
         "regularizer.mode": args.regularizer, "regularizer.weight": args.reg_weight, "recompute": args.recompute,
-        "lr_embeddings": args.lr_embeddings, "batch_size": args.batch_size, "dtype": args.dtype})
+        "lr_embeddings": args.lr_embeddings, "batch_size": args.batch_size, "dtype": args.dtype,
+        "precision": args.precision, "rerank_top_k": args.rerank_top_k, "projection_metric": args.projection_metric})
     summary = distill(experts=args.experts, output=args.output, config=config, resume=args.resume,
                       device=args.device, progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
     print(json.dumps(summary, indent=2))
@@ -232,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reg-weight", type=float)
     p.add_argument("--lr-embeddings", type=float)
     p.add_argument("--recompute", action="store_true", default=None, help="constant-memory exact backward")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp64"])
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp64"], help="weights and embeddings dtype")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast the student (faster on CPU/GPU)")
+    p.add_argument("--projection-metric", choices=["cosine", "l2"])
+    p.add_argument("--rerank-top-k", type=int, help="re-rank the k nearest tokens by the model's likelihood")
     p.add_argument("--seed", type=int)
     _add_common(p)
     p.set_defaults(func=_cmd_distill)

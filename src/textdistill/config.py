@@ -241,6 +241,11 @@ def load_config(cls: type[T], *, path: str | Path | None = None, section: str | 
         values = read_yaml(path)
         if section is not None and section in values and isinstance(values[section], dict):
             values = values[section]
+    return build_dataclass(cls, apply_overrides(values, overrides), cls.__name__)
+
+
+def apply_overrides(values: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set dotted keys (``{"lora.r": 4}``) in a nested mapping, in place; ``None`` values are skipped."""
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -249,4 +254,4 @@ def load_config(cls: type[T], *, path: str | Path | None = None, section: str | 
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return build_dataclass(cls, values, cls.__name__)
+    return values

@@ -19,10 +19,8 @@ The differentiable inner loop itself lives in :mod:`textdistill.unroll`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ from .artifacts import (atomic_write_json, atomic_write_text, load_tensors, read
 from .config import DataSettings, LoraSettings
 from .data import TokenizedExample, load_examples, tokenize_examples
 from .errors import ConfigError, TrainingError, TrajectoryError
-from .experts import ExpertTrajectories, check_compatible, load_experts
+from .experts import check_compatible, load_experts
 from .models import add_lora, load_model, load_tokenizer, model_identity, resolve_dtype
 from .projection import input_embedding_matrix, nearest_tokens, neighbour_regularizer, straight_through
 from .selection import random_indices, read_selection, resolve_budget
@@ -77,6 +75,7 @@ class DistillConfig:
     recompute: bool = False  # exact constant-memory backward through the unroll
     regularizer: RegularizerSettings = field(default_factory=RegularizerSettings)
     projection_metric: Literal["cosine", "l2"] = "cosine"
+    rerank_top_k: int | None = None  # re-rank the top-k nearest tokens by the model's likelihood (readability)
     dtype: Literal["fp32", "bf16", "fp64"] = "fp32"  # weights and embeddings
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the student's forward/backward (2-3x on CPUs with bf16)
     seed: int = 0
@@ -382,7 +381,8 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
     return project_and_write(output=output, synthetic=synthetic, lr=loop.log_lr.exp().item(), tokenizer=tokenizer,
                              embed_matrix=embed_matrix, special=special, metric=config.projection_metric,
                              examples=[examples[i] for i in chosen], metrics=metrics, config=config,
-                             manifest=manifest, experts=str(experts))
+                             manifest=manifest, experts=str(experts),
+                             rerank_model=model.get_base_model() if config.rerank_top_k else None)
 
 
 def _uses_bos(tokenizer: Any) -> bool:
@@ -394,11 +394,27 @@ def _uses_bos(tokenizer: Any) -> bool:
 def project_and_write(*, output: Path, synthetic: SyntheticSet, lr: float, tokenizer: Any,
                       embed_matrix: torch.Tensor, special: list[int], metric: str, examples: Sequence[Any],
                       metrics: list[dict[str, Any]], config: DistillConfig, manifest: dict[str, Any],
-                      experts: str) -> dict[str, Any]:
-    """Project every learned prompt to nearest tokens and write ``distilled.jsonl``, the embeddings and the card."""
+                      experts: str, rerank_model: Any | None = None) -> dict[str, Any]:
+    """Project every learned prompt to nearest tokens and write ``distilled.jsonl``, the embeddings and the card.
+
+    With ``rerank_model`` (and ``config.rerank_top_k``), each position takes, among its top-k nearest tokens, the
+    one the model finds most likely after the tokens chosen so far (left to right).
+    """
     with torch.no_grad():
         ids, distances = nearest_tokens(synthetic.prompt_embeds.detach(), embed_matrix, metric=metric,
                                         exclude_ids=special)
+        if rerank_model is not None and config.rerank_top_k:
+            from .projection import rerank_by_likelihood
+
+            for i in range(ids.shape[0]):
+                first, length = int(synthetic.fixed_prefix[i]), int(synthetic.prompt_lengths[i])
+                prefix = ids[i, :first] if first else None
+                ids[i, first:length] = rerank_by_likelihood(
+                    rerank_model, synthetic.prompt_embeds[i, first:length].detach(), embed_matrix,
+                    top_k=config.rerank_top_k, metric=metric, exclude_ids=special, prefix_ids=prefix)
+            chosen = embed_matrix[ids]  # distances of the tokens actually chosen
+            distances = (1 - torch.nn.functional.cosine_similarity(synthetic.prompt_embeds.detach(), chosen, dim=-1)
+                         if metric == "cosine" else (synthetic.prompt_embeds.detach() - chosen).square().sum(-1))
     rows = []
     for i, example in enumerate(examples):
         first, length = int(synthetic.fixed_prefix[i]), int(synthetic.prompt_lengths[i])

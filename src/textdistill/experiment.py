@@ -16,34 +16,21 @@ rerun skips what is done. Results: ``results.csv``/``results.json``, ``report.md
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from .artifacts import atomic_write_json, atomic_write_text, read_json, write_run_info
-from .config import DataSettings, EvalConfig, TrainConfig, build_dataclass, read_preset, read_yaml
+from .artifacts import atomic_write_json, read_json, write_run_info
+from .config import DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, read_preset, read_yaml
 from .data import Example, load_examples, load_task, normalize_split, parse_dataset_spec, rows_to_examples
 from .distill import DistillConfig
 from .errors import ConfigError
 from .experts import ExpertsConfig
 
 METHODS = ("base", "full", "random", "less", "distilled", "distill-init", "distilled-less")
-
-
-@dataclass(frozen=True)
-class TargetSettings:
-    """The benchmark split every cell is evaluated on."""
-
-    task: str = "arc-easy"
-    split: str = "test"
-    template: Literal["rc", "mc"] = "rc"
-    num_fewshot: int = 0
-    limit: int | None = None
-    per_subject_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +51,7 @@ class ExperimentConfig:
     name: str = "experiment"
     pool: str = "arc-easy:train"
     pool_limit: int | None = None
-    target: TargetSettings = field(default_factory=TargetSettings)
+    target: EvalConfig = field(default_factory=EvalConfig)  # the benchmark split every cell is scored on
     distill_model: str = "smollm2-135m"
     models: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
     budgets: tuple[str, ...] = ("5%",)
@@ -91,15 +78,7 @@ def load_experiment_config(path_or_preset: str, overrides: dict[str, Any] | None
     path = Path(path_or_preset)
     values = read_yaml(path) if path.suffix in (".yaml", ".yml") or path.exists() else read_preset(path_or_preset)
     values = values.get("experiment", values)
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = values
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return build_dataclass(ExperimentConfig, values, "experiment")
+    return build_dataclass(ExperimentConfig, apply_overrides(values, overrides), "experiment")
 
 
 def _pool_settings(config: ExperimentConfig) -> DataSettings:
@@ -215,15 +194,6 @@ class _Stages:
         return rows_to_examples(rows, origin=str(folder / "distilled.jsonl")), {"distill_run": str(folder)}
 
 
-def _evaluate_cell(model: Any, tokenizer: Any, target: TargetSettings, progress: bool) -> dict[str, Any]:
-    from .evaluation import evaluate_model
-
-    config = EvalConfig(task=target.task, split=target.split, template=target.template,
-                        num_fewshot=target.num_fewshot, limit=target.limit,
-                        per_subject_limit=target.per_subject_limit)
-    return evaluate_model(model, tokenizer, config, progress=progress)
-
-
 def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method: str, budget: str,
              seed: int | None, progress: bool) -> dict[str, Any]:
     """Train (unless ``base``) and evaluate one cell; returns its result row."""
@@ -250,7 +220,9 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
         if method in ("distilled", "distilled-less"):
             prompt_tokens = [len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"]) for e in examples]
             row["prompt_tokens_mean"] = round(sum(prompt_tokens) / len(prompt_tokens), 2)
-    metrics = _evaluate_cell(model, tokenizer, config.target, progress)
+    from .evaluation import evaluate_model
+
+    metrics = evaluate_model(model, tokenizer, config.target, progress=progress)
     row.update({"acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
                 "eval_seconds": metrics["seconds"], "cell_seconds": round(time.time() - start, 1)})
     return row

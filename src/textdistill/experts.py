@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from .artifacts import atomic_write_json, to_jsonable, load_tensors, read_json, save_tensors, sha256_json, write_run_info
-from .config import LoraSettings, TrainConfig
+from .config import TrainConfig
 from .data import load_examples, tokenize_examples
 from .errors import ConfigError, TrajectoryError
 from .models import ModelIdentity, add_lora, load_model, load_tokenizer, model_identity
