@@ -31,3 +31,11 @@ def test_unknown_keys_and_bad_values_are_named(tmp_path):
         load_config(TrainConfig, overrides={"lr": -1})
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(TrainConfig, path=tmp_path / "nope.yaml")
+
+
+def test_partial_nested_override_keeps_the_nested_default():
+    from textdistill.experts import ExpertsConfig
+
+    config = load_config(ExpertsConfig, overrides={"train.lr": 0.3, "train.data.limit": 10})
+    assert (config.train.optimizer, config.train.schedule, config.train.max_grad_norm) == ("sgd", "constant", None)
+    assert config.train.lr == 0.3 and config.train.data.limit == 10

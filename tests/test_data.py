@@ -127,3 +127,9 @@ def test_truncation_cuts_prompt_from_the_left(smollm_tokenizer):
     t = data.tokenize_example(smollm_tokenizer, example, max_length=16)
     assert len(t.input_ids) == 16
     assert smollm_tokenizer.decode(t.response_ids[:-1]) == " end"
+
+
+def test_truncation_keeps_gemma_bos(gemma_tokenizer):
+    example = data.Example(prompt="word " * 100, response=" end")
+    t = data.tokenize_example(gemma_tokenizer, example, max_length=16)
+    assert len(t.input_ids) == 16 and t.prompt_ids[0] == gemma_tokenizer.bos_token_id

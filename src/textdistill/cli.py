@@ -17,10 +17,12 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, remote_code: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    if remote_code:
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="allow model code from the hub (off by default)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -244,12 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file or preset name")
     p.add_argument("--output", required=True)
     p.add_argument("--limit", type=int, help="evaluate on the first N target items (overrides the config)")
-    _add_common(p)
+    _add_common(p, remote_code=False)
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("demo", help="the whole pipeline, scaled down (about 15 min on 2 CPU cores)")
     p.add_argument("--output", default="runs/demo")
-    _add_common(p)
+    _add_common(p, remote_code=False)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("select", help="select a budget of rows (random or LESS)")

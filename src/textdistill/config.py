@@ -48,6 +48,7 @@ class DataSettings:
     max_length: int = 256
     append_eos: bool = True
     limit: int | None = None
+    decontaminate: bool = False  # drop rows whose question is in an ARC/MMLU evaluation split
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
@@ -102,6 +103,14 @@ class EvalConfig:
     per_subject_limit: int | None = None  # MMLU: first N items of each subject (a fixed, stated subset)
     max_length: int = 2048
     precision: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "per_subject_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.num_fewshot < 0:
+            raise ConfigError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
 
 
 def _resolve_type(tp: Any) -> Any:
@@ -181,11 +190,25 @@ def build_dataclass(cls: type[T], values: dict[str, Any], where: str = "config")
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    values = dict(values)
+    for f in dataclasses.fields(cls):
+        # A partial mapping for a nested dataclass refines that field's own default (e.g. the experts' SGD recipe),
+        # instead of starting again from the nested class's defaults.
+        if isinstance(values.get(f.name), dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                values[f.name] = deep_merge(_as_plain_dict(default), values[f.name])
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _as_plain_dict(instance: Any) -> dict[str, Any]:
+    """A dataclass instance as nested dicts, without deep-copying tuples into lists."""
+    return {f.name: (_as_plain_dict(getattr(instance, f.name)) if dataclasses.is_dataclass(getattr(instance, f.name))
+                     else getattr(instance, f.name)) for f in dataclasses.fields(instance)}
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

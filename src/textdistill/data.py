@@ -443,7 +443,11 @@ def load_examples(spec: str, settings: Any | None = None, *, tokenizer: Any | No
     if settings.template == "chat" and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
         raise DataError("template 'chat' needs a tokenizer with a chat template (this model has none)")
     if parsed.kind == "task":
-        examples = [item_to_example(it, template) for it in load_task(parsed.name, parsed.split or "train")]
+        items = load_task(parsed.name, parsed.split or "train")
+        if settings.decontaminate:
+            banned = eval_question_keys()
+            items = [it for it in items if _question_key(it.question) not in banned]
+        examples = [item_to_example(it, template) for it in items]
         if chat is not None:
             examples = rows_to_examples([{"prompt": e.prompt, "response": e.response, "id": e.id} for e in examples],
                                         chat_tokenizer=chat, origin=spec)
@@ -504,8 +508,10 @@ def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, appen
         response_ids = response_ids + [eos]
     overflow = len(prompt_ids) + len(response_ids) - max_length
     if overflow > 0:
-        keep_prompt = max(1, len(prompt_ids) - overflow)
-        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+        head = prompt_ids[:1] if bos is not None and prompt_ids[:1] == [bos] else []  # BOS survives the cut
+        body = prompt_ids[len(head):]
+        keep = max(1, len(body) - overflow)
+        prompt_ids = head + body[len(body) - keep:]
         response_ids = response_ids[: max_length - len(prompt_ids)]
     return TokenizedExample(prompt_ids=tuple(prompt_ids), response_ids=tuple(response_ids), id=example.id)
 

@@ -6,7 +6,7 @@ Run folder::
     run.json              resolved config, versions, seeds
     init.json             which pool rows initialised the synthetic set
     state.safetensors     checkpoint: embeddings, learnable lr, optimizer moments, RNG (atomic; --resume reads it)
-    state.json            checkpoint: iteration and the optimizer's scalar settings
+    state.json            checkpoint: iteration and a fingerprint of the settings (resume refuses other settings)
     metrics.jsonl         one row per iteration: matching loss, lr, nearest-token distance, changed fraction
     samples.jsonl         decoded prompts every few iterations
     distilled.jsonl       the projected text dataset (prompt, response, token ids, per-token distance)
@@ -19,6 +19,7 @@ The differentiable inner loop itself lives in :mod:`textdistill.unroll`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -29,7 +30,7 @@ from typing import Any, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import (atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, sha256_json,
+from .artifacts import (atomic_write_json, atomic_write_text, load_tensors, save_tensors, sha256_json,
                         write_jsonl, write_run_info)
 from .config import DataSettings, LoraSettings
 from .data import TokenizedExample, load_examples, tokenize_examples
@@ -98,13 +99,15 @@ class SyntheticSet:
     """The learnable synthetic data: S pseudo prompts and their fixed responses.
 
     ``prompt_embeds`` (S, P_max, H) is learned; ``prompt_lengths`` (S,) says how many rows each sample uses;
-    ``fixed_prefix`` (S,) rows at the start stay fixed (a BOS token for tokenizers that need it);
+    ``fixed_prefix`` (S,) rows at the start stay fixed (a BOS token for tokenizers that need it), and so do rows
+    whose initial token is special (``fixed_tokens`` (S, P_max), e.g. chat-template markers);
     ``response_ids`` (S, R_max) and ``response_lengths`` (S,) are real tokens, never learned.
     """
 
     prompt_embeds: torch.nn.Parameter
     prompt_lengths: torch.Tensor
     fixed_prefix: torch.Tensor
+    fixed_tokens: torch.Tensor
     response_ids: torch.Tensor
     response_lengths: torch.Tensor
     init_token_ids: torch.Tensor  # (S, P_max) token ids the prompts started from (-1 on padding)
@@ -112,7 +115,7 @@ class SyntheticSet:
     def trainable_mask(self) -> torch.Tensor:
         """(S, P_max, 1) 1.0 on learnable rows, 0.0 on the fixed prefix and padding."""
         pos = torch.arange(self.prompt_embeds.shape[1], device=self.prompt_embeds.device)
-        mask = (pos >= self.fixed_prefix[:, None]) & (pos < self.prompt_lengths[:, None])
+        mask = (pos >= self.fixed_prefix[:, None]) & (pos < self.prompt_lengths[:, None]) & ~self.fixed_tokens
         return mask.unsqueeze(-1).to(self.prompt_embeds.dtype)
 
     def batch(self, indices: Sequence[int], embeds: torch.Tensor | None = None) -> SyntheticBatch:
@@ -153,6 +156,7 @@ def build_synthetic_set(tokenized: Sequence[TokenizedExample], embed_matrix: tor
         prompt_embeds=torch.nn.Parameter(embeds.clone()),
         prompt_lengths=torch.tensor(list(map(len, prompts)), device=device),
         fixed_prefix=torch.tensor(prefixes, device=device),
+        fixed_tokens=torch.isin(token_ids, candidate_ids, invert=True).to(device) & (token_ids >= 0).to(device),
         response_ids=response_ids.to(device),
         response_lengths=torch.tensor(list(map(len, responses)), device=device),
         init_token_ids=token_ids.to(device))
@@ -191,17 +195,26 @@ class _Loop:
     iteration: int = 0
 
 
-def _save_checkpoint(run_dir: Path, loop: _Loop) -> None:
+def _save_checkpoint(run_dir: Path, loop: _Loop, fingerprint: str) -> None:
     tensors = {"prompt_embeds": loop.synthetic.prompt_embeds.detach(), "log_lr": loop.log_lr.detach(),
                "rng": loop.generator.get_state()}
     tensors.update(_optimizer_tensors("embed_opt", loop.embed_optimizer))
     tensors.update(_optimizer_tensors("lr_opt", loop.lr_optimizer))
-    save_tensors(run_dir / "state.safetensors", tensors)
-    atomic_write_json(run_dir / "state.json", {"iteration": loop.iteration})
+    # the iteration travels inside the tensor file, so the two can never disagree after a crash
+    save_tensors(run_dir / "state.safetensors", tensors,
+                 metadata={"iteration": str(loop.iteration), "fingerprint": fingerprint})
+    atomic_write_json(run_dir / "state.json", {"iteration": loop.iteration, "fingerprint": fingerprint})
 
 
-def _load_checkpoint(run_dir: Path, loop: _Loop) -> None:
-    meta = read_json(run_dir / "state.json")
+def _load_checkpoint(run_dir: Path, loop: _Loop, fingerprint: str) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "state.safetensors"), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if meta.get("fingerprint") != fingerprint:
+        raise ConfigError(f"--resume: the run in {run_dir} was made with other settings or samples (seed, budget, "
+                          f"init, selection, learning rates, regularizer, steps); only 'iterations' and logging "
+                          f"options may change on resume")
     tensors = load_tensors(run_dir / "state.safetensors")
     if tensors["prompt_embeds"].shape != loop.synthetic.prompt_embeds.shape:
         raise ConfigError(f"the checkpoint in {run_dir} has embeddings of shape "
@@ -228,8 +241,8 @@ def _sample_minibatches(count: int, batch_size: int, steps: int, generator: torc
     size = min(batch_size, count)
     batches, order = [], []
     for _ in range(steps):
-        if len(order) < size:
-            order = order + torch.randperm(count, generator=generator).tolist()
+        if len(order) < size:  # start a new pass (the remainder of the last one is dropped: no repeats in a batch)
+            order = torch.randperm(count, generator=generator).tolist()
         batches.append(order[:size])
         order = order[size:]
     return batches
@@ -254,8 +267,9 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
                       trust_remote_code=trust_remote_code)
     lora = LoraSettings(**{**manifest["lora"], "target_modules": tuple(manifest["lora"]["target_modules"]),
                            "dropout": 0.0})
-    torch.manual_seed(0)
-    model = add_lora(base, lora)
+    with torch.random.fork_rng(devices=[]):  # the LoRA init is overwritten by snapshots; keep the caller's RNG
+        torch.manual_seed(0)
+        model = add_lora(base, lora)
     model.eval()
     lora_shapes = {k: tuple(v.shape) for k, v in lora_parameters(model).items()}
     check_compatible(trajectories, model_identity(manifest["model"]["name"], model, tokenizer), lora_shapes)
@@ -266,6 +280,9 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
         raise TrajectoryError(f"the pool '{manifest['data']}' differs from the one the experts were trained on")
     count = resolve_budget(config.budget, len(examples))
     if config.init == "selection":
+        from .selection import apply_selection
+
+        apply_selection(examples, config.selection)  # checks that its ids belong to this pool
         chosen = read_selection(config.selection)["indices"][:count]
         if len(chosen) < count:
             raise ConfigError(f"selection {config.selection} lists {len(chosen)} rows, the budget is {count}")
@@ -280,22 +297,30 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
         raise ConfigError(f"start window [{config.min_start}, {max_start}] with expert_epochs={config.expert_epochs} "
                           f"does not fit trajectories of {num_snapshots} snapshots")
 
-    embed_matrix = input_embedding_matrix(model).to(dtype)  # (V, H) in the space prompts are fed in
+    # (V, H) in the space prompts are fed in; learned prompts are kept in at least fp32 for Adam
+    embed_matrix = input_embedding_matrix(model).to(torch.promote_types(dtype, torch.float32))
     vocab = embed_matrix.shape[0]
     special = _special_ids(tokenizer, vocab)
-    candidates = torch.tensor([i for i in range(len(tokenizer)) if i not in set(special) and i < vocab])
+    special_set = set(special)
+    candidates = torch.tensor([i for i in range(min(len(tokenizer), vocab)) if i not in special_set])
     generator = torch.Generator().manual_seed(config.seed)
     synthetic = build_synthetic_set(tokenized, embed_matrix, bos_id=tokenizer.bos_token_id if _uses_bos(tokenizer)
                                     else None, init=config.init, prompt_length=config.prompt_length,
                                     candidate_ids=candidates, generator=generator)
     student_lr = config.student_lr or float(manifest["lr"])
-    log_lr = torch.nn.Parameter(torch.tensor(math.log(student_lr), dtype=dtype, device=embed_matrix.device))
+    # the learnable lr always lives in fp32 (in bf16, Adam's small steps on log(lr) round away)
+    log_lr = torch.nn.Parameter(torch.tensor(math.log(student_lr), dtype=torch.promote_types(dtype, torch.float32),
+                                             device=embed_matrix.device))
     loop = _Loop(synthetic=synthetic, log_lr=log_lr,
                  embed_optimizer=torch.optim.Adam([synthetic.prompt_embeds], lr=config.lr_embeddings),
                  lr_optimizer=torch.optim.Adam([log_lr], lr=config.lr_lr), generator=generator)
     output.mkdir(parents=True, exist_ok=True)
+    fingerprint = sha256_json({"config": {k: v for k, v in dataclasses.asdict(config).items()
+                                          if k not in ("iterations", "log_every", "checkpoint_every", "sample_every",
+                                                       "rerank_top_k", "projection_metric")},
+                               "chosen": chosen, "experts": manifest.get("experts"), "pool": manifest["pool_sha256"]})
     if resume:
-        _load_checkpoint(output, loop)
+        _load_checkpoint(output, loop, fingerprint)
     else:
         write_run_info(output, command="distill", config=config, seeds={"seed": config.seed},
                        extra={"experts": str(experts), "model": model_name, "budget_count": count,
@@ -347,7 +372,9 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
             reg_value = neighbour_regularizer(rows, embed_matrix, metric=reg.metric, nearest_ids=nearest_ids[valid])
             loss = loss + reg.weight * reg_value
         if not torch.isfinite(loss):
-            _save_checkpoint(output, loop)  # keep the last good state on disk
+            write_jsonl(output / "metrics.jsonl", metrics)
+            write_jsonl(output / "samples.jsonl", samples)
+            _save_checkpoint(output, loop, fingerprint)  # keep the last good state on disk
             raise TrainingError(f"distillation loss became {loss.item()} at iteration {iteration}; the last good "
                                 f"state is saved in {output} (lower lr_embeddings / lr_lr, or use --resume)")
         loop.embed_optimizer.zero_grad(set_to_none=True)
@@ -375,7 +402,7 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
         if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
             write_jsonl(output / "metrics.jsonl", metrics)
             write_jsonl(output / "samples.jsonl", samples)
-            _save_checkpoint(output, loop)
+            _save_checkpoint(output, loop, fingerprint)
     bar.close()
     write_jsonl(output / "metrics.jsonl", metrics)
     return project_and_write(output=output, synthetic=synthetic, lr=loop.log_lr.exp().item(), tokenizer=tokenizer,
@@ -415,12 +442,21 @@ def project_and_write(*, output: Path, synthetic: SyntheticSet, lr: float, token
             chosen = embed_matrix[ids]  # distances of the tokens actually chosen
             distances = (1 - torch.nn.functional.cosine_similarity(synthetic.prompt_embeds.detach(), chosen, dim=-1)
                          if metric == "cosine" else (synthetic.prompt_embeds.detach() - chosen).square().sum(-1))
+    # rows that never learned (special tokens such as chat markers) keep their initial token
+    ids = torch.where(synthetic.fixed_tokens, synthetic.init_token_ids, ids)
     rows = []
     for i, example in enumerate(examples):
         first, length = int(synthetic.fixed_prefix[i]), int(synthetic.prompt_lengths[i])
         token_ids = ids[i, first:length].tolist()
         prompt_text = tokenizer.decode(token_ids)
-        rows.append({"prompt": prompt_text, "response": example.response, "prompt_token_ids": token_ids,
+        response_ids = synthetic.response_ids[i, : int(synthetic.response_lengths[i])].tolist()
+        if response_ids and response_ids[-1] == tokenizer.eos_token_id:
+            response_ids = response_ids[:-1]
+        # the response the distillation actually learned (it differs from the source when max_length cut it)
+        truncated = tokenizer(example.response, add_special_tokens=False)["input_ids"] != response_ids
+        response_text = tokenizer.decode(response_ids) if truncated else example.response
+        rows.append({"prompt": prompt_text, "response": response_text, "response_truncated": truncated,
+                     "prompt_token_ids": token_ids,
                      "token_distance": [round(float(d), 5) for d in distances[i, first:length]],
                      "init_id": example.id, "init_prompt": example.prompt,
                      "retokenizes_exactly": tokenizer(prompt_text, add_special_tokens=False)["input_ids"] == token_ids})

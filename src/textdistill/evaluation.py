@@ -427,7 +427,9 @@ def build_requests(config: Any) -> list[ChoiceRequest]:
     if config.num_fewshot > 0:
         shot_split = "dev" if config.task == "mmlu" else "train"
         if shot_split == config.split:
-            raise ValueError(f"few-shot examples come from the {shot_split} split; evaluate another split")
+            from .errors import ConfigError
+
+            raise ConfigError(f"few-shot examples come from the {shot_split} split; evaluate another split")
         shots_pool = load_task(config.task, shot_split, subjects=config.subjects)
     requests = []
     for index, item in enumerate(items):

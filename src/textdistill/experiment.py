@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write_json, read_json, write_run_info
+from .artifacts import atomic_write_json, read_json, sha256_json, write_run_info
 from .config import DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, read_preset, read_yaml
 from .data import Example, load_examples, load_task, normalize_split, parse_dataset_spec, rows_to_examples
 from .distill import DistillConfig
@@ -121,10 +121,14 @@ class _Stages:
         self.seconds[key] = self.seconds.get(key, 0.0) + time.time() - start
         return value
 
+    def key(self, *parts: Any) -> str:
+        """Short hash of the settings a stage depends on: a changed config gets a new folder, never a stale one."""
+        return sha256_json([self.config.pool, _pool_settings(self.config), *parts])[:8]
+
     def experts_dir(self) -> Path:
         from .experts import make_experts
 
-        folder = self.root / "experts"
+        folder = self.root / f"experts-{self.key(self.config.distill_model, self.config.experts)}"
         if (folder / "manifest.json").is_file():
             try:
                 from .experts import load_experts
@@ -144,7 +148,8 @@ class _Stages:
     def selection(self, method: str, budget: str, seed: int) -> Path:
         from .selection import select
 
-        name = f"{method}-{budget.replace('%', 'pct')}-seed{seed if method == 'random' else 0}.json"
+        key = self.key(self.config.distill_model, self.config.less) if method == "less" else self.key()
+        name = f"{method}-{budget.replace('%', 'pct')}-seed{seed if method == 'random' else 0}-{key}.json"
         path = self.root / "selections" / name
         if path.is_file():
             return path
@@ -165,7 +170,10 @@ class _Stages:
     def distilled(self, budget: str, seed: int, from_less: bool) -> Path:
         from .distill import distill
 
-        folder = self.root / "distill" / f"{budget.replace('%', 'pct')}-seed{seed}{'-less' if from_less else ''}"
+        key = self.key(self.config.distill_model, self.config.experts, self.config.distill,
+                       self.config.less if from_less else None)
+        folder = (self.root / "distill" /
+                  f"{budget.replace('%', 'pct')}-seed{seed}{'-less' if from_less else ''}-{key}")
         if (folder / "distilled.jsonl").is_file():
             return folder
         experts = self.experts_dir()
@@ -248,18 +256,28 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
             cells += [(method, b, b, s) for b in config.budgets for s in config.seeds]
     total = len(cells) * len(config.models)
     done = 0
+    # a cell's result is reused only if it was made with the same pool, target, recipe and stage settings
+    cell_key = sha256_json({k: v for k, v in dataclasses.asdict(config).items()
+                            if k not in ("name", "models", "budgets", "methods", "seeds")})[:12]
+    rows = []
     for method, budget, _, seed in cells:
         for model_name in config.models:
             folder = _cell_dir(root, model_name, method, budget or "none", seed)
             done += 1
             if (folder / "result.json").is_file():
-                log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: done earlier, skipped")
-                continue
-            log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}")
+                previous = read_json(folder / "result.json")
+                if previous.get("config_key") == cell_key:
+                    log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: done earlier, skipped")
+                    rows.append(previous)
+                    continue
+                log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: made with other settings, redone")
+            else:
+                log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}")
             row = run_cell(config, stages, model_name, method, budget, seed, progress)
+            row["config_key"] = cell_key
             atomic_write_json(folder / "result.json", row)
+            rows.append(row)
             log(f"    acc {row['acc']:.4f}  acc_norm {row['acc_norm']:.4f}  ({row['cell_seconds']:.0f} s)")
-    rows = [read_json(p) for p in sorted((root / "cells").rglob("result.json"))]
     stage_seconds = {k: round(v, 1) for k, v in stages.seconds.items()}
     previous = read_json(root / "stage_seconds.json") if (root / "stage_seconds.json").is_file() else {}
     for key, value in previous.items():

@@ -86,7 +86,11 @@ def make_experts(*, model_name: str, data: str, output: str | Path, config: Expe
     total = planned_steps(len(tokenized), recipe)
     every = config.snapshot_every or max(1, planned_steps(len(tokenized), dataclasses.replace(recipe, epochs=1.0,
                                                                                              max_steps=None)))
-    steps = sorted(set(list(range(0, total + 1, every)) + [total]))
+    # Snapshots sit at multiples of `every` only, so every segment of the trajectory has the same length
+    # (trailing steps past the last multiple still train but are not matched against).
+    steps = list(range(0, total + 1, every))
+    if len(steps) < 2:
+        raise ConfigError(f"snapshot_every={every} is longer than the whole run ({total} steps): no trajectory")
     pool_hash = sha256_json([[e.prompt, e.response] for e in examples])
     output.mkdir(parents=True, exist_ok=True)
     manifest_path = output / "manifest.json"
@@ -98,13 +102,15 @@ def make_experts(*, model_name: str, data: str, output: str | Path, config: Expe
         "data": data, "data_settings": dataclasses.asdict(recipe.data), "pool_size": len(examples),
         "pool_sha256": pool_hash, "optimizer": recipe.optimizer, "lr": recipe.lr, "momentum": recipe.momentum,
         "batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum, "schedule": recipe.schedule,
+        "recipe": {k: v for k, v in dataclasses.asdict(recipe).items() if k != "seed"}, "base_seed": recipe.seed,
         "total_steps": total, "snapshot_steps": steps, "num_experts": config.num_experts,
         "experts": [],
     }
     manifest = to_jsonable(manifest)  # tuples -> lists, so it compares equal to a manifest read back from disk
     if manifest_path.is_file():
         previous = read_json(manifest_path)
-        for key in ("model", "lora", "pool_sha256", "snapshot_steps", "optimizer", "lr", "batch_size"):
+        for key in ("model", "lora", "pool_sha256", "snapshot_steps", "optimizer", "lr", "batch_size", "recipe",
+                    "base_seed", "data_settings"):
             if previous.get(key) != manifest.get(key):
                 raise TrajectoryError(f"{output} holds experts made with a different '{key}'; "
                                       f"use another --output or delete it")

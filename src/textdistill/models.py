@@ -127,7 +127,9 @@ def model_fingerprint(model: Any) -> str:
         config.pop(volatile, None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     embedding = base.get_input_embeddings().weight
-    digest.update(embedding[:: max(1, embedding.shape[0] // 64)].detach().float().cpu().numpy().tobytes())
+    # rounded to bf16 so that the same weights loaded in fp32, bf16 or fp64 give the same fingerprint
+    sample = embedding[:: max(1, embedding.shape[0] // 64)].detach().to(torch.bfloat16).float()
+    digest.update(sample.cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -183,6 +183,7 @@ def train_on_examples(*, model_name: str, examples: Sequence[Any], config: Train
                                   append_eos=config.data.append_eos)
     model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa",
                        trust_remote_code=trust_remote_code)
+    torch.manual_seed(config.seed)  # the LoRA initialisation follows the recipe's seed, not the RNG's history
     if config.method == "lora":
         model = add_lora(model, config.lora)
     else:
