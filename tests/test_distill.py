@@ -135,3 +135,11 @@ def test_gemma_bos_row_stays_fixed_and_is_not_in_the_text(tmp_path, tiny_gemma_d
     assert torch.equal(tensors["prompt_embeds"][:, 0], bos_row.expand_as(tensors["prompt_embeds"][:, 0]))
     rows = [json.loads(x) for x in (out / "distilled.jsonl").read_text().splitlines()]
     assert all(not r["prompt"].startswith("<bos>") for r in rows)
+
+
+def test_initial_samples_differ_from_the_random_baseline_of_the_same_seed(full_run):
+    from textdistill.selection import random_indices
+
+    out, _ = full_run
+    init = read_json(out / "init.json")["indices"]
+    assert sorted(init) != random_indices(12, 4, FAST.seed)

@@ -71,3 +71,21 @@ def test_summary_mean_and_std():
     (s,) = summarize(rows)
     assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1414213562)
     assert "0.6000 ± 0.1414" in comparison_table(rows)
+
+
+def test_distilled_arms_share_one_distillation_and_transfer_by_text(tmp_path, tiny_llama_dir, tiny_gemma_dir):
+    config = _config(
+        tmp_path, tiny_llama_dir, methods=["distill-init", "distilled"], seeds=[0, 1], distill_per_seed=False,
+        models=[str(tiny_llama_dir), str(tiny_gemma_dir)], pool_limit=12,
+        experts={"num_experts": 1, "snapshot_every": 2, "train": {"max_steps": 4, "batch_size": 4, "lr": 0.5,
+                                                                  "lora": {"r": 2, "alpha": 4},
+                                                                  "data": {"max_length": 64}}},
+        distill={"iterations": 2, "syn_steps": 2, "batch_size": 2, "checkpoint_every": 2})
+    out = tmp_path / "out"
+    rows = run_experiment(config, out, device="cpu", progress=False, log=lambda _: None)
+    assert len(rows) == 8  # 2 methods x 2 seeds x 2 models
+    assert len(list((out / "distill").glob("*/distilled.jsonl"))) == 1  # shared across seeds
+    gemma_distilled = [r for r in rows if r["method"] == "distilled" and "gemma" in r["model"]]
+    assert all(r["prompt_tokens_mean"] > 0 and r["train_examples"] == 4 for r in gemma_distilled)
+    assert "Decoded distilled samples" in (out / "report.md").read_text()
+    assert (out / "matching_loss.png").is_file() and (out / "token_distance.png").is_file()

@@ -92,7 +92,8 @@ def _cmd_experts(args: argparse.Namespace) -> int:
         "num_experts": args.num_experts, "snapshot_every": args.snapshot_every, "train.lr": args.lr,
         "train.epochs": args.epochs, "train.max_steps": args.max_steps, "train.batch_size": args.batch_size,
         "train.optimizer": args.optimizer, "train.seed": args.seed, "train.data.limit": args.limit,
-        "train.data.max_length": args.max_length, "train.data.template": args.template})
+        "train.data.max_length": args.max_length, "train.data.template": args.template,
+        "train.data.prompt_field": args.prompt_field, "train.data.response_field": args.response_field})
     result = make_experts(model_name=args.model, data=args.data, output=args.output, config=config,
                           device=args.device, trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
     print(f"{len(result.snapshots)} expert trajectories x {result.num_snapshots} snapshots -> {args.output}")
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use the first N pool rows")
     p.add_argument("--max-length", type=int)
     p.add_argument("--template", choices=["rc", "mc", "chat"])
+    p.add_argument("--prompt-field")
+    p.add_argument("--response-field")
     _add_common(p)
     p.set_defaults(func=_cmd_experts)
 

@@ -357,7 +357,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path} is not a datasets folder saved with save_to_disk: {exc}") from exc
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
-                raise DataError(f"{path} holds splits {list(loaded)}; name one as {path}:SPLIT")
+                raise DataError(f"{path} holds splits {list(loaded)} but no 'train'; save the split to use with "
+                                f"save_to_disk on its own")
             loaded = loaded["train"]
         return list(loaded)
     raise DataError(f"unsupported dataset file {path} (use .jsonl, .json, .csv, .parquet or a datasets folder)")
@@ -454,6 +455,9 @@ def load_examples(spec: str, settings: Any | None = None, *, tokenizer: Any | No
     elif parsed.kind == "pool":
         items, _ = load_pool()
         examples = [item_to_example(it, template) for it in items]
+        if chat is not None:
+            examples = rows_to_examples([{"prompt": e.prompt, "response": e.response, "id": e.id} for e in examples],
+                                        chat_tokenizer=chat, origin=spec)
     elif parsed.kind == "hub":
         import datasets
 

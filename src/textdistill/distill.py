@@ -42,6 +42,9 @@ from .selection import random_indices, read_selection, resolve_budget
 from .unroll import SyntheticBatch, lora_parameters, matching_loss, unroll
 
 
+INIT_SEED_OFFSET = 1_000_003
+
+
 @dataclass(frozen=True)
 class RegularizerSettings:
     """Neighbour regularizer: keep learned vectors close to real token embeddings.
@@ -90,6 +93,8 @@ class DistillConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.init == "selection" and not self.selection:
             raise ConfigError("init=selection needs a selection file (--selection FILE)")
+        if self.checkpoint_every % self.regularizer.refresh_every:
+            raise ConfigError("regularizer.refresh_every must divide checkpoint_every (so that resuming is exact)")
         if self.prompt_length is not None and self.init != "random":
             raise ConfigError("a fixed prompt_length applies to init=random only (real samples keep their prompts)")
 
@@ -287,7 +292,9 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
         if len(chosen) < count:
             raise ConfigError(f"selection {config.selection} lists {len(chosen)} rows, the budget is {count}")
     else:
-        chosen = random_indices(len(examples), count, config.seed)
+        # its own random stream: the initial samples must not coincide with `select --method random --seed S`,
+        # the baseline they are compared against
+        chosen = random_indices(len(examples), count, config.seed + INIT_SEED_OFFSET)
     tokenized = tokenize_examples(tokenizer, [examples[i] for i in chosen], max_length=data_settings.max_length,
                                   append_eos=data_settings.append_eos)
 
