@@ -63,16 +63,23 @@ def plot_accuracy_vs_budget(rows: Sequence[dict[str, Any]]) -> bytes:
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
         mine = [s for s in stats if s["model"] == model]
+        budgets = sorted({s["budget"] for s in mine if s["method"] not in ("base", "full")},
+                         key=lambda b: float(b.rstrip("%")) if b.rstrip("%").replace(".", "").isdigit() else 0)
+        methods = [m for m in sorted({s["method"] for s in mine}, key=_method_order) if m not in ("base", "full")]
         for method in sorted({s["method"] for s in mine}, key=_method_order):
             points = [s for s in mine if s["method"] == method]
             if method in ("base", "full"):
                 ax.axhline(points[0]["mean"], linestyle="--" if method == "base" else ":", color="grey" if
                            method == "base" else "black", label=f"{method} ({points[0]['mean']:.3f})")
                 continue
-            points.sort(key=lambda s: float(s["budget"].rstrip("%")) if s["budget"].rstrip("%").replace(".", "").isdigit() else 0)
-            xs = [s["budget"] for s in points]
+            points.sort(key=lambda s: budgets.index(s["budget"]))
+            # methods side by side around each budget so that equal values stay visible
+            offset = (methods.index(method) - (len(methods) - 1) / 2) * 0.08
+            xs = [budgets.index(s["budget"]) + offset for s in points]
             ax.errorbar(xs, [s["mean"] for s in points], yerr=[s["std"] for s in points], marker="o", capsize=3,
                         label=method)
+        ax.set_xticks(range(len(budgets)), budgets)
+        ax.set_xlim(-0.5, max(len(budgets), 1) - 0.5)
         ax.set_title(model)
         ax.set_xlabel("budget")
         ax.set_ylabel("accuracy")
@@ -89,7 +96,12 @@ def plot_matching_loss(runs: dict[str, list[dict[str, Any]]]) -> bytes:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, metrics in runs.items():
-        ax.plot([m["iteration"] for m in metrics], [m["matching_loss"] for m in metrics], label=name, linewidth=1)
+        xs, ys = [m["iteration"] for m in metrics], [m["matching_loss"] for m in metrics]
+        line, = ax.plot(xs, ys, linewidth=0.8, alpha=0.45)
+        # the per-iteration loss swings with the sampled expert segment: a trailing mean shows the trend
+        window = max(1, min(10, len(ys) // 4))
+        smooth = [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1]) for i in range(len(ys))]
+        ax.plot(xs, smooth, color=line.get_color(), linewidth=2, label=f"{name} (mean of last {window})")
     ax.set_xlabel("iteration")
     ax.set_ylabel("matching loss")
     ax.legend(fontsize=7)
