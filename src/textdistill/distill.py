@@ -33,11 +33,12 @@ from tqdm.auto import tqdm
 from .artifacts import (atomic_write_json, atomic_write_text, load_tensors, save_tensors, sha256_json,
                         write_jsonl, write_run_info)
 from .config import DataSettings, LoraSettings
-from .data import TokenizedExample, load_examples, tokenize_examples
+from .data import TokenizedExample, load_examples, tokenize_examples, uses_bos
 from .errors import ConfigError, TrainingError, TrajectoryError
 from .experts import check_compatible, load_experts
 from .models import add_lora, load_model, load_tokenizer, model_identity, resolve_dtype
-from .projection import input_embedding_matrix, nearest_tokens, neighbour_regularizer, straight_through
+from .projection import (input_embedding_matrix, nearest_tokens, neighbour_regularizer, straight_through,
+                         vector_distance)
 from .selection import random_indices, read_selection, resolve_budget
 from .unroll import SyntheticBatch, lora_parameters, matching_loss, unroll
 
@@ -287,7 +288,7 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
     if config.init == "selection":
         from .selection import apply_selection
 
-        apply_selection(examples, config.selection)  # checks that its ids belong to this pool
+        apply_selection(examples, config.selection)  # reads the file and checks that its ids belong to this pool
         chosen = read_selection(config.selection)["indices"][:count]
         if len(chosen) < count:
             raise ConfigError(f"selection {config.selection} lists {len(chosen)} rows, the budget is {count}")
@@ -311,7 +312,7 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
     special_set = set(special)
     candidates = torch.tensor([i for i in range(min(len(tokenizer), vocab)) if i not in special_set])
     generator = torch.Generator().manual_seed(config.seed)
-    synthetic = build_synthetic_set(tokenized, embed_matrix, bos_id=tokenizer.bos_token_id if _uses_bos(tokenizer)
+    synthetic = build_synthetic_set(tokenized, embed_matrix, bos_id=tokenizer.bos_token_id if uses_bos(tokenizer)
                                     else None, init=config.init, prompt_length=config.prompt_length,
                                     candidate_ids=candidates, generator=generator)
     student_lr = config.student_lr or float(manifest["lr"])
@@ -419,12 +420,6 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
                              rerank_model=model.get_base_model() if config.rerank_top_k else None)
 
 
-def _uses_bos(tokenizer: Any) -> bool:
-    from .data import uses_bos
-
-    return uses_bos(tokenizer)
-
-
 def project_and_write(*, output: Path, synthetic: SyntheticSet, lr: float, tokenizer: Any,
                       embed_matrix: torch.Tensor, special: list[int], metric: str, examples: Sequence[Any],
                       metrics: list[dict[str, Any]], config: DistillConfig, manifest: dict[str, Any],
@@ -446,9 +441,8 @@ def project_and_write(*, output: Path, synthetic: SyntheticSet, lr: float, token
                 ids[i, first:length] = rerank_by_likelihood(
                     rerank_model, synthetic.prompt_embeds[i, first:length].detach(), embed_matrix,
                     top_k=config.rerank_top_k, metric=metric, exclude_ids=special, prefix_ids=prefix)
-            chosen = embed_matrix[ids]  # distances of the tokens actually chosen
-            distances = (1 - torch.nn.functional.cosine_similarity(synthetic.prompt_embeds.detach(), chosen, dim=-1)
-                         if metric == "cosine" else (synthetic.prompt_embeds.detach() - chosen).square().sum(-1))
+            # distances of the tokens actually chosen
+            distances = vector_distance(synthetic.prompt_embeds.detach(), embed_matrix[ids], metric)
     # rows that never learned (special tokens such as chat markers) keep their initial token
     ids = torch.where(synthetic.fixed_tokens, synthetic.init_token_ids, ids)
     rows = []

@@ -116,12 +116,11 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer has a BOS token and puts it in front of the text when adding special tokens."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    ids = list(tokenizer("a", add_special_tokens=True)["input_ids"])
-    return bool(ids) and ids[0] == bos
+    """Whether the tokenizer has a BOS token and puts it in front of the text when adding special tokens
+    (the same probe that training's tokenization uses, so scoring and training agree)."""
+    from .data import uses_bos
+
+    return uses_bos(tokenizer)
 
 
 def encode_request(tokenizer: Any, request: ChoiceRequest, *, add_bos: bool | None = None,

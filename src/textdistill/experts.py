@@ -25,6 +25,7 @@ from .data import load_examples, tokenize_examples
 from .errors import ConfigError, TrajectoryError
 from .models import ModelIdentity, add_lora, load_model, load_tokenizer, model_identity
 from .training import planned_steps, train_model
+from .unroll import lora_parameters
 
 MANIFEST_VERSION = 1
 
@@ -67,11 +68,6 @@ class ExpertTrajectories:
 
 def snapshot_name(step: int) -> str:
     return f"step_{step:06d}.safetensors"
-
-
-def lora_state(model: Any) -> dict[str, torch.Tensor]:
-    """The trainable (LoRA) tensors of a peft model by ``named_parameters`` name, detached CPU copies."""
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def make_experts(*, model_name: str, data: str, output: str | Path, config: ExpertsConfig, device: str = "auto",
@@ -130,7 +126,7 @@ def make_experts(*, model_name: str, data: str, output: str | Path, config: Expe
 
         def save_snapshot(step: int, model: Any, optimizer: Any, folder: Path = folder) -> None:
             if step in wanted:
-                save_tensors(folder / snapshot_name(step), lora_state(model), metadata={"step": str(step)})
+                save_tensors(folder / snapshot_name(step), lora_parameters(model), metadata={"step": str(step)})
 
         start = time.time()
         result = train_model(model, tokenized, dataclasses.replace(recipe, seed=recipe.seed + expert),

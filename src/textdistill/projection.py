@@ -22,6 +22,7 @@ __all__ = [
     "neighbour_regularizer",
     "rerank_by_likelihood",
     "straight_through",
+    "vector_distance",
 ]
 
 METRICS = ("cosine", "l2")
@@ -49,7 +50,7 @@ def _exclusion_mask(exclude_ids: Tensor | Iterable[int] | None, vocab: int, devi
     return mask
 
 
-def _distance(vectors: Tensor, targets: Tensor, metric: str) -> Tensor:
+def vector_distance(vectors: Tensor, targets: Tensor, metric: str) -> Tensor:
     """Row-wise distance (..., H) x (..., H) -> (...): 1 - cosine or squared L2 (differentiable)."""
     if metric == "cosine":
         return 1.0 - F.cosine_similarity(vectors, targets, dim=-1)
@@ -101,7 +102,7 @@ def nearest_tokens(vectors: Tensor, embedding_matrix: Tensor, *, metric: str = "
         best = torch.where(better, chunk_best, best)
         best_ids = torch.where(better, chunk_ids + start, best_ids)
     chosen = embedding_matrix[best_ids.to(embedding_matrix.device)].to(device=device, dtype=dtype)   # (N, H)
-    distances = _distance(flat, chosen, metric)
+    distances = vector_distance(flat, chosen, metric)
     if metric == "l2":
         distances = distances.clamp_min(0.0)
     return best_ids.reshape(lead), distances.reshape(lead)
@@ -123,7 +124,7 @@ def neighbour_regularizer(vectors: Tensor, embedding_matrix: Tensor, *, metric: 
         raise ValueError(f"nearest_ids shape {tuple(nearest_ids.shape)} does not match vectors "
                          f"{tuple(vectors.shape[:-1])}")
     targets = embedding_matrix.detach()[nearest_ids.to(embedding_matrix.device)].to(vectors)   # (..., H)
-    return _distance(vectors, targets, metric).mean()
+    return vector_distance(vectors, targets, metric).mean()
 
 
 def straight_through(vectors: Tensor, embedding_matrix: Tensor, nearest_ids: Tensor) -> Tensor:

@@ -54,7 +54,8 @@ from torch import Tensor
 from .artifacts import atomic_write_json, load_tensors, read_json, save_tensors
 from .config import DataSettings, TrainConfig
 from .data import Example, TokenizedExample
-from .errors import ConfigError, DataError, TrainingError
+from .errors import ConfigError, DataError
+from .unroll import lora_parameters
 
 
 def resolve_budget(budget: str | int | float, pool_size: int) -> int:
@@ -284,12 +285,7 @@ class RandomProjection:
 # LESS: per-example gradients and the Adam direction
 # ----------------------------------------------------------------------------------------------------------------
 
-def lora_state(model: torch.nn.Module) -> dict[str, Tensor]:
-    """Detached clones of the trainable (LoRA) tensors, by ``named_parameters()`` name, in model order."""
-    params = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise TrainingError("the model has no trainable parameters; expected a peft LoRA model")
-    return params
+lora_state = lora_parameters  # detached clones of the LoRA tensors, by named_parameters() name (one definition)
 
 
 def flatten_grads(grads: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:

@@ -175,10 +175,12 @@ def train_model(model: Any, examples: Sequence[TokenizedExample], config: TrainC
 
 def train_on_examples(*, model_name: str, examples: Sequence[Any], config: TrainConfig, device: str = "auto",
                       trust_remote_code: bool = False, progress: bool = True,
-                      metrics_log: list[dict[str, Any]] | None = None) -> tuple[Any, Any, TrainResult]:
+                      metrics_log: list[dict[str, Any]] | None = None,
+                      tokenizer: Any | None = None) -> tuple[Any, Any, TrainResult]:
     """Load ``model_name``, add LoRA (or unfreeze everything for full fine-tuning) and train on ``examples``
-    (prompt/response pairs, tokenized here with the model's own tokenizer). Returns (model, tokenizer, result)."""
-    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    (prompt/response pairs, tokenized here with the model's own tokenizer, loaded unless given).
+    Returns (model, tokenizer, result)."""
+    tokenizer = tokenizer or load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     tokenized = tokenize_examples(tokenizer, examples, max_length=config.data.max_length,
                                   append_eos=config.data.append_eos)
     model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa",
@@ -220,7 +222,7 @@ def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig
     try:
         model, tokenizer, result = train_on_examples(model_name=model_name, examples=examples, config=config,
                                                      device=device, trust_remote_code=trust_remote_code,
-                                                     progress=progress, metrics_log=log)
+                                                     progress=progress, metrics_log=log, tokenizer=tokenizer)
     finally:
         write_jsonl(output / "metrics.jsonl", log)
     model.save_pretrained(output, safe_serialization=True)
