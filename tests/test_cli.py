@@ -41,3 +41,15 @@ def test_train_select_and_missing_data(tiny_llama_dir, tmp_path, capsys):
     assert main(["train", "--model", str(tiny_llama_dir), "--data", str(tmp_path / "nope.jsonl"),
                  "--output", str(tmp_path / "x")]) == 2
     assert "dataset not found" in capsys.readouterr().err
+
+
+def test_experiment_set_overrides_and_bad_set_is_one_line_error(tmp_path, capsys):
+    from textdistill.cli import _parse_sets
+
+    assert _parse_sets(["seeds=[0]", "target.limit=100", "models=[a, b]"]) == {
+        "seeds": [0], "target.limit": 100, "models": ["a", "b"]}
+    assert main(["experiment", "demo", "--output", str(tmp_path / "o"), "--set", "seeds"]) == 2
+    assert "--set expects KEY=VALUE" in capsys.readouterr().err
+    assert main(["experiment", "demo", "--output", str(tmp_path / "o"), "--set", "methods=[magic]"]) == 2
+    assert "unknown method(s) magic" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -9,7 +9,7 @@ import pytest
 from conftest import requires_data
 from textdistill import data
 from textdistill.config import DataSettings
-from textdistill.errors import DataError
+from textdistill.errors import ConfigError, DataError
 
 
 @requires_data
@@ -133,3 +133,22 @@ def test_truncation_keeps_gemma_bos(gemma_tokenizer):
     example = data.Example(prompt="word " * 100, response=" end")
     t = data.tokenize_example(gemma_tokenizer, example, max_length=16)
     assert len(t.input_ids) == 16 and t.prompt_ids[0] == gemma_tokenizer.bos_token_id
+
+
+def test_sample_is_a_seeded_subset_in_dataset_order(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f" a{i}", "id": str(i)}) + "\n"
+                            for i in range(50)))
+    full = data.load_examples(str(path))
+    first = data.load_examples(str(path), DataSettings(sample=10))
+    again = data.load_examples(str(path), DataSettings(sample=10))
+    other = data.load_examples(str(path), DataSettings(sample=10, sample_seed=1))
+    ids = [int(e.id) for e in first]
+    assert ids == [int(e.id) for e in again] and ids == sorted(ids) and len(set(ids)) == 10
+    assert ids != [int(e.id) for e in other] and ids != list(range(10))
+    assert {e.id for e in first} <= {e.id for e in full}
+    assert [e.id for e in data.load_examples(str(path), DataSettings(sample=10, limit=3))] == [e.id for e in first[:3]]
+    with pytest.raises(DataError, match="data.sample asks for 51 rows"):
+        data.load_examples(str(path), DataSettings(sample=51))
+    with pytest.raises(ConfigError, match="data.sample must be a positive number"):
+        DataSettings(sample=0)

@@ -89,3 +89,33 @@ def test_distilled_arms_share_one_distillation_and_transfer_by_text(tmp_path, ti
     assert all(r["prompt_tokens_mean"] > 0 and r["train_examples"] == 4 for r in gemma_distilled)
     assert "Decoded distilled samples" in (out / "report.md").read_text()
     assert (out / "matching_loss.png").is_file() and (out / "token_distance.png").is_file()
+
+
+def test_cells_with_identical_training_data_reuse_one_run(tmp_path, tiny_llama_dir):
+    """A random subset of the whole pool (sorted indices) is the pool itself: the same deterministic run as ``full``
+    with the same seed, so it is reused and marked; a smaller budget is trained for real."""
+    config = _config(tmp_path, tiny_llama_dir, methods=["full", "random"], budgets=["100%", "8"], seeds=[0])
+    out = tmp_path / "out"
+    logs: list[str] = []
+    rows = run_experiment(config, out, device="cpu", progress=False, log=logs.append)
+    by_cell = {(r["method"], r["budget"]): r for r in rows}
+    full, same, smaller = by_cell[("full", "100%")], by_cell[("random", "100%")], by_cell[("random", "8")]
+    assert same["same_data_as"] == "full 100% seed 0" and same["data_key"] == full["data_key"]
+    assert (same["acc"], same["acc_norm"], same["train_steps"]) == (full["acc"], full["acc_norm"], full["train_steps"])
+    assert "same_data_as" not in smaller and smaller["data_key"] != full["data_key"]
+    assert sum("its run is reused" in line for line in logs) == 1
+    assert "random (same as full 100%)" in (out / "report.md").read_text()
+
+
+def test_report_only_runs_nothing_and_reports_finished_cells(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    run_experiment(_config(tmp_path, tiny_llama_dir, seeds=[0]), out, device="cpu", progress=False,
+                   log=lambda _: None)
+    before = sorted(out.rglob("result.json"))
+    logs: list[str] = []
+    rows = run_experiment(_config(tmp_path, tiny_llama_dir, seeds=[0, 1]), out, device="cpu", progress=False,
+                          log=logs.append, report_only=True)
+    assert sorted(out.rglob("result.json")) == before
+    assert [line.endswith("not run") for line in logs].count(True) == 1 and len(rows) == 2
+    with open(out / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 2

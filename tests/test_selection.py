@@ -88,7 +88,7 @@ def test_vmap_per_example_grads_match_naive_loop(tiny_llama_dir, smollm_tokenize
             assert got.shape == expected.shape
             scale = expected.abs().max()
             assert scale > 0
-            assert (got - expected).abs().max() <= 1e-5 * scale, (name, row)
+            assert (got - expected).abs().max() <= 5e-5 * scale, (name, row)   # float32 summation order
     # the per-example gradients really differ between examples (no batch averaging)
     flat = flatten_grads(batched, list(params))
     assert not torch.allclose(flat[0], flat[1])
@@ -215,6 +215,39 @@ def test_less_budget_larger_than_clean_pool_fails_before_model(less_run, tiny_ll
         select(method="less", data=less_run["data"], budget=7, output=tmp_path / "x.json",
                model=str(tiny_llama_dir), target="arc-easy:validation", device="cpu", progress=False)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_less_scores_cut_to_another_budget_without_model_work(less_run, tmp_path, monkeypatch):
+    """One LESS scoring run serves every budget: the smaller selection is the top of the same ranking, the
+    evaluation-overlap rows stay excluded even if they score highest, and no model is loaded."""
+    import textdistill.models as models
+    from textdistill.data import load_examples
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    record = less_run["record"]
+    pool = load_examples(less_run["data"])
+    scores = list(record["all_scores"])
+    scores[6] = scores[7] = max(scores) + 1.0                  # make the two leaked rows the best scored
+    boosted = dict(record, all_scores=scores)
+    source = tmp_path / "boosted.json"
+    source.write_text(json.dumps(boosted))
+    out = tmp_path / "less-2.json"
+    result = select(method="less", data=less_run["data"], budget=2, output=out, scores_from=source)
+    cut = read_selection(out)
+    assert result["count"] == 2 and cut["indices"] == record["indices"][:2]
+    assert cut["reselected_from"] == str(source) and cut["budget"] == "2"
+    assert cut["excluded_eval_overlap"] == ["leak0", "leak1"] and cut["all_scores"] == scores
+    with pytest.raises(ConfigError, match="only 6 rows can be selected, 7 requested"):
+        select(method="less", data=less_run["data"], budget=7, output=tmp_path / "x.json", scores_from=source)
+    random_file = tmp_path / "random.json"
+    select(method="random", data=less_run["data"], budget=2, output=random_file)
+    with pytest.raises(DataError, match="not a LESS selection with 'all_scores'"):
+        select(method="less", data=less_run["data"], budget=2, output=tmp_path / "y.json", scores_from=random_file)
+    with pytest.raises(DataError, match="scored 8 rows, the pool has 5"):
+        from textdistill.selection import reselect
+
+        reselect(source, 2, tmp_path / "z.json", pool[:5])
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------

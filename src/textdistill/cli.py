@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import TextDistillError
 
@@ -76,7 +76,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
         kwargs = {"model": args.model, "target": args.target, "device": args.device,
                   "projection_dim": args.projection_dim, "warmup_fraction": args.warmup_fraction,
                   "warmup_epochs": args.warmup_epochs, "max_val_examples": args.max_val_examples,
-                  "trust_remote_code": args.trust_remote_code}
+                  "trust_remote_code": args.trust_remote_code, "scores_from": args.scores}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
     result = select(method=args.method, data=args.data, budget=args.budget, output=args.output, seed=args.seed,
                     progress=not args.no_progress, **kwargs)
@@ -116,12 +116,32 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sets(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``["seeds=[0]", "target.limit=100"]`` -> ``{"seeds": [0], "target.limit": 100}`` (values read as YAML)."""
+    import yaml
+
+    from .errors import ConfigError
+
+    overrides: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. seeds=[0] or target.limit=100), got '{pair}'")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot read '{value}' as a YAML value ({exc})") from None
+    return overrides
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import load_experiment_config, run_experiment
     from .report import comparison_table
 
-    config = load_experiment_config(args.config, overrides={"target.limit": args.limit})
-    rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress)
+    overrides = {"target.limit": args.limit, **_parse_sets(args.set)}
+    config = load_experiment_config(args.config, overrides=overrides)
+    rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress,
+                          report_only=args.report_only)
     print(comparison_table(rows))
     print(f"results: {args.output}/results.csv, report: {args.output}/report.md")
     return 0
@@ -139,7 +159,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("textdistill demo: SmolLM2-135M distils 5% of 240 ARC-Easy train rows; SmolLM2 and Gemma-3-270M are "
           "fine-tuned on the distilled text and on real subsets of the same size, then scored on 200 ARC-Easy "
           f"test questions. Output: {args.output}", flush=True)
-    rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress)
+    rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress,
+                          report_only=args.report_only)
     print(comparison_table(rows))
     print(f"results: {args.output}/results.csv, report: {args.output}/report.md")
     return 0
@@ -249,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file or preset name")
     p.add_argument("--output", required=True)
     p.add_argument("--limit", type=int, help="evaluate on the first N target items (overrides the config)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, YAML syntax, repeatable: --set seeds=[0] --set models=[gemma3-270m]")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing; write results and report from the cells already finished with these settings")
     _add_common(p, remote_code=False)
     p.set_defaults(func=_cmd_experiment)
 
@@ -269,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-fraction", type=float, help="LESS: fraction of the pool for the warm-up (default 0.05)")
     p.add_argument("--warmup-epochs", type=int, help="LESS: warm-up epochs = checkpoints (default 4)")
     p.add_argument("--max-val-examples", type=int, help="LESS: target validation examples used (default 64)")
+    p.add_argument("--scores", metavar="FILE", help="LESS: cut the budget from the scores of an earlier LESS "
+                   "selection file of the same data (scores do not depend on the budget; no model work)")
     _add_common(p)
     p.set_defaults(func=_cmd_select)
     return parser

@@ -47,12 +47,17 @@ class DataSettings:
     messages_field: str = "messages"
     max_length: int = 256
     append_eos: bool = True
-    limit: int | None = None
+    limit: int | None = None  # keep the first N rows (after sampling)
     decontaminate: bool = False  # drop rows whose question is in an ARC/MMLU evaluation split
+    sample: int | None = None  # keep a seeded random subset of N rows, in dataset order (e.g. of the 157k mcqa-pool)
+    sample_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
             raise ConfigError(f"data.max_length must be at least 8, got {self.max_length}")
+        if self.sample is not None and (isinstance(self.sample, bool) or not isinstance(self.sample, int)
+                                        or self.sample < 1):
+            raise ConfigError(f"data.sample must be a positive number of rows, got {self.sample}")
 
 
 @dataclass(frozen=True)

@@ -474,6 +474,11 @@ def load_examples(spec: str, settings: Any | None = None, *, tokenizer: Any | No
         examples = rows_to_examples(_read_rows(path), prompt_field=settings.prompt_field,
                                     response_field=settings.response_field, messages_field=settings.messages_field,
                                     origin=str(path), chat_tokenizer=chat)
+    if settings.sample is not None:
+        if settings.sample > len(examples):
+            raise DataError(f"data.sample asks for {settings.sample} rows, dataset '{spec}' has {len(examples)}")
+        keep = sorted(random.Random(settings.sample_seed).sample(range(len(examples)), settings.sample))
+        examples = [examples[i] for i in keep]
     if settings.limit is not None:
         examples = examples[: settings.limit]
     if not examples:

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from .models import output_head_only_at
+
 __all__ = [
     "ChoiceRequest",
     "EncodedRequest",
@@ -195,31 +197,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@contextlib.contextmanager
-def _only_valid_positions_to_head(model: torch.nn.Module, valid: torch.Tensor):
-    """While active, the output head sees only the hidden states of the real (unpadded) positions, packed as
-    ``(1, valid.sum(), hidden)``, so no logits are computed for padding (with a 262k vocabulary the head costs more
-    than the transformer body of a small model). What the model does after its head (e.g. Gemma's logit
-    soft-capping) is elementwise and still applies. Yields a function telling whether the packing happened; when the
-    model has no output head the hook can reach, logits come back unpacked and the caller selects the positions."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    packed = False
-
-    def pre_hook(module, args):
-        nonlocal packed
-        if args and torch.is_tensor(args[0]) and args[0].shape[:2] == valid.shape:
-            packed = True
-            return (args[0][valid].unsqueeze(0), *args[1:])
-        return None
-
-    handle = head.register_forward_pre_hook(pre_hook) if isinstance(head, torch.nn.Module) else None
-    try:
-        yield lambda: packed
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
 def score_encoded(model: torch.nn.Module, encoded: EncodedRequest, *,
                   cache_kwarg: str | None = None) -> tuple[list[float], list[bool]]:
     """Log-likelihood and greedy flag of each continuation; the context goes through the model once.
@@ -260,7 +237,7 @@ def score_encoded(model: torch.nn.Module, encoded: EncodedRequest, *,
     if len(rows) > 1:
         cache.batch_repeat_interleave(len(rows))
     valid = valid.to(device)
-    with _only_valid_positions_to_head(model, valid) as packed:
+    with output_head_only_at(model, valid) as packed:
         out = model(input_ids=inputs.to(device), attention_mask=attention.to(device), use_cache=True,
                     **{cache_kwarg: cache})
     logits = out.logits[0] if packed() else out.logits[valid]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write_json, read_json, sha256_json, write_run_info
+from .artifacts import atomic_write_json, read_json, sha256_json, to_jsonable, write_run_info
 from .config import DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, read_preset, read_yaml
 from .data import Example, load_examples, load_task, normalize_split, parse_dataset_spec, rows_to_examples
 from .distill import DistillConfig
@@ -81,6 +81,20 @@ def load_experiment_config(path_or_preset: str, overrides: dict[str, Any] | None
     return build_dataclass(ExperimentConfig, apply_overrides(values, overrides), "experiment")
 
 
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def settings_key(settings: Any) -> str:
+    """Content hash of settings, leaving out unset (``None``) options: an option added later with a ``None``
+    default keeps the keys, and so the finished work, of runs that do not use it."""
+    return sha256_json(_without_none(to_jsonable(settings)))
+
+
 def _pool_settings(config: ExperimentConfig) -> DataSettings:
     return dataclasses.replace(config.recipe.data, limit=config.pool_limit)
 
@@ -123,7 +137,7 @@ class _Stages:
 
     def key(self, *parts: Any) -> str:
         """Short hash of the settings a stage depends on: a changed config gets a new folder, never a stale one."""
-        return sha256_json([self.config.pool, _pool_settings(self.config), *parts])[:8]
+        return settings_key([self.config.pool, _pool_settings(self.config), *parts])[:8]
 
     def experts_dir(self) -> Path:
         from .experts import make_experts
@@ -146,7 +160,7 @@ class _Stages:
         return folder
 
     def selection(self, method: str, budget: str, seed: int) -> Path:
-        from .selection import select
+        from .selection import reselect, select
 
         key = self.key(self.config.distill_model, self.config.less) if method == "less" else self.key()
         name = f"{method}-{budget.replace('%', 'pct')}-seed{seed if method == 'random' else 0}-{key}.json"
@@ -154,9 +168,13 @@ class _Stages:
         if path.is_file():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
+        # LESS scores do not depend on the budget: cut this budget from another budget's scores when there are any
+        scored = sorted(path.parent.glob(f"less-*-seed0-{key}.json")) if method == "less" else []
         if method == "random":
             self._timed("select-random", lambda: select(method="random", data=self.config.pool, budget=budget,
                                                         output=path, seed=seed, examples=self.pool))
+        elif scored:
+            reselect(scored[0], budget, path, self.pool)
         else:
             less = self.config.less
             self._timed("select-less", lambda: select(
@@ -202,9 +220,22 @@ class _Stages:
         return rows_to_examples(rows, origin=str(folder / "distilled.jsonl")), {"distill_run": str(folder)}
 
 
+def training_data_key(examples: list[Example]) -> str:
+    """Hash of what training sees of a cell's data: the ordered (prompt, response) pairs."""
+    return sha256_json([[e.prompt, e.response] for e in examples])[:16]
+
+
+#: Fields of a result row that describe its training run and scores (copied when two cells train on the same data).
+_RUN_FIELDS = ("train_steps", "train_seconds", "train_last_loss", "acc", "acc_norm", "n", "eval_seconds")
+
+
 def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method: str, budget: str,
-             seed: int | None, progress: bool) -> dict[str, Any]:
-    """Train (unless ``base``) and evaluate one cell; returns its result row."""
+             seed: int | None, progress: bool, same_data: dict[tuple, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train (unless ``base``) and evaluate one cell; returns its result row.
+
+    ``same_data`` maps ``(model, seed, training_data_key)`` to finished rows: a cell whose training data is exactly
+    that of a finished cell (e.g. a distillation that changed no token, next to its starting samples) would repeat
+    the same deterministic run, so its scores are copied and the row says ``same_data_as``."""
     from .models import load_model, load_tokenizer
     from .training import train_on_examples
 
@@ -220,14 +251,22 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
         examples, info = stages.examples(method, budget, seed)
         row["data_seconds"] = round(time.time() - data_start, 1)
         row.update(info)
+        row["data_key"] = training_data_key(examples)
+        twin = (same_data or {}).get((model_name, seed, row["data_key"]))
+        if twin is not None:
+            row.update({k: twin[k] for k in _RUN_FIELDS if k in twin})
+            row.update({"train_examples": len(examples), "cell_seconds": round(time.time() - start, 1),
+                        "same_data_as": f"{twin['method']} {twin['budget']} seed {twin['seed']}"})
+            if method in ("distilled", "distilled-less"):
+                row["prompt_tokens_mean"] = _prompt_tokens_mean(load_tokenizer(model_name), examples)
+            return row
         recipe = dataclasses.replace(config.recipe, seed=seed)
         model, tokenizer, result = train_on_examples(model_name=model_name, examples=examples, config=recipe,
                                                      device=stages.device, progress=progress)
         row.update({"train_examples": len(examples), "train_steps": result.steps,
                     "train_seconds": round(result.seconds, 1), "train_last_loss": round(result.losses[-1], 4)})
         if method in ("distilled", "distilled-less"):
-            prompt_tokens = [len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"]) for e in examples]
-            row["prompt_tokens_mean"] = round(sum(prompt_tokens) / len(prompt_tokens), 2)
+            row["prompt_tokens_mean"] = _prompt_tokens_mean(tokenizer, examples)
     from .evaluation import evaluate_model
 
     metrics = evaluate_model(model, tokenizer, config.target, progress=progress)
@@ -236,9 +275,17 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
     return row
 
 
+def _prompt_tokens_mean(tokenizer: Any, examples: list[Example]) -> float:
+    """Mean number of tokens the (target) tokenizer makes of the prompts: what re-tokenized distilled text costs."""
+    counts = [len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"]) for e in examples]
+    return round(sum(counts) / len(counts), 2)
+
+
 def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str = "auto",
-                   progress: bool = True, log=print) -> list[dict[str, Any]]:
-    """Entry of ``textdistill experiment``: run every cell not finished yet and write the results and report."""
+                   progress: bool = True, log=print, report_only: bool = False) -> list[dict[str, Any]]:
+    """Entry of ``textdistill experiment``: run every cell not finished yet and write the results and report.
+
+    ``report_only`` runs nothing: the report covers the cells already finished with these settings."""
     from .report import write_report
 
     root = Path(output)
@@ -257,8 +304,14 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
     total = len(cells) * len(config.models)
     done = 0
     # a cell's result is reused only if it was made with the same pool, target, recipe and stage settings
-    cell_key = sha256_json({k: v for k, v in dataclasses.asdict(config).items()
-                            if k not in ("name", "models", "budgets", "methods", "seeds")})[:12]
+    cell_key = settings_key({k: v for k, v in dataclasses.asdict(config).items()
+                             if k not in ("name", "models", "budgets", "methods", "seeds")})[:12]
+    # finished cells of this config (any method, also from other invocations) by the data they trained on
+    same_data = {}
+    for path in sorted((root / "cells").glob("**/result.json")):
+        finished = read_json(path)
+        if finished.get("config_key") == cell_key and finished.get("data_key") and "same_data_as" not in finished:
+            same_data[(finished["model"], finished["seed"], finished["data_key"])] = finished
     rows = []
     for method, budget, _, seed in cells:
         for model_name in config.models:
@@ -270,13 +323,23 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
                     log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: done earlier, skipped")
                     rows.append(previous)
                     continue
+                if report_only:
+                    log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: made with other settings")
+                    continue
                 log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: made with other settings, redone")
+            elif report_only:
+                log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: not run")
+                continue
             else:
                 log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}")
-            row = run_cell(config, stages, model_name, method, budget, seed, progress)
+            row = run_cell(config, stages, model_name, method, budget, seed, progress, same_data=same_data)
             row["config_key"] = cell_key
             atomic_write_json(folder / "result.json", row)
             rows.append(row)
+            if row.get("data_key") and "same_data_as" not in row:
+                same_data[(model_name, seed, row["data_key"])] = row
+            if "same_data_as" in row:
+                log(f"    same training data as {row['same_data_as']}: its run is reused")
             log(f"    acc {row['acc']:.4f}  acc_norm {row['acc_norm']:.4f}  ({row['cell_seconds']:.0f} s)")
     stage_seconds = {k: round(v, 1) for k, v in stages.seconds.items()}
     previous = read_json(root / "stage_seconds.json") if (root / "stage_seconds.json").is_file() else {}

@@ -6,6 +6,7 @@ install``; anything else goes to ``from_pretrained`` unchanged (``trust_remote_c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,6 +21,33 @@ from .errors import ModelError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
+
+
+@contextlib.contextmanager
+def output_head_only_at(model: torch.nn.Module, positions: torch.Tensor):
+    """While active, the output head (``get_output_embeddings()``) sees only the hidden states at ``positions``
+    ``(B, T)`` bool, packed in row-major order as ``(1, positions.sum(), hidden)``, so no logits are computed for
+    prompt or padding positions: with a 262k vocabulary the head costs more than the transformer body of a small
+    model. What a model does after its head (e.g. Gemma's logit soft-capping) is elementwise and still applies, and
+    autograd flows through the packing. Yields a function telling whether the packing happened; when the head is
+    not reachable (or is called with another shape) logits come back unpacked and the caller selects the positions.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    packed = False
+
+    def pre_hook(module, args):
+        nonlocal packed
+        if args and torch.is_tensor(args[0]) and args[0].shape[:2] == positions.shape:
+            packed = True
+            return (args[0][positions].unsqueeze(0), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(pre_hook) if isinstance(head, torch.nn.Module) else None
+    try:
+        yield lambda: packed
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:

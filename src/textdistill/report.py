@@ -16,23 +16,40 @@ CSV_COLUMNS = ("model", "method", "budget", "seed", "task", "acc", "acc_norm", "
 
 
 def summarize(rows: Sequence[dict[str, Any]], metric: str = "acc") -> list[dict[str, Any]]:
-    """Mean and sample std of ``metric`` over seeds for each (model, method, budget), in first-seen order."""
-    groups: dict[tuple[str, str, str], list[float]] = {}
+    """Mean and sample std of ``metric`` over seeds for each (model, method, budget), in first-seen order, with the
+    mean training and evaluation seconds of a cell (cells that reused another cell's run are left out of those)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["method"], str(row["budget"])), []).append(float(row[metric]))
+        groups.setdefault((row["model"], row["method"], str(row["budget"])), []).append(row)
     out = []
-    for (model, method, budget), values in groups.items():
+    for (model, method, budget), members in groups.items():
+        values = [float(r[metric]) for r in members]
+        own = [r for r in members if "same_data_as" not in r]
         out.append({"model": model, "method": method, "budget": budget, "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": len(values)})
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": len(values),
+                    "train_seconds": statistics.fmean(float(r.get("train_seconds") or 0) for r in own) if own else None,
+                    "eval_seconds": statistics.fmean(float(r.get("eval_seconds") or 0) for r in own) if own else None,
+                    "same_data_as": sorted({r["same_data_as"].split(" seed")[0] for r in members
+                                            if "same_data_as" in r})})
     return out
 
 
-def comparison_table(rows: Sequence[dict[str, Any]], metric: str = "acc") -> str:
-    """Markdown table: one line per (model, method, budget) with mean ± std over seeds."""
-    lines = [f"| model | method | budget | {metric} (mean ± std) | seeds |", "|---|---|---|---|---|"]
-    for s in summarize(rows, metric):
-        lines.append(f"| {s['model']} | {s['method']} | {s['budget'] or '-'} | "
-                     f"{s['mean']:.4f} ± {s['std']:.4f} | {s['seeds']} |")
+def comparison_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = ("acc", "acc_norm")) -> str:
+    """Markdown table: one line per (model, method, budget) with mean ± std over seeds of each metric, and the mean
+    seconds a cell spent training and evaluating (``same as X``: the training data equalled X's, its run reused)."""
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    metrics = [m for m in metrics if all(m in r for r in rows)] or metrics[:1]
+    stats = [summarize(rows, m) for m in metrics]
+    head = " | ".join(f"{m} (mean ± std)" for m in metrics)
+    lines = [f"| model | method | budget | {head} | seeds | train s | eval s |",
+             "|---|---|---|" + "---|" * len(metrics) + "---|---|---|"]
+    for group in zip(*stats):
+        first = group[0]
+        values = " | ".join(f"{g['mean']:.4f} ± {g['std']:.4f}" for g in group)
+        timing = " | ".join("-" if first[k] is None else f"{first[k]:.0f}" for k in ("train_seconds", "eval_seconds"))
+        note = f" (same as {', '.join(first['same_data_as'])})" if first["same_data_as"] else ""
+        lines.append(f"| {first['model']} | {first['method']}{note} | {first['budget'] or '-'} | {values} | "
+                     f"{first['seeds']} | {timing} |")
     return "\n".join(lines)
 
 
@@ -178,8 +195,9 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
     lines += ["## Wall time per stage (seconds, this machine)", "", "| stage | seconds |", "|---|---|"]
     for key, value in sorted(stage_seconds.items()):
         lines.append(f"| {key} | {value:.0f} |")
-    train_s = sum(float(r.get("train_seconds") or 0) for r in rows)
-    eval_s = sum(float(r.get("eval_seconds") or 0) for r in rows)
+    own = [r for r in rows if "same_data_as" not in r]   # a reused run was paid for once
+    train_s = sum(float(r.get("train_seconds") or 0) for r in own)
+    eval_s = sum(float(r.get("eval_seconds") or 0) for r in own)
     lines += [f"| training (all cells) | {train_s:.0f} |", f"| evaluation (all cells) | {eval_s:.0f} |", ""]
     atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
     return root / "report.md"

@@ -130,6 +130,35 @@ def apply_selection(examples: Sequence[Example], selection: str | Path) -> list[
     return chosen
 
 
+def reselect(source: str | Path, budget: str | int, output: str | Path, examples: Sequence[Example]) -> dict[str, Any]:
+    """A LESS selection at another ``budget``, cut from the ``all_scores`` of an earlier LESS selection file.
+
+    LESS scores do not depend on the budget, so one scoring run serves every budget (the costly part is the
+    gradients). ``examples`` are the pool rows the source was scored on: their count and ids must match, and the
+    rows the source excluded as evaluation overlap stay excluded. Writes ``output`` (with ``reselected_from``) and
+    returns ``{"count", "indices", "scores"}``.
+    """
+    record = read_selection(source)
+    scores = record.get("all_scores")
+    if record.get("method") != "less" or not isinstance(scores, list):
+        raise DataError(f"{source} is not a LESS selection with 'all_scores'; it cannot be cut to another budget")
+    if len(scores) != len(examples) or record.get("pool_size") != len(examples):
+        raise DataError(f"{source} scored {len(scores)} rows, the pool has {len(examples)}: another dataset?")
+    for index, expected_id in zip(record["indices"], record["ids"]):
+        if str(examples[index].id) != str(expected_id):
+            raise DataError(f"{source}: row {index} has id '{examples[index].id}', the scores expect '{expected_id}'")
+    excluded_ids = {str(i) for i in record.get("excluded_eval_overlap", [])}
+    exclude = [i for i, example in enumerate(examples) if str(example.id) in excluded_ids]
+    count = resolve_budget(budget, len(examples))
+    indices = top_indices(scores, count, exclude=exclude)
+    kept = {k: v for k, v in record.items()
+            if k not in ("method", "data", "budget", "seed", "pool_size", "count", "indices", "ids", "scores")}
+    kept["reselected_from"] = str(source)
+    write_selection(output, method="less", data=record.get("data", ""), budget=budget, seed=record.get("seed", 0),
+                    examples=examples, indices=indices, scores=[scores[i] for i in indices], extra=kept)
+    return {"count": count, "indices": indices, "scores": [scores[i] for i in indices]}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # LESS: targets and decontamination
 # ----------------------------------------------------------------------------------------------------------------
@@ -610,7 +639,8 @@ def select(*, method: str, data: str, budget: str | int, output: str | Path, see
            warmup_fraction: float = 0.05, warmup_epochs: int = 4, projection_dim: int = 8192,
            projection: str = "rademacher", max_val_examples: int | None = 64, train_config: TrainConfig | None = None,
            batch_size: int = 8, buffer_size: int = 512, bias_correction: bool = False, device: str = "auto",
-           save_checkpoints: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
+           save_checkpoints: bool = False, trust_remote_code: bool = False, progress: bool = True,
+           scores_from: str | Path | None = None) -> dict[str, Any]:
     """Entry of ``textdistill select``: choose ``budget`` rows of ``data`` by ``method`` and write a selection file.
 
     ``examples`` (optional) are the already loaded rows of ``data``; otherwise ``data`` is loaded with
@@ -618,7 +648,8 @@ def select(*, method: str, data: str, budget: str | int, output: str | Path, see
     module docstring) also needs ``model`` and ``target`` (``"arc-easy:validation"``, ``"mmlu:dev"``...);
     ``seed`` drives the warm-up rows, the LoRA init and warm-up order, the validation sample and the projection.
     ``train_config`` is the warm-up recipe (LoRA + AdamW; epochs and seed are replaced). ``save_checkpoints`` keeps
-    the warm-up checkpoints as safetensors in ``<output stem>.less/`` beside the output file.
+    the warm-up checkpoints as safetensors in ``<output stem>.less/`` beside the output file. ``scores_from`` (LESS
+    only) cuts the budget from the ``all_scores`` of an earlier LESS selection file of the same data (no model work).
 
     Every option, the pool, the budget and the target are checked before a model is loaded (ConfigError /
     DataError / ModelError). Returns ``{"count", "indices", "scores"}`` (and LESS details).
@@ -632,6 +663,11 @@ def select(*, method: str, data: str, budget: str | int, output: str | Path, see
         settings = dataclasses.replace(settings, max_length=max_length)
     task = split = None
     tokenizer = None
+    if scores_from is not None:
+        if method != "less":
+            raise ConfigError("scores_from reuses LESS scores; it only applies to method 'less'")
+        pool = list(examples) if examples is not None else load_examples(data, settings)
+        return reselect(scores_from, budget, output, pool)
     if method == "less":
         _check_less_options(model=model, warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs,
                             projection_dim=projection_dim, projection=projection, max_val_examples=max_val_examples,

@@ -21,7 +21,7 @@ from .artifacts import atomic_write_json, write_jsonl, write_run_info
 from .config import TrainConfig
 from .data import TokenizedExample, load_examples, tokenize_examples
 from .errors import ConfigError, TrainingError
-from .models import add_lora, load_model, load_tokenizer
+from .models import add_lora, load_model, load_tokenizer, output_head_only_at
 
 
 def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -40,15 +40,22 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.dev
 
 
 def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over response tokens, and the number of those tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    shift_logits = logits[:, :-1].float()
-    shift_labels = batch["labels"][:, 1:]
-    count = int((shift_labels != -100).sum())
+    """Mean next-token cross-entropy over response tokens, and the number of those tokens.
+
+    Logits are computed only at the positions that predict a response token (see ``output_head_only_at``): the
+    prompt and padding never reach the output head, which for a large vocabulary is most of the cost."""
+    labels = batch["labels"]                                   # (B, T), -100 on prompt and padding
+    targets = labels[:, 1:]                                    # (B, T-1): position t predicts token t + 1
+    predicting = targets != -100                               # (B, T-1)
+    count = int(predicting.sum())
     if count == 0:
         raise TrainingError("a batch has no response tokens to learn (all labels masked)")
-    loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                             shift_labels.reshape(-1), ignore_index=-100)
+    positions = torch.zeros_like(labels, dtype=torch.bool)    # (B, T)
+    positions[:, :-1] = predicting
+    with output_head_only_at(model, positions) as packed:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[0] if packed() else logits[positions]      # (count, V), row-major like targets[predicting]
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets[predicting])
     return loss, count
 
 
