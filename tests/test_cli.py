@@ -53,3 +53,17 @@ def test_experiment_set_overrides_and_bad_set_is_one_line_error(tmp_path, capsys
     assert main(["experiment", "demo", "--output", str(tmp_path / "o"), "--set", "methods=[magic]"]) == 2
     assert "unknown method(s) magic" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_dispatches_the_demo_preset(tmp_path, monkeypatch, capsys):
+    import textdistill.assets as assets
+    import textdistill.experiment as experiment
+
+    calls = []
+    monkeypatch.setattr(assets, "is_converted", lambda name: True)
+    monkeypatch.setattr(experiment, "run_experiment", lambda config, output, **kw: calls.append((config, output, kw))
+                        or [{"model": "m", "method": "base", "budget": "", "acc": 0.5, "acc_norm": 0.4}])
+    assert main(["demo", "--output", str(tmp_path / "d"), "--no-progress"]) == 0
+    (config, output, kw), = calls
+    assert config.name == "demo" and str(output) == str(tmp_path / "d") and kw["progress"] is False
+    assert "| m | base | - | 0.5000 ± 0.0000 | 0.4000 ± 0.0000 |" in capsys.readouterr().out

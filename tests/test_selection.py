@@ -237,7 +237,7 @@ def test_less_scores_cut_to_another_budget_without_model_work(less_run, tmp_path
     assert result["count"] == 2 and cut["indices"] == record["indices"][:2]
     assert cut["reselected_from"] == str(source) and cut["budget"] == "2"
     assert cut["excluded_eval_overlap"] == ["leak0", "leak1"] and cut["all_scores"] == scores
-    with pytest.raises(ConfigError, match="only 6 rows can be selected, 7 requested"):
+    with pytest.raises(ConfigError, match=r"larger than the 6 pool rows left after removing 2"):
         select(method="less", data=less_run["data"], budget=7, output=tmp_path / "x.json", scores_from=source)
     random_file = tmp_path / "random.json"
     select(method="random", data=less_run["data"], budget=2, output=random_file)
@@ -247,6 +247,9 @@ def test_less_scores_cut_to_another_budget_without_model_work(less_run, tmp_path
         from textdistill.selection import reselect
 
         reselect(source, 2, tmp_path / "z.json", pool[:5])
+    renamed = [type(e)(e.prompt, e.response, f"other{i}") for i, e in enumerate(pool)]
+    with pytest.raises(DataError, match="scored on another pool of 8 rows"):
+        reselect(source, 2, tmp_path / "z.json", renamed)
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
 
 

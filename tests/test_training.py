@@ -97,3 +97,32 @@ def test_train_entry_writes_run_folder(tiny_llama_dir, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["lora"]["r"] == 2 and "torch" in run["versions"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_response_loss_packs_only_response_positions_in_padded_batches(tiny_gemma_dir):
+    """Rows of different lengths, responses of different lengths and content, right padding, a LoRA model: the
+    output head sees only the (1, response tokens, hidden) positions and the loss equals a naive per-token sum."""
+    tok = load_tokenizer(str(tiny_gemma_dir))
+    rows = [Example("Q: sky?\nA:", " blue", "a"), Example("Question: what do plants need to grow well?\nAnswer:",
+                                                           " sunlight and water every day", "b"),
+            Example("Hi:", " ok then", "c")]
+    tokenized = tokenize_examples(tok, rows, max_length=64)
+    assert len({len(t.input_ids) for t in tokenized}) == 3 and len({len(t.response_ids) for t in tokenized}) == 3
+    torch.manual_seed(0)
+    model = add_lora(load_model(str(tiny_gemma_dir), device="cpu"), LoraSettings(r=2, alpha=4))
+    batch = collate(tokenized, tok.pad_token_id)
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape)))
+    loss, count = response_loss(model, batch)
+    handle.remove()
+    assert count == sum(len(t.response_ids) for t in tokenized)
+    assert seen == [(1, count, model.config.hidden_size)]
+    loss.backward()                              # gradients reach the LoRA weights through the packing
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+    total = 0.0
+    with torch.no_grad():
+        for t in tokenized:                      # each row alone, unpadded, all logits
+            logp = torch.log_softmax(model(input_ids=torch.tensor([t.input_ids])).logits[0].float(), -1)
+            start = len(t.input_ids) - len(t.response_ids)
+            total -= sum(logp[start + j - 1, tok_id].item() for j, tok_id in enumerate(t.response_ids))
+    assert loss.item() == pytest.approx(total / count, rel=1e-4)

@@ -76,8 +76,10 @@ def _cmd_select(args: argparse.Namespace) -> int:
         kwargs = {"model": args.model, "target": args.target, "device": args.device,
                   "projection_dim": args.projection_dim, "warmup_fraction": args.warmup_fraction,
                   "warmup_epochs": args.warmup_epochs, "max_val_examples": args.max_val_examples,
-                  "trust_remote_code": args.trust_remote_code, "scores_from": args.scores}
+                  "trust_remote_code": args.trust_remote_code}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if args.scores is not None:
+        kwargs["scores_from"] = args.scores
     result = select(method=args.method, data=args.data, budget=args.budget, output=args.output, seed=args.seed,
                     progress=not args.no_progress, **kwargs)
     print(f"selected {result['count']} rows -> {args.output}")
@@ -138,8 +140,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import load_experiment_config, run_experiment
     from .report import comparison_table
 
-    overrides = {"target.limit": args.limit, **_parse_sets(args.set)}
-    config = load_experiment_config(args.config, overrides=overrides)
+    config = load_experiment_config(args.config, overrides={"target.limit": args.limit}, sets=_parse_sets(args.set))
     rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress,
                           report_only=args.report_only)
     print(comparison_table(rows))
@@ -159,8 +160,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("textdistill demo: SmolLM2-135M distils 5% of 240 ARC-Easy train rows; SmolLM2 and Gemma-3-270M are "
           "fine-tuned on the distilled text and on real subsets of the same size, then scored on 200 ARC-Easy "
           f"test questions. Output: {args.output}", flush=True)
-    rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress,
-                          report_only=args.report_only)
+    rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress)
     print(comparison_table(rows))
     print(f"results: {args.output}/results.csv, report: {args.output}/report.md")
     return 0

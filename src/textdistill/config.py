@@ -272,10 +272,12 @@ def load_config(cls: type[T], *, path: str | Path | None = None, section: str | 
     return build_dataclass(cls, apply_overrides(values, overrides), cls.__name__)
 
 
-def apply_overrides(values: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Set dotted keys (``{"lora.r": 4}``) in a nested mapping, in place; ``None`` values are skipped."""
+def apply_overrides(values: dict[str, Any], overrides: dict[str, Any] | None, *,
+                    skip_none: bool = True) -> dict[str, Any]:
+    """Set dotted keys (``{"lora.r": 4}``) in a nested mapping, in place; ``None`` values are skipped (an absent
+    flag) unless ``skip_none`` is False."""
     for dotted, value in (overrides or {}).items():
-        if value is None:
+        if value is None and skip_none:
             continue
         node = values
         *parents, leaf = dotted.split(".")

@@ -73,12 +73,16 @@ class ExperimentConfig:
             raise ConfigError("list at least one seed under 'seeds'")
 
 
-def load_experiment_config(path_or_preset: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """An experiment config from a YAML file or a shipped preset name (``demo``, ``arc-easy``, ``mmlu``)."""
+def load_experiment_config(path_or_preset: str, overrides: dict[str, Any] | None = None,
+                           sets: dict[str, Any] | None = None) -> ExperimentConfig:
+    """An experiment config from a YAML file or a shipped preset name (``demo``, ``arc-easy``, ``mmlu``).
+
+    ``overrides`` are dotted keys from flags (``None`` = flag not given, skipped); ``sets`` are explicit
+    ``--set KEY=VALUE`` values, applied last, where ``None`` (YAML ``null``) really sets ``None``."""
     path = Path(path_or_preset)
     values = read_yaml(path) if path.suffix in (".yaml", ".yml") or path.exists() else read_preset(path_or_preset)
-    values = values.get("experiment", values)
-    return build_dataclass(ExperimentConfig, apply_overrides(values, overrides), "experiment")
+    values = apply_overrides(values.get("experiment", values), overrides)
+    return build_dataclass(ExperimentConfig, apply_overrides(values, sets, skip_none=False), "experiment")
 
 
 def _without_none(value: Any) -> Any:

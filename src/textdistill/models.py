@@ -39,7 +39,7 @@ def output_head_only_at(model: torch.nn.Module, positions: torch.Tensor):
         nonlocal packed
         if args and torch.is_tensor(args[0]) and args[0].shape[:2] == positions.shape:
             packed = True
-            return (args[0][positions].unsqueeze(0), *args[1:])
+            return (args[0][positions.to(args[0].device)].unsqueeze(0), *args[1:])
         return None
 
     handle = head.register_forward_pre_hook(pre_hook) if isinstance(head, torch.nn.Module) else None

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 from .artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 CSV_COLUMNS = ("model", "method", "budget", "seed", "task", "acc", "acc_norm", "n", "train_examples",
-               "train_steps", "train_seconds", "eval_seconds", "data_seconds", "cell_seconds", "prompt_tokens_mean")
+               "train_steps", "train_seconds", "eval_seconds", "data_seconds", "cell_seconds", "prompt_tokens_mean",
+               "same_data_as", "data_key")
 
 
 def summarize(rows: Sequence[dict[str, Any]], metric: str = "acc") -> list[dict[str, Any]]:

@@ -91,11 +91,17 @@ def random_indices(pool_size: int, count: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(pool_size), count))
 
 
+def pool_ids_hash(examples: Sequence[Example]) -> str:
+    """Hash of the ordered ids of a whole pool: tells whether a selection file was made on this very pool."""
+    return hashlib.sha256(json.dumps([str(e.id) for e in examples]).encode()).hexdigest()
+
+
 def write_selection(path: str | Path, *, method: str, data: str, budget: str | int, seed: int,
                     examples: Sequence[Example], indices: Sequence[int], scores: Sequence[float] | None = None,
                     extra: dict[str, Any] | None = None) -> Path:
     """Write a selection file atomically."""
     record = {"method": method, "data": data, "budget": str(budget), "seed": seed, "pool_size": len(examples),
+              "pool_ids_sha256": pool_ids_hash(examples),
               "count": len(indices), "indices": list(map(int, indices)), "ids": [examples[i].id for i in indices],
               "scores": list(map(float, scores)) if scores is not None else None}
     if extra:
@@ -144,12 +150,17 @@ def reselect(source: str | Path, budget: str | int, output: str | Path, examples
         raise DataError(f"{source} is not a LESS selection with 'all_scores'; it cannot be cut to another budget")
     if len(scores) != len(examples) or record.get("pool_size") != len(examples):
         raise DataError(f"{source} scored {len(scores)} rows, the pool has {len(examples)}: another dataset?")
+    if record.get("pool_ids_sha256", pool_ids_hash(examples)) != pool_ids_hash(examples):
+        raise DataError(f"{source} was scored on another pool of {len(examples)} rows (its row ids differ)")
     for index, expected_id in zip(record["indices"], record["ids"]):
         if str(examples[index].id) != str(expected_id):
             raise DataError(f"{source}: row {index} has id '{examples[index].id}', the scores expect '{expected_id}'")
     excluded_ids = {str(i) for i in record.get("excluded_eval_overlap", [])}
     exclude = [i for i, example in enumerate(examples) if str(example.id) in excluded_ids]
     count = resolve_budget(budget, len(examples))
+    if count > len(examples) - len(exclude):
+        raise ConfigError(f"budget {budget} ({count} rows) is larger than the {len(examples) - len(exclude)} pool rows "
+                          f"left after removing {len(exclude)} that repeat evaluation prompts")
     indices = top_indices(scores, count, exclude=exclude)
     kept = {k: v for k, v in record.items()
             if k not in ("method", "data", "budget", "seed", "pool_size", "count", "indices", "ids", "scores")}
