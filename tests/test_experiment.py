@@ -119,3 +119,38 @@ def test_report_only_runs_nothing_and_reports_finished_cells(tmp_path, tiny_llam
     assert [line.endswith("not run") for line in logs].count(True) == 1 and len(rows) == 2
     with open(out / "results.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 2
+
+
+def test_stage_lock_waits_for_a_live_owner_and_takes_over_a_dead_ones(tmp_path):
+    import subprocess
+    import threading
+    import time
+
+    from textdistill.experiment import stage_lock
+
+    target = tmp_path / "distill" / "5pct-seed0-abc"
+    events: list[str] = []
+
+    def other_process():
+        with stage_lock(target, poll_seconds=0.01, log=lambda _: None):
+            events.append("other in")
+            time.sleep(0.3)
+            events.append("other out")
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    while not events:
+        time.sleep(0.01)
+    logs: list[str] = []
+    with stage_lock(target, poll_seconds=0.01, log=logs.append):
+        events.append("me in")
+    thread.join()
+    assert events == ["other in", "other out", "me in"]
+    assert logs and "waiting for process" in logs[0] and not (tmp_path / "distill" / "5pct-seed0-abc.lock").exists()
+    # a lock whose process has exited is stale: taken over at once
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "distill" / "5pct-seed0-abc.lock").write_text(str(dead.pid))
+    with stage_lock(target, poll_seconds=60, log=logs.append):
+        events.append("after stale")
+    assert events[-1] == "after stale"

@@ -16,8 +16,10 @@ rerun skips what is done. Results: ``results.csv``/``results.json``, ``report.md
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from .artifacts import atomic_write_json, read_json, sha256_json, to_jsonable, w
 from .config import DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, read_preset, read_yaml
 from .data import Example, load_examples, load_task, normalize_split, parse_dataset_spec, rows_to_examples
 from .distill import DistillConfig
-from .errors import ConfigError
+from .errors import ConfigError, TextDistillError
 from .experts import ExpertsConfig
 
 METHODS = ("base", "full", "random", "less", "distilled", "distill-init", "distilled-less")
@@ -126,11 +128,55 @@ def _cell_dir(root: Path, model: str, method: str, budget: str, seed: int | None
     return root / "cells" / safe_model / method / budget_name / (f"seed{seed}" if seed is not None else "none")
 
 
+@contextlib.contextmanager
+def stage_lock(target: Path, *, poll_seconds: float = 10.0, log=print):
+    """Hold ``<target>.lock`` while a stage output is made, so that two ``experiment`` processes sharing a run
+    folder (e.g. one per model) never make the same stage twice or write into each other's files: the second
+    waits, then finds the output done. A lock left by a process that no longer runs is taken over."""
+    lock = target.with_name(target.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    announced = False
+    while True:
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and not _process_alive(owner):
+                lock.unlink(missing_ok=True)
+                continue
+            if not announced:
+                log(f"    waiting for process {owner or '?'} to finish {target.name}")
+                announced = True
+            time.sleep(poll_seconds)
+    try:
+        os.write(handle, str(os.getpid()).encode())
+        os.close(handle)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class _Stages:
     """Produces (and caches on disk) the training data of each (method, budget, seed)."""
 
-    def __init__(self, config: ExperimentConfig, root: Path, pool: list[Example], device: str, progress: bool):
+    def __init__(self, config: ExperimentConfig, root: Path, pool: list[Example], device: str, progress: bool,
+                 log=print):
         self.config, self.root, self.pool, self.device, self.progress = config, root, pool, device, progress
+        self.log = log
         self.seconds: dict[str, float] = {}
 
     def _timed(self, key: str, fn):
@@ -147,31 +193,42 @@ class _Stages:
         from .experts import make_experts
 
         folder = self.root / f"experts-{self.key(self.config.distill_model, self.config.experts)}"
-        if (folder / "manifest.json").is_file():
-            try:
-                from .experts import load_experts
-
-                trajectories = load_experts(folder)
-                if len(trajectories.snapshots) >= self.config.experts.num_experts:
-                    return folder
-            except Exception:
-                pass
-        experts_config = dataclasses.replace(self.config.experts, train=dataclasses.replace(
-            self.config.experts.train, data=_pool_settings(self.config)))
-        self._timed("experts", lambda: make_experts(model_name=self.config.distill_model, data=self.config.pool,
-                                                    output=folder, config=experts_config, device=self.device,
-                                                    progress=self.progress))
+        if self._experts_done(folder):
+            return folder
+        with stage_lock(folder, log=self.log):
+            if self._experts_done(folder):
+                return folder
+            experts_config = dataclasses.replace(self.config.experts, train=dataclasses.replace(
+                self.config.experts.train, data=_pool_settings(self.config)))
+            self._timed("experts", lambda: make_experts(model_name=self.config.distill_model, data=self.config.pool,
+                                                        output=folder, config=experts_config, device=self.device,
+                                                        progress=self.progress))
         return folder
 
-    def selection(self, method: str, budget: str, seed: int) -> Path:
-        from .selection import reselect, select
+    def _experts_done(self, folder: Path) -> bool:
+        from .experts import load_experts
 
+        if not (folder / "manifest.json").is_file():
+            return False
+        try:
+            return len(load_experts(folder).snapshots) >= self.config.experts.num_experts
+        except (TextDistillError, OSError):   # unfinished or damaged: make_experts continues or reports it
+            return False
+
+    def selection(self, method: str, budget: str, seed: int) -> Path:
         key = self.key(self.config.distill_model, self.config.less) if method == "less" else self.key()
         name = f"{method}-{budget.replace('%', 'pct')}-seed{seed if method == 'random' else 0}-{key}.json"
         path = self.root / "selections" / name
         if path.is_file():
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with stage_lock(path, log=self.log):
+            if not path.is_file():
+                self._make_selection(method, budget, seed, key, path)
+        return path
+
+    def _make_selection(self, method: str, budget: str, seed: int, key: str, path: Path) -> None:
+        from .selection import reselect, select
+
         # LESS scores do not depend on the budget: cut this budget from another budget's scores when there are any
         scored = sorted(path.parent.glob(f"less-*-seed0-{key}.json")) if method == "less" else []
         if method == "random":
@@ -187,7 +244,6 @@ class _Stages:
                 warmup_epochs=less.warmup_epochs, projection_dim=less.projection_dim,
                 max_val_examples=less.max_val_examples, device=self.device, progress=self.progress,
                 data_settings=_pool_settings(self.config)))
-        return path
 
     def distilled(self, budget: str, seed: int, from_less: bool) -> Path:
         from .distill import distill
@@ -202,9 +258,11 @@ class _Stages:
         config = dataclasses.replace(self.config.distill, budget=budget, seed=seed)
         if from_less:
             config = dataclasses.replace(config, init="selection", selection=str(self.selection("less", budget, 0)))
-        resume = (folder / "state.json").is_file()
-        self._timed("distill", lambda: distill(experts=experts, output=folder, config=config, resume=resume,
-                                               device=self.device, progress=self.progress))
+        with stage_lock(folder, log=self.log):
+            if not (folder / "distilled.jsonl").is_file():
+                resume = (folder / "state.json").is_file()   # an interrupted run continues exactly
+                self._timed("distill", lambda: distill(experts=experts, output=folder, config=config, resume=resume,
+                                                       device=self.device, progress=self.progress))
         return folder
 
     def examples(self, method: str, budget: str, seed: int) -> tuple[list[Example], dict[str, Any]]:
@@ -296,7 +354,7 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
     pool = validate(config)  # fails before any model is loaded
     root.mkdir(parents=True, exist_ok=True)
     write_run_info(root, command="experiment", config=config, seeds={"seeds": list(config.seeds)})
-    stages = _Stages(config, root, pool, device, progress)
+    stages = _Stages(config, root, pool, device, progress, log=log)
     cells: list[tuple[str, str, str, int | None]] = []
     for method in config.methods:
         if method == "base":
@@ -346,9 +404,10 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
                 log(f"    same training data as {row['same_data_as']}: its run is reused")
             log(f"    acc {row['acc']:.4f}  acc_norm {row['acc_norm']:.4f}  ({row['cell_seconds']:.0f} s)")
     stage_seconds = {k: round(v, 1) for k, v in stages.seconds.items()}
-    previous = read_json(root / "stage_seconds.json") if (root / "stage_seconds.json").is_file() else {}
-    for key, value in previous.items():
-        stage_seconds[key] = round(stage_seconds.get(key, 0.0) + value, 1)
-    atomic_write_json(root / "stage_seconds.json", stage_seconds)
+    with stage_lock(root / "stage_seconds.json", poll_seconds=0.5, log=log):   # other processes may add theirs
+        previous = read_json(root / "stage_seconds.json") if (root / "stage_seconds.json").is_file() else {}
+        for key, value in previous.items():
+            stage_seconds[key] = round(stage_seconds.get(key, 0.0) + value, 1)
+        atomic_write_json(root / "stage_seconds.json", stage_seconds)
     write_report(root, rows, config=config, stage_seconds=stage_seconds)
     return rows
