@@ -154,3 +154,17 @@ def test_stage_lock_waits_for_a_live_owner_and_takes_over_a_dead_ones(tmp_path):
     with stage_lock(target, poll_seconds=60, log=logs.append):
         events.append("after stale")
     assert events[-1] == "after stale"
+
+
+def test_budget_table_puts_budgets_in_columns():
+    from textdistill.report import budget_table
+
+    rows = [{"model": "m", "method": "base", "budget": "", "acc": 0.5},
+            {"model": "m", "method": "full", "budget": "100%", "acc": 0.7},
+            *({"model": "m", "method": "random", "budget": b, "acc": a} for b, a in
+              (("5%", 0.6), ("5%", 0.62), ("5%", 0.64), ("1%", 0.55), ("1%", 0.57)))]
+    lines = budget_table(rows).splitlines()
+    assert lines[0] == "| model | method | no training | 1% | 5% | 100% |"
+    assert lines[2] == "| m | base | 0.500 |  |  |  |"
+    assert lines[3] == "| m | full |  |  |  | 0.700 (1) |"
+    assert lines[4] == "| m | random |  | 0.560 ± 0.014 (2) | 0.620 ± 0.020 |  |"

@@ -54,6 +54,35 @@ def comparison_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = ("
     return "\n".join(lines)
 
 
+def _budget_value(budget: str) -> float:
+    try:
+        return float(str(budget).rstrip("%"))
+    except ValueError:
+        return -1.0
+
+
+def budget_table(rows: Sequence[dict[str, Any]], metric: str = "acc") -> str:
+    """Markdown table with one line per (model, method) and one column per budget: ``mean ± std (seeds)`` of
+    ``metric``; ``base`` fills the no-training column and ``full`` the 100% one."""
+    stats = summarize(rows, metric)
+    budgets = sorted({s["budget"] for s in stats}, key=_budget_value)
+    header = ["no training" if not b else b for b in budgets]
+    lines = ["| model | method | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(budgets)]
+    keys = sorted({(s["model"], s["method"]) for s in stats}, key=lambda k: (k[0], _method_order(k[1])))
+    for model, method in keys:
+        cells = []
+        for budget in budgets:
+            match = [s for s in stats if (s["model"], s["method"], s["budget"]) == (model, method, budget)]
+            if not match:
+                cells.append("")
+                continue
+            s = match[0]
+            cells.append(f"{s['mean']:.3f}" if s["seeds"] == 1 else f"{s['mean']:.3f} ± {s['std']:.3f}")
+            cells[-1] += f" ({s['seeds']})" if s["seeds"] != 3 and method != "base" else ""
+        lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _method_order(method: str) -> int:
     order = ["base", "full", "random", "less", "distill-init", "distilled", "distilled-less"]
     return order.index(method) if method in order else len(order)
@@ -157,7 +186,9 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
              (f" (first {config.target.limit} items)" if config.target.limit else "") +
              f", {config.target.template} template, {config.target.num_fewshot}-shot; distilling model "
              f"`{config.distill_model}`; seeds {list(config.seeds)}.", "",
-             "## Accuracy", "", comparison_table(rows), "", "![accuracy vs budget](accuracy_vs_budget.png)", ""]
+             "## Accuracy by budget", "", "acc, mean ± std over seeds (the number of seeds in brackets when not 3):",
+             "", budget_table(rows), "", "acc_norm:", "", budget_table(rows, "acc_norm"), "",
+             "## Every arm", "", comparison_table(rows), "", "![accuracy vs budget](accuracy_vs_budget.png)", ""]
     if rows:
         atomic_write_bytes(root / "accuracy_vs_budget.png", plot_accuracy_vs_budget(rows))
     runs = {}
