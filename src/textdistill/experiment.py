@@ -128,18 +128,14 @@ def _cell_dir(root: Path, model: str, method: str, budget: str, seed: int | None
     return root / "cells" / safe_model / method / budget_name / (f"seed{seed}" if seed is not None else "none")
 
 
-@contextlib.contextmanager
-def stage_lock(target: Path, *, poll_seconds: float = 10.0, log=print):
-    """Hold ``<target>.lock`` while a stage output is made, so that two ``experiment`` processes sharing a run
-    folder (e.g. one per model) never make the same stage twice or write into each other's files: the second
-    waits, then finds the output done. A lock left by a process that no longer runs is taken over."""
+def try_lock(target: Path) -> bool:
+    """Take ``<target>.lock`` for this process if no running process holds it (a lock left by a process that no
+    longer runs is taken over); never waits. Release with ``release_lock``."""
     lock = target.with_name(target.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    announced = False
-    while True:
+    for _ in range(2):
         try:
             handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
         except FileExistsError:
             try:
                 owner = int(lock.read_text().strip() or 0)
@@ -148,16 +144,32 @@ def stage_lock(target: Path, *, poll_seconds: float = 10.0, log=print):
             if owner and not _process_alive(owner):
                 lock.unlink(missing_ok=True)
                 continue
-            if not announced:
-                log(f"    waiting for process {owner or '?'} to finish {target.name}")
-                announced = True
-            time.sleep(poll_seconds)
-    try:
+            return False
         os.write(handle, str(os.getpid()).encode())
         os.close(handle)
+        return True
+    return False
+
+
+def release_lock(target: Path) -> None:
+    target.with_name(target.name + ".lock").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def stage_lock(target: Path, *, poll_seconds: float = 10.0, log=print):
+    """Hold ``<target>.lock`` while a stage output is made, so that two ``experiment`` processes sharing a run
+    folder (e.g. one per model) never make the same stage twice or write into each other's files: the second
+    waits, then finds the output done."""
+    announced = False
+    while not try_lock(target):
+        if not announced:
+            log(f"    waiting for another process to finish {target.name}")
+            announced = True
+        time.sleep(poll_seconds)
+    try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        release_lock(target)
 
 
 def _process_alive(pid: int) -> bool:
@@ -343,6 +355,20 @@ def _prompt_tokens_mean(tokenizer: Any, examples: list[Example]) -> float:
     return round(sum(counts) / len(counts), 2)
 
 
+#: How often a process waits for cells that another process sharing the run folder is running.
+CELL_POLL_SECONDS = 20.0
+
+
+def _finished_by_data(root: Path, cell_key: str) -> dict[tuple, dict[str, Any]]:
+    """Finished cells of this config (any method, also those of other processes) by the data they trained on."""
+    finished = {}
+    for path in sorted((root / "cells").glob("**/result.json")):
+        row = read_json(path)
+        if row.get("config_key") == cell_key and row.get("data_key") and "same_data_as" not in row:
+            finished[(row["model"], row["seed"], row["data_key"])] = row
+    return finished
+
+
 def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str = "auto",
                    progress: bool = True, log=print, report_only: bool = False) -> list[dict[str, Any]]:
     """Entry of ``textdistill experiment``: run every cell not finished yet and write the results and report.
@@ -364,45 +390,51 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
         else:
             cells += [(method, b, b, s) for b in config.budgets for s in config.seeds]
     total = len(cells) * len(config.models)
-    done = 0
     # a cell's result is reused only if it was made with the same pool, target, recipe and stage settings
     cell_key = settings_key({k: v for k, v in dataclasses.asdict(config).items()
                              if k not in ("name", "models", "budgets", "methods", "seeds")})[:12]
-    # finished cells of this config (any method, also from other invocations) by the data they trained on
-    same_data = {}
-    for path in sorted((root / "cells").glob("**/result.json")):
-        finished = read_json(path)
-        if finished.get("config_key") == cell_key and finished.get("data_key") and "same_data_as" not in finished:
-            same_data[(finished["model"], finished["seed"], finished["data_key"])] = finished
     rows = []
-    for method, budget, _, seed in cells:
-        for model_name in config.models:
+    pending = [(index, method, budget, seed, model_name)
+               for index, (method, budget, seed, model_name) in enumerate(
+                   (m, b, s, name) for m, b, _, s in cells for name in config.models)]
+    while pending:
+        deferred = []
+        for index, method, budget, seed, model_name in pending:
             folder = _cell_dir(root, model_name, method, budget or "none", seed)
-            done += 1
-            if (folder / "result.json").is_file():
-                previous = read_json(folder / "result.json")
-                if previous.get("config_key") == cell_key:
-                    log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: done earlier, skipped")
+            label = f"[{index + 1}/{total}] {model_name} {method} {budget} seed {seed}"
+            previous = read_json(folder / "result.json") if (folder / "result.json").is_file() else None
+            if previous is not None and previous.get("config_key") == cell_key:
+                log(f"{label}: done earlier, skipped")
+                rows.append(previous)
+                continue
+            if report_only:
+                log(f"{label}: {'made with other settings' if previous is not None else 'not run'}")
+                continue
+            # another process sharing this folder may be running the cell: do the others first, then come back
+            if not try_lock(folder):
+                deferred.append((index, method, budget, seed, model_name))
+                continue
+            try:
+                previous = read_json(folder / "result.json") if (folder / "result.json").is_file() else None
+                if previous is not None and previous.get("config_key") == cell_key:
+                    log(f"{label}: done by another process, skipped")
                     rows.append(previous)
                     continue
-                if report_only:
-                    log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: made with other settings")
-                    continue
-                log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: made with other settings, redone")
-            elif report_only:
-                log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}: not run")
-                continue
-            else:
-                log(f"[{done}/{total}] {model_name} {method} {budget} seed {seed}")
-            row = run_cell(config, stages, model_name, method, budget, seed, progress, same_data=same_data)
-            row["config_key"] = cell_key
-            atomic_write_json(folder / "result.json", row)
+                log(f"{label}{': made with other settings, redone' if previous is not None else ''}")
+                row = run_cell(config, stages, model_name, method, budget, seed, progress,
+                               same_data=_finished_by_data(root, cell_key))
+                row["config_key"] = cell_key
+                atomic_write_json(folder / "result.json", row)
+            finally:
+                release_lock(folder)
             rows.append(row)
-            if row.get("data_key") and "same_data_as" not in row:
-                same_data[(model_name, seed, row["data_key"])] = row
             if "same_data_as" in row:
                 log(f"    same training data as {row['same_data_as']}: its run is reused")
             log(f"    acc {row['acc']:.4f}  acc_norm {row['acc_norm']:.4f}  ({row['cell_seconds']:.0f} s)")
+        if deferred and len(deferred) == len(pending):
+            log(f"    {len(deferred)} cell(s) are being run by another process; waiting for them")
+            time.sleep(CELL_POLL_SECONDS)
+        pending = deferred
     stage_seconds = {k: round(v, 1) for k, v in stages.seconds.items()}
     with stage_lock(root / "stage_seconds.json", poll_seconds=0.5, log=log):   # other processes may add theirs
         previous = read_json(root / "stage_seconds.json") if (root / "stage_seconds.json").is_file() else {}
