@@ -158,8 +158,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise assets.AssetsError(f"{name} is not converted yet: run `textdistill assets install` first")
     config = load_experiment_config("demo")
     print("textdistill demo: SmolLM2-135M distils 5% of 240 ARC-Easy train rows; SmolLM2 and Gemma-3-270M are "
-          "fine-tuned on the distilled text and on real subsets of the same size, then scored on 200 ARC-Easy "
-          f"test questions. Output: {args.output}", flush=True)
+          "fine-tuned on the distilled text, on its starting samples, on a random 5% subset and on the LESS 5% "
+          f"selection, then scored on 200 ARC-Easy test questions. Output: {args.output}", flush=True)
     rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress)
     print(comparison_table(rows))
     print(f"results: {args.output}/results.csv, report: {args.output}/report.md")
