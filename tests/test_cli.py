@@ -66,4 +66,4 @@ def test_demo_dispatches_the_demo_preset(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--output", str(tmp_path / "d"), "--no-progress"]) == 0
     (config, output, kw), = calls
     assert config.name == "demo" and str(output) == str(tmp_path / "d") and kw["progress"] is False
-    assert "| m | base | - | 0.5000 ± 0.0000 | 0.4000 ± 0.0000 |" in capsys.readouterr().out
+    assert "| m | base | - | 0.5000 | 0.4000 | 1 |" in capsys.readouterr().out

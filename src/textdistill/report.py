@@ -46,7 +46,8 @@ def comparison_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = ("
              "|---|---|---|" + "---|" * len(metrics) + "---|---|---|"]
     for group in zip(*stats):
         first = group[0]
-        values = " | ".join(f"{g['mean']:.4f} ± {g['std']:.4f}" for g in group)
+        values = " | ".join(f"{g['mean']:.4f} ± {g['std']:.4f}" if g["seeds"] > 1 else f"{g['mean']:.4f}"
+                            for g in group)
         timing = " | ".join("-" if first[k] is None else f"{first[k]:.0f}" for k in ("train_seconds", "eval_seconds"))
         note = f" (same as {', '.join(first['same_data_as'])})" if first["same_data_as"] else ""
         lines.append(f"| {first['model']} | {first['method']}{note} | {first['budget'] or '-'} | {values} | "
