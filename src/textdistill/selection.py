@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .artifacts import atomic_write_json, load_tensors, read_json, save_tensors
+from .artifacts import atomic_write_json, load_tensors, read_json, save_tensors, sha256_json
 from .config import DataSettings, TrainConfig
 from .data import Example, TokenizedExample
 from .errors import ConfigError, DataError
@@ -93,7 +93,7 @@ def random_indices(pool_size: int, count: int, seed: int) -> list[int]:
 
 def pool_ids_hash(examples: Sequence[Example]) -> str:
     """Hash of the ordered ids of a whole pool: tells whether a selection file was made on this very pool."""
-    return hashlib.sha256(json.dumps([str(e.id) for e in examples]).encode()).hexdigest()
+    return sha256_json([str(e.id) for e in examples])
 
 
 def write_selection(path: str | Path, *, method: str, data: str, budget: str | int, seed: int,
