@@ -1,7 +1,9 @@
-"""The distillation run: it learns, resumes exactly, refuses bad inputs, and writes a loadable dataset."""
+"""The distillation run: token search keeps only swaps that lower the scored loss, the scaffolding never changes,
+the held-out instrument is paired and scores the decoded text, resume is exact, bad inputs are refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,71 +11,183 @@ import torch
 
 from textdistill.artifacts import load_tensors, read_json
 from textdistill.config import DataSettings, LoraSettings, TrainConfig
-from textdistill.distill import DistillConfig, RegularizerSettings, distill
+from textdistill.distill import (DistillConfig, RegularizerSettings, Swap, TokenSearchSettings, distill,
+                                 sample_swaps, top_k_swaps)
 from textdistill.errors import ConfigError, TrajectoryError
-from textdistill.experts import ExpertsConfig, make_experts
+from textdistill.experts import ExpertsConfig, load_experts, make_experts
+from textdistill.instrument import InstrumentConfig, StudentSettings
 
+# fp32 experts, so that replaying an expert's own batches reproduces its snapshots exactly
 RECIPE = TrainConfig(optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=0.0, max_steps=4, batch_size=4,
-                     max_grad_norm=None, lora=LoraSettings(r=2, alpha=4), data=DataSettings(max_length=48, limit=12))
-FAST = DistillConfig(budget="4", iterations=4, syn_steps=2, batch_size=2, checkpoint_every=2, lr_embeddings=1e-2)
+                     max_grad_norm=None, precision="fp32", lora=LoraSettings(r=2, alpha=4),
+                     data=DataSettings(max_length=48, limit=12))
+INSTRUMENT = InstrumentConfig(draws=3, random_subsets=2, heldout_experts=1)
+FAST = DistillConfig(budget="4", iterations=4, student=StudentSettings(syn_steps=2, batch_size=2), checkpoint_every=2,
+                     lr_embeddings=1e-2, instrument=INSTRUMENT, search=TokenSearchSettings(top_k=8, candidates=3))
 
 
 @pytest.fixture(scope="module")
 def experts_dir(tmp_path_factory, tiny_llama_dir):
     out = tmp_path_factory.mktemp("experts")
     make_experts(model_name=str(tiny_llama_dir), data="arc-easy:train", output=out, device="cpu", progress=False,
-                 config=ExpertsConfig(num_experts=2, snapshot_every=2, train=RECIPE))
+                 config=ExpertsConfig(num_experts=3, snapshot_every=2, train=RECIPE))
     return out
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, experts_dir):
-    out = tmp_path_factory.mktemp("distill-full")
-    summary = distill(experts=experts_dir, output=out, config=FAST, device="cpu", progress=False)
+def gcg_run(tmp_path_factory, experts_dir):
+    out = tmp_path_factory.mktemp("distill-gcg")
+    config = dataclasses.replace(FAST, iterations=6, search=TokenSearchSettings(top_k=16, candidates=4))
+    summary = distill(experts=experts_dir, output=out, config=config, device="cpu", progress=False)
     return out, summary
 
 
-def test_run_folder_and_dataset(full_run):
-    out, summary = full_run
+def _rows(out):
+    return [json.loads(line) for line in (out / "distilled.jsonl").read_text().splitlines()]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_dataset_and_summary(gcg_run):
+    out, summary = gcg_run
     import datasets
 
     table = datasets.load_dataset("json", data_files=str(out / "distilled.jsonl"), split="train")
-    assert len(table) == 4 and {"prompt", "response", "prompt_token_ids", "token_distance"} <= set(table.column_names)
-    assert all(r.strip() for r in table["response"])
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
-    assert all(m["lr"] > 0 for m in metrics)
-    assert read_json(out / "run.json")["config"]["budget"] == "4"
-    assert "Distilled dataset" in (out / "README.md").read_text()
-    tensors = load_tensors(out / "embeddings.safetensors")
-    assert tensors["prompt_embeds"].shape[0] == 4 and float(tensors["lr"]) > 0
+    assert len(table) == 4 and {"prompt", "response", "prompt_token_ids", "changed_positions"} <= set(table.column_names)
+    assert [m["iteration"] for m in _metrics(out)] == list(range(1, 7))
+    assert read_json(out / "run.json")["config"]["mode"] == "gcg"
+    heldout = summary["heldout"]
+    assert 0.0 <= summary["tokens_changed_fraction"] <= 1.0
+    assert {"init", "continuous", "projected", "random", "floor", "projected_minus_init"} <= set(heldout)
+    assert heldout["continuous"] is None   # gcg has no vectors apart from its tokens
+    assert len(heldout["random"]) == 2 and len(heldout["projected"]["draws"]) == 3
+    low, high = heldout["projected_minus_init"]["ci95"]
+    assert low <= heldout["projected_minus_init"]["mean"] <= high
+    card = (out / "README.md").read_text()
+    assert "Held-out matching loss" in card and "Text minus starting samples" in card
 
 
-def test_embeddings_and_lr_actually_move(full_run, experts_dir):
-    out, _ = full_run
-    learned = load_tensors(out / "state.safetensors")
-    init = read_json(out / "init.json")
-    assert len(init["indices"]) == 4
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["lr"] != metrics[0]["lr"]
-    assert metrics[-1]["nearest_distance"] > metrics[0]["nearest_distance"]  # prompts left the token grid
-    assert torch.isfinite(learned["prompt_embeds"]).all()
+def test_gcg_keeps_a_swap_only_when_the_scored_loss_falls(gcg_run):
+    out, summary = gcg_run
+    metrics = _metrics(out)
+    scored = [m for m in metrics if "best_candidate_loss" in m]
+    assert scored, "no iteration scored a candidate"
+    for m in metrics:
+        if m["accepted"]:
+            assert m["best_candidate_loss"] < m["current_loss"]
+            assert m["confirm_candidate_loss"] < m["confirm_current_loss"]
+        elif "confirm_candidate_loss" in m:
+            assert m["confirm_candidate_loss"] >= m["confirm_current_loss"]
+        elif "best_candidate_loss" in m:
+            assert m["best_candidate_loss"] >= m["current_loss"]
+    # the text holds exactly the accepted swaps (a position swapped twice counts once)
+    accepted = {(m["swap"]["sample"], m["swap"]["position"]) for m in metrics if m["accepted"]}
+    rows = _rows(out)
+    assert summary["swaps_accepted"] == sum(m["accepted"] for m in metrics)
+    changed = {(i, p) for i, r in enumerate(rows) for p in r["changed_positions"]}
+    assert {(s, p - 0) for s, p in accepted} >= changed  # BOS-free tiny tokenizer: positions line up
+    assert all(r["retokenizes_exactly"] for r in rows)
 
 
-def test_resume_gives_the_same_embeddings(full_run, experts_dir, tmp_path):
-    out, _ = full_run
+def test_a_worse_swap_is_never_accepted(experts_dir, tmp_path, monkeypatch):
+    import textdistill.distill as module
+
+    def worse(context, synthetic, draw, swaps, lr):
+        return 1.0, (swaps[0], 1.5)   # every candidate scores above the current set
+
+    monkeypatch.setattr(module, "_score_swaps", worse)
+    config = dataclasses.replace(FAST, iterations=3)
+    summary = distill(experts=experts_dir, output=tmp_path / "d", config=config, device="cpu", progress=False)
+    assert summary["swaps_accepted"] == 0 and summary["tokens_changed_fraction"] == 0.0
+    assert all(not r["changed_positions"] for r in _rows(tmp_path / "d"))
+
+
+def test_continuing_from_a_snapshot_equals_a_full_unroll(experts_dir, tiny_llama_dir):
+    # _score_swaps scores a swap in sample i from i's first minibatch on; that must equal scoring from scratch
+    from textdistill.instrument import Draw, SampleSet, Scorer, load_student_model, resolve_student
+    from textdistill.projection import input_embedding_matrix
+
+    trajectories = load_experts(experts_dir)
+    model, _ = load_student_model(trajectories, device="cpu")
+    student = resolve_student(StudentSettings(syn_steps=3, batch_size=2), trajectories)
+    scorer = Scorer(model, trajectories, student, device="cpu")
+    embed = input_embedding_matrix(model)
+    gen = torch.Generator().manual_seed(0)
+    samples = SampleSet.from_token_ids([torch.randint(100, 1000, (6,), generator=gen).tolist() for _ in range(4)],
+                                       [[5, 6, 7]] * 4, embed)
+    draw = Draw(0, 0, ((0, 1), (2, 3), (1, 2)))
+    _, snapshots = scorer.unroll(samples, draw, keep_snapshots=True)
+    changed = SampleSet(list(samples.prompts), samples.responses)
+    changed.prompts[2] = changed.prompts[2].clone()
+    changed.prompts[2][3] = embed[4242]
+    step = draw.first_use(2)
+    assert step == 1
+    continued, _ = scorer.unroll(changed, draw, from_step=step, from_params=snapshots[step])
+    assert scorer.loss_of(continued, draw) == pytest.approx(scorer.loss(changed, draw), rel=1e-6)
+    assert scorer.loss(changed, draw) != scorer.loss(samples, draw)
+
+
+def test_scaffolding_never_changes(experts_dir, tmp_path):
+    # a large straight-through step moves every learnable vector across cells; the template must survive
+    config = dataclasses.replace(FAST, mode="straight_through", iterations=3, lr_embeddings=2.0)
+    distill(experts=experts_dir, output=tmp_path / "st", config=config, device="cpu", progress=False)
+    rows = _rows(tmp_path / "st")
+    assert any(r["changed_positions"] for r in rows)
+    for row in rows:
+        assert row["prompt"].startswith("Question:") and row["prompt"].endswith("\nAnswer:")
+        ids, init = row["prompt_token_ids"], row["init_token_ids"]
+        assert ids[:2] == init[:2] and ids[-3:] == init[-3:]   # "Question", ":" ... "\n", "Answer", ":"
+
+
+def test_projected_text_is_scored_after_decoding_and_retokenizing(gcg_run, experts_dir, tmp_path):
+    # match-eval sees only the decoded text; with the same draws it must give the distillation's own numbers
+    from textdistill.instrument import match_eval
+
+    out, summary = gcg_run
+    result = match_eval(experts=experts_dir, data=str(out / "distilled.jsonl"), output=tmp_path / "m.json",
+                        config=INSTRUMENT, student=FAST.student, device="cpu", progress=False)
+    assert result["draws"] == pytest.approx(summary["heldout"]["projected"]["draws"], rel=1e-6)
+    assert result["draw_specs"] == read_json(out / "heldout.json")["draws"]
+    assert read_json(tmp_path / "m.json")["loss"] == pytest.approx(result["loss"])
+
+
+def test_floor_replays_the_expert_exactly(experts_dir, tmp_path):
+    # a student that repeats the expert's own steps (its batch, lr and step count) lands on its snapshot
+    from textdistill.instrument import match_eval
+
+    (tmp_path / "any.jsonl").write_text(json.dumps({"prompt": "Question: Why?\nAnswer:", "response": " Yes"}) + "\n")
+    result = match_eval(experts=experts_dir, data=str(tmp_path / "any.jsonl"), output=None,
+                        config=dataclasses.replace(INSTRUMENT, draws=4), student=StudentSettings(), device="cpu",
+                        progress=False)
+    assert result["student"]["steps"] == 2 and result["student"]["batch_size"] == 4
+    assert max(result["floor"]["draws"]) < 1e-6
+    assert min(result["draws"]) > 1e-3
+
+
+def test_continuous_mode_and_its_heldout_vectors(experts_dir, tmp_path):
+    config = dataclasses.replace(FAST, mode="continuous", iterations=2, regularizer=RegularizerSettings(weight=0.1))
+    summary = distill(experts=experts_dir, output=tmp_path / "c", config=config, device="cpu", progress=False)
+    assert summary["heldout"]["continuous"] is not None and "continuous_minus_init" in summary["heldout"]
+    assert "mean_token_distance" in summary
+
+
+def test_resume_gives_the_same_result(gcg_run, experts_dir, tmp_path):
+    out, _ = gcg_run
     half = tmp_path / "half"
-    distill(experts=experts_dir, output=half, config=DistillConfig(**{**FAST.__dict__, "iterations": 2}),
-            device="cpu", progress=False)
-    distill(experts=experts_dir, output=half, config=FAST, resume=True, device="cpu", progress=False)
-    a = load_tensors(out / "embeddings.safetensors")
-    b = load_tensors(half / "embeddings.safetensors")
-    assert torch.equal(a["prompt_embeds"], b["prompt_embeds"]) and torch.equal(a["lr"], b["lr"])
-    assert (half / "metrics.jsonl").read_text() .count("\n") == 4
+    config = dataclasses.replace(FAST, iterations=6, search=TokenSearchSettings(top_k=16, candidates=4))
+    distill(experts=experts_dir, output=half, config=dataclasses.replace(config, iterations=2), device="cpu",
+            progress=False)
+    distill(experts=experts_dir, output=half, config=config, resume=True, device="cpu", progress=False)
+    assert [r["prompt_token_ids"] for r in _rows(out)] == [r["prompt_token_ids"] for r in _rows(half)]
+    a, b = load_tensors(out / "state.safetensors"), load_tensors(half / "state.safetensors")
+    assert torch.equal(a["token_ids"], b["token_ids"]) and torch.equal(a["log_lr"], b["log_lr"])
+    assert len(_metrics(half)) == 6
 
 
-def test_existing_run_needs_resume_and_bad_budget_fails_early(full_run, experts_dir, tmp_path):
-    out, _ = full_run
+def test_existing_run_needs_resume_and_bad_budget_fails_early(gcg_run, experts_dir, tmp_path):
+    out, _ = gcg_run
     with pytest.raises(ConfigError, match="pass --resume"):
         distill(experts=experts_dir, output=out, config=FAST, device="cpu", progress=False)
     with pytest.raises(ConfigError, match="larger than the pool"):
@@ -82,11 +196,30 @@ def test_existing_run_needs_resume_and_bad_budget_fails_early(full_run, experts_
     assert not (tmp_path / "x" / "state.json").exists()
 
 
-def test_straight_through_and_no_regularizer_run(experts_dir, tmp_path):
-    for mode in ("straight_through", "off"):
-        config = DistillConfig(**{**FAST.__dict__, "iterations": 1, "regularizer": RegularizerSettings(mode=mode)})
-        summary = distill(experts=experts_dir, output=tmp_path / mode, config=config, device="cpu", progress=False)
-        assert summary["samples"] == 4
+def test_resume_with_other_settings_is_refused(gcg_run, experts_dir):
+    out, _ = gcg_run
+    with pytest.raises(ConfigError, match="other settings or samples"):
+        distill(experts=experts_dir, output=out, config=dataclasses.replace(FAST, seed=1, iterations=8),
+                resume=True, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"optimizer": "adamw"}, "optimizer adamw"),
+    ({"momentum": 0.9}, "momentum 0.9"),
+    ({"max_grad_norm": 1.0}, "gradient clipping"),
+    ({"schedule": "linear"}, "linear lr schedule"),
+])
+def test_trajectories_from_another_optimizer_are_refused(experts_dir, tmp_path, change, message):
+    import shutil
+
+    copy = tmp_path / "experts"
+    shutil.copytree(experts_dir, copy)
+    manifest = read_json(copy / "manifest.json")
+    manifest["recipe"].update(change)
+    manifest.update({k: v for k, v in change.items() if k in manifest})
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrajectoryError, match=message):
+        distill(experts=copy, output=tmp_path / "d", config=FAST, device="cpu", progress=False)
 
 
 def test_pool_changed_since_experts_is_refused(experts_dir, tmp_path):
@@ -101,45 +234,32 @@ def test_pool_changed_since_experts_is_refused(experts_dir, tmp_path):
         distill(experts=copy, output=tmp_path / "d", config=FAST, device="cpu", progress=False)
 
 
-def test_rerank_with_top_1_equals_plain_projection(experts_dir, tmp_path):
-    # re-ranking among the single nearest token must give exactly the plain nearest-token projection
-    for name, k in (("plain", None), ("top1", 1)):
-        config = DistillConfig(**{**FAST.__dict__, "iterations": 1, "rerank_top_k": k})
-        distill(experts=experts_dir, output=tmp_path / name, config=config, device="cpu", progress=False)
-    plain, top1 = ([json.loads(x)["prompt_token_ids"] for x in (tmp_path / n / "distilled.jsonl").read_text().splitlines()]
-                   for n in ("plain", "top1"))
-    assert plain == top1
-
-
-def test_resume_with_other_settings_is_refused(full_run, experts_dir):
-    out, _ = full_run
-    with pytest.raises(ConfigError, match="other settings or samples"):
-        distill(experts=experts_dir, output=out, config=DistillConfig(**{**FAST.__dict__, "seed": 1, "iterations": 6}),
-                resume=True, device="cpu", progress=False)
+def test_top_k_swaps_rank_by_first_order_gain():
+    embed = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [2.0, 2.0]])
+    grads = torch.tensor([[1.0, 0.0]])       # the loss grows along x: tokens with small x are best
+    allowed = torch.tensor([True, True, True, True, False])
+    ids, gains = top_k_swaps(grads, torch.tensor([1]), embed, allowed, k=3, chunk_size=2)
+    assert ids.tolist() == [[3, 0, 2]]        # gains -2, -1, -1 (ties by id); never the current token 1 or 4
+    assert gains.tolist() == [[-2.0, -1.0, -1.0]]
+    swaps = sample_swaps(torch.tensor([[0, 5]]), ids, gains, count=3, generator=torch.Generator().manual_seed(0))
+    assert len(swaps) == 3 and {s.token for s in swaps} == {0, 2, 3} and all(s == Swap(0, 5, s.token) for s in swaps)
 
 
 def test_gemma_bos_row_stays_fixed_and_is_not_in_the_text(tmp_path, tiny_gemma_dir):
     experts = tmp_path / "experts"
     make_experts(model_name=str(tiny_gemma_dir), data="arc-easy:train", output=experts, device="cpu", progress=False,
-                 config=ExpertsConfig(num_experts=1, snapshot_every=2, train=RECIPE))
+                 config=ExpertsConfig(num_experts=2, snapshot_every=2, train=RECIPE))
     out = tmp_path / "d"
-    distill(experts=experts, output=out, config=DistillConfig(**{**FAST.__dict__, "iterations": 2}), device="cpu",
+    distill(experts=experts, output=out, config=dataclasses.replace(FAST, iterations=2), device="cpu",
             progress=False)
-    from textdistill.models import load_model
-    from textdistill.projection import input_embedding_matrix
-
-    model = load_model(str(tiny_gemma_dir), device="cpu")
-    bos_row = input_embedding_matrix(model)[model.config.bos_token_id]
     tensors = load_tensors(out / "embeddings.safetensors")
-    assert (tensors["fixed_prefix"] == 1).all()
-    assert torch.equal(tensors["prompt_embeds"][:, 0], bos_row.expand_as(tensors["prompt_embeds"][:, 0]))
-    rows = [json.loads(x) for x in (out / "distilled.jsonl").read_text().splitlines()]
-    assert all(not r["prompt"].startswith("<bos>") for r in rows)
+    assert (tensors["fixed_prefix"] == 1).all() and not tensors["learnable"][:, 0].any()
+    assert all(not r["prompt"].startswith("<bos>") for r in _rows(out))
 
 
-def test_initial_samples_differ_from_the_random_baseline_of_the_same_seed(full_run):
+def test_initial_samples_differ_from_the_random_baseline_of_the_same_seed(gcg_run):
     from textdistill.selection import random_indices
 
-    out, _ = full_run
+    out, _ = gcg_run
     init = read_json(out / "init.json")["indices"]
     assert sorted(init) != random_indices(12, 4, FAST.seed)

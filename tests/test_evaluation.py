@@ -17,12 +17,16 @@ from tiny import make_tiny_gemma, make_tiny_llama  # noqa: E402
 from textdistill.evaluation import (  # noqa: E402
     ChoiceRequest,
     ChoiceScores,
+    _attention_layout,
+    _fits,
+    _plan_batches,
     aggregate_by_subject,
     argmax_first,
     encode_request,
     item_records,
     move_trailing_whitespace,
     multiple_choice_metrics,
+    score_encoded,
     score_requests,
     tokenizer_adds_bos,
 )
@@ -69,6 +73,30 @@ def _sharpen(model, factor: float = 30.0):
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(factor)
     return model
+
+
+def _position_sensitive(model, factor: float = 5.0):
+    """Scale the query and key projections so that attention is peaked and depends on positions: the random tiny
+    Llama otherwise attends almost uniformly, and a position off by one moved its scores by only ~1e-3. (Gemma-3
+    normalises queries and keys, so this is a no-op there; its scores are position-sensitive as built.)"""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(factor)
+    return model
+
+
+# Log-likelihoods here reach about -150. float32 kernels differ between CPUs (AVX2 vs AVX512) by ~1e-6 relative, i.e.
+# ~1.6e-4 absolute at -153, so comparisons are relative, with a small absolute floor for values near zero. A position
+# off by one or a padded context that is not masked moves the scores by 10 to 200 times this tolerance.
+RTOL, ATOL = 1e-5, 1e-4
+
+
+def assert_loglik_close(got, ref, label: str = "") -> None:
+    """Element-wise |got - ref| <= ATOL + RTOL * |ref| for two sequences of log-likelihoods."""
+    torch.testing.assert_close(torch.tensor(list(got), dtype=torch.float64),
+                               torch.tensor(list(ref), dtype=torch.float64),
+                               rtol=RTOL, atol=ATOL, msg=lambda m: f"{label}: {m}")
 
 
 MAKERS = {"llama": make_tiny_llama, "gemma": make_tiny_gemma}
@@ -133,13 +161,13 @@ def _naive_scores(model, tokenizer, req: ChoiceRequest, max_length: int | None =
 # --------------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tokenizer_name", ["tok", "tok_bos"])
-def test_batched_scores_match_naive(model, tokenizer_name, request):
+def test_one_question_at_a_time_matches_naive(model, tokenizer_name, request):
     tokenizer = request.getfixturevalue(tokenizer_name)
     calls = []
     hook = model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape),
                                            with_kwargs=True)
     try:
-        got = score_requests(model, tokenizer, REQUESTS, progress=False)
+        got = score_requests(model, tokenizer, REQUESTS, progress=False, batch_size=1)
     finally:
         hook.remove()
 
@@ -153,7 +181,7 @@ def test_batched_scores_match_naive(model, tokenizer_name, request):
     spread = []
     for req, scores in zip(REQUESTS, got):
         ref_ll, ref_greedy, ref_ntok = _naive_scores(model, tokenizer, req)
-        assert scores.loglik == pytest.approx(ref_ll, abs=1e-4), req.item_id
+        assert_loglik_close(scores.loglik, ref_ll, req.item_id)
         assert list(scores.is_greedy) == ref_greedy, req.item_id
         assert list(scores.num_tokens) == ref_ntok, req.item_id
         assert list(scores.num_chars) == [len(c) for c in req.continuations]
@@ -174,8 +202,206 @@ def test_real_tokenizers_match_naive(arch, tokenizer_fixture, request):
     for req, scores in zip(requests, got):
         ref_ll, ref_greedy, ref_ntok = _naive_scores(model, tokenizer, req)
         # a float32 log-softmax over 262k sharpened logits is good to ~1e-6 relative (scores here reach -200)
-        assert scores.loglik == pytest.approx(ref_ll, rel=1e-5, abs=1e-4), req.item_id
+        assert_loglik_close(scores.loglik, ref_ll, req.item_id)
         assert list(scores.num_tokens) == ref_ntok
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1b. several questions per forward == one question at a time
+# --------------------------------------------------------------------------------------------------------------------
+
+# Mixed context lengths (several beyond the tiny Gemma's 16-token sliding window, two of them equally long), numbers
+# of choices, single- and multi-token continuations (one much longer than the others, so that the continuations of a
+# batch go in more than one chunk); not sorted by length, so batching reorders them.
+BATCH_REQUESTS = [
+    REQUESTS[2],
+    ChoiceRequest(LONG_CONTEXT + " The answer is", (" acorns", " a rock", " snow"), gold=0, item_id="longer"),
+    REQUESTS[1],
+    REQUESTS[4],
+    ChoiceRequest("Q: Is the sky blue on a clear day?\nA:", (" yes", " no", " it depends on the weather"), gold=0,
+                  item_id="sky"),
+    REQUESTS[0],
+    ChoiceRequest(LONG_CONTEXT, (" nuts", " smooth river rocks"), gold=0, item_id="long-same-length"),
+    REQUESTS[3],
+    ChoiceRequest("Why?", (" because", " because it is cold", " no", " a long answer that goes on and on about "
+                           "squirrels, acorns, oak trees, the river and the cold winter months ahead"),
+                  gold=1, item_id="long-answer"),
+    ChoiceRequest("Name a colour:", (" red", " green", " blue", " yellow", " a very dark purple", " white"), gold=0,
+                  item_id="six"),
+    ChoiceRequest("Count: one, two,", (" three",), gold=0, item_id="one-choice"),
+]
+
+
+@pytest.fixture(scope="module", params=sorted(MAKERS))
+def batch_model(request, tok):
+    """A tiny model whose scores spread over many nats and depend on positions, and its one-at-a-time scores."""
+    model = _position_sensitive(_sharpen(MAKERS[request.param](len(tok), seed=5)))
+    with torch.inference_mode():
+        reference = [score_encoded(model, encode_request(tok, r)) for r in BATCH_REQUESTS]
+    return request.param, model, reference
+
+
+def _record_forwards(model):
+    """Record ``(input_ids shape, whether a KV cache was passed in)`` of every forward; returns (list, hook handle)."""
+    calls = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        calls.append((tuple(kwargs["input_ids"].shape), cache is not None))
+
+    return calls, model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def _one_at_a_time_calls(encoded):
+    """The forwards of ``score_encoded`` over ``encoded``: each context, then its multi-token continuations (if any)
+    as one batch on its cache."""
+    calls = []
+    for e in encoded:
+        calls.append(((1, len(e.context_ids)), False))
+        multi = [c for c in e.continuation_ids if len(c) > 1]
+        if multi:
+            calls.append(((len(multi), max(map(len, multi)) - 1), True))
+    return calls
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_batched_scores_equal_one_at_a_time(batch_model, tok, batch_size):
+    arch, model, reference = batch_model
+    encoded = [encode_request(tok, r) for r in BATCH_REQUESTS]
+    calls, handle = _record_forwards(model)
+    try:
+        got = score_requests(model, tok, BATCH_REQUESTS, progress=False, batch_size=batch_size)
+    finally:
+        handle.remove()
+
+    assert len(got) == len(BATCH_REQUESTS)
+    for req, enc, scores, (ref_ll, ref_greedy) in zip(BATCH_REQUESTS, encoded, got, reference):
+        assert_loglik_close(scores.loglik, ref_ll, req.item_id)
+        assert list(scores.is_greedy) == ref_greedy, req.item_id
+        assert scores.num_tokens == tuple(len(c) for c in enc.continuation_ids), req.item_id
+        assert scores.num_chars == tuple(len(c) for c in req.continuations), req.item_id
+    # the comparison can fail: the choices' scores are many tolerances apart
+    flat = [ll for ref_ll, _ in reference for ll in ref_ll]
+    assert max(flat) - min(flat) > 20.0
+
+    if batch_size == 1:
+        assert calls == _one_at_a_time_calls(encoded)
+        return
+    # a one-token probe of the cache layout; then every context once and every multi-token continuation once, in
+    # fewer forwards than one question at a time, some over several contexts
+    assert calls[0] == ((1, 1), False)
+    contexts = [shape for shape, on_cache in calls[1:] if not on_cache]
+    continuations = [shape for shape, on_cache in calls[1:] if on_cache]
+    assert sum(n for n, _ in contexts) == len(encoded)
+    assert sum(n for n, _ in continuations) == sum(len(c) > 1 for e in encoded for c in e.continuation_ids)
+    assert len(calls) < len(_one_at_a_time_calls(encoded))
+    assert max(n for n, _ in contexts) > 1 and max(n for n, _ in contexts) <= batch_size
+    _, window = _attention_layout(model, encoded[0].context_ids)
+    plan = _plan_batches(encoded, batch_size, window)
+    assert contexts == [(len(b), max(len(encoded[i].context_ids) for i in b)) for b in plan]
+    if arch == "llama" and batch_size > len(encoded):
+        # the continuations of a batch with the long answer go in chunks of similar length
+        on_cache = [flag for _, flag in calls[1:]]
+        assert any(a and b for a, b in zip(on_cache, on_cache[1:]))
+
+
+def test_batched_output_head_sees_only_real_positions(tok, monkeypatch):
+    model = _position_sensitive(_sharpen(make_tiny_llama(len(tok), seed=6)))
+    encoded = [encode_request(tok, r) for r in BATCH_REQUESTS]
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: shapes.append(out.shape[:2]))
+    try:
+        packed = score_requests(model, tok, BATCH_REQUESTS, progress=False, batch_size=64)
+    finally:
+        hook.remove()
+    # the probe: one position; then one per context (its last) and one per real continuation input, none for padding
+    real = sum(len(c) - 1 for e in encoded for c in e.continuation_ids)
+    assert shapes[0] == (1, 1) and all(n == 1 for n, _ in shapes)
+    assert sum(m for _, m in shapes[1:]) == len(encoded) + real
+
+    # without a reachable output head, the padded logits come back and are selected afterwards: same scores
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
+    unpacked = score_requests(model, tok, BATCH_REQUESTS, progress=False, batch_size=64)
+    for req, a, b in zip(BATCH_REQUESTS, unpacked, packed):
+        assert_loglik_close(a.loglik, b.loglik, req.item_id)
+        assert a.is_greedy == b.is_greedy
+
+
+def test_batches_respect_the_sliding_window(tok):
+    encoded = [encode_request(tok, r) for r in BATCH_REQUESTS]
+    assert _attention_layout(make_tiny_llama(len(tok)), encoded[0].context_ids) == (True, None)
+    batchable, window = _attention_layout(make_tiny_gemma(len(tok)), encoded[0].context_ids)
+    assert batchable and window == 16
+    by_length = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].context_ids), i))
+
+    for batch_size, window in ((64, 16), (3, 16), (64, None), (3, None)):
+        batches = _plan_batches(encoded, batch_size, window)
+        # consecutive runs of the longest-context-first order, none too large or too wide for the window
+        assert [i for b in batches for i in b] == by_length
+        for batch in batches:
+            ctx = [len(encoded[i].context_ids) for i in batch]
+            width = max(len(c) for i in batch for c in encoded[i].continuation_ids) - 1
+            assert len(batch) <= batch_size
+            assert window is None or len(set(ctx)) == 1 or max(ctx) + width <= window, (batch_size, window, ctx)
+    ids = [[BATCH_REQUESTS[i].item_id for i in b] for b in _plan_batches(encoded, 64, 16)]
+    # the two equally long contexts beyond the window share a batch (no padding), the other long one is alone, and
+    # short questions are batched together
+    assert ids[0] == ["longer"] and ids[1] == ["long", "long-same-length"]
+    assert max(map(len, ids)) > 2
+
+
+def test_fits_window_and_memory_rules():
+    def fits(longest, shortest, width, questions=2, rows=2, window=16):
+        return _fits(questions=questions, longest_ctx=longest, shortest_ctx=shortest, rows=rows, width=width,
+                     window=window)
+
+    assert fits(10, 5, width=2)                     # 10 + 2 <= 16
+    assert fits(14, 5, width=2)
+    assert not fits(15, 5, width=2)                 # 15 + 2 > 16 and padded
+    assert fits(15, 5, width=2, window=None)
+    assert fits(40, 40, width=4)                    # beyond the window but equally long: no padding
+    assert fits(40, 8, width=0, rows=0)             # single-token continuations: no second forward
+    assert not fits(2000, 2000, width=1, questions=3, rows=12, window=None)   # 12 cache rows of 2001 tokens
+    assert fits(2000, 2000, width=1, questions=3, rows=3, window=None)
+
+
+def test_cheapest_split_is_optimal():
+    from itertools import combinations
+
+    from textdistill.evaluation import _cheapest_split
+
+    lengths = [9, 9, 8, 4, 4, 3, 1, 1]
+
+    def cost(i, j):                                 # a forward costs 6; padding to the run's first (longest) item
+        return 6 + (j - i) * lengths[i]
+
+    runs = _cheapest_split(len(lengths), lambda j: ((i, cost(i, j)) for i in range(j - 1, -1, -1)))
+    assert runs[0][0] == 0 and runs[-1][1] == len(lengths) and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+    brute = min(sum(cost(i, j) for i, j in zip((0, *cuts), (*cuts, len(lengths))))
+                for k in range(len(lengths)) for cuts in combinations(range(1, len(lengths)), k))
+    assert sum(cost(i, j) for i, j in runs) == brute
+    assert runs == [(0, 3), (3, 6), (6, 8)]
+
+
+def test_batching_falls_back_without_cache_row_selection(tok, monkeypatch):
+    from transformers.cache_utils import Cache
+
+    model = _position_sensitive(_sharpen(make_tiny_llama(len(tok), seed=7)))
+    requests = BATCH_REQUESTS[:5]
+    encoded = [encode_request(tok, r) for r in requests]
+    reference = score_requests(model, tok, requests, progress=False, batch_size=1)
+    monkeypatch.delattr(Cache, "batch_select_indices")
+    calls, handle = _record_forwards(model)
+    try:
+        got = score_requests(model, tok, requests, progress=False, batch_size=16)
+    finally:
+        handle.remove()
+    assert calls == [((1, 1), False)] + _one_at_a_time_calls(encoded)   # the probe, then one question at a time
+    for req, a, b in zip(requests, got, reference):
+        assert_loglik_close(a.loglik, b.loglik, req.item_id)
+        assert a.is_greedy == b.is_greedy
+    with pytest.raises(ValueError):
+        score_requests(model, tok, requests, progress=False, batch_size=0)
 
 
 def test_output_head_sees_only_real_positions(model, tok, monkeypatch):
@@ -193,7 +419,7 @@ def test_output_head_sees_only_real_positions(model, tok, monkeypatch):
     # without a reachable output head the logits come back padded and are selected afterwards: same scores
     monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
     unpacked = score_requests(model, tok, [req], progress=False)[0]
-    assert unpacked.loglik == pytest.approx(packed.loglik, abs=1e-5)
+    assert_loglik_close(unpacked.loglik, packed.loglik, "unpacked")
     assert unpacked.is_greedy == packed.is_greedy
 
 
@@ -215,7 +441,7 @@ def test_scores_match_naive_with_truncation(tok):
         with torch.no_grad():
             logp = model(input_ids=torch.tensor([seq[:-1]])).logits[0].double().log_softmax(-1)
         ref.append(float(logp[-len(cont):].gather(-1, torch.tensor(cont)[:, None]).sum()))
-    assert got.loglik == pytest.approx(ref, abs=1e-4)
+    assert_loglik_close(got.loglik, ref, "truncated")
     with pytest.raises(ValueError):
         encode_request(tok, req, max_length=longest - 1)
 
@@ -298,7 +524,7 @@ def test_known_answer_model(arch, tok):
     assert s.pred == 1      # " food" and " food food" tie at ~0: the first one wins
     # greedy needs every token: " stone food" has a greedy second token but not a greedy first one
     assert scores[1].is_greedy == (True, False, False)
-    assert scores[1].loglik[2] == pytest.approx(scores[0].loglik[0], abs=1e-4)
+    assert_loglik_close([scores[1].loglik[2]], [scores[0].loglik[0]], "stone")
     assert scores[1].pred == 0 and scores[2].pred == 1 and scores[3].pred == 1
 
     m_right = multiple_choice_metrics(scores[:2], [r.gold for r in requests[:2]])

@@ -75,20 +75,34 @@ def test_summary_mean_and_std():
 
 def test_distilled_arms_share_one_distillation_and_transfer_by_text(tmp_path, tiny_llama_dir, tiny_gemma_dir):
     config = _config(
-        tmp_path, tiny_llama_dir, methods=["distill-init", "distilled"], seeds=[0, 1], distill_per_seed=False,
-        models=[str(tiny_llama_dir), str(tiny_gemma_dir)], pool_limit=12,
-        experts={"num_experts": 1, "snapshot_every": 2, "train": {"max_steps": 4, "batch_size": 4, "lr": 0.5,
+        tmp_path, tiny_llama_dir, methods=["random", "match", "distill-init", "distilled", "continuous"], seeds=[0, 1],
+        distill_per_seed=False, models=[str(tiny_llama_dir), str(tiny_gemma_dir)], pool_limit=12,
+        experts={"num_experts": 2, "snapshot_every": 2, "train": {"max_steps": 4, "batch_size": 4, "lr": 0.5,
                                                                   "lora": {"r": 2, "alpha": 4},
                                                                   "data": {"max_length": 64}}},
-        distill={"iterations": 2, "syn_steps": 2, "batch_size": 2, "checkpoint_every": 2})
+        match={"segments": 2, "sketch_dim": 64},
+        distill={"iterations": 2, "student": {"syn_steps": 2, "batch_size": 2}, "checkpoint_every": 2,
+                 "search": {"top_k": 8, "candidates": 2}, "instrument": {"draws": 2, "random_subsets": 1}})
     out = tmp_path / "out"
     rows = run_experiment(config, out, device="cpu", progress=False, log=lambda _: None)
-    assert len(rows) == 8  # 2 methods x 2 seeds x 2 models
+    # 4 methods x 2 seeds x 2 models, and the continuous arm for the distilling model only
+    assert len(rows) == 18 and {r["model"] for r in rows if r["method"] == "continuous"} == {str(tiny_llama_dir)}
     assert len(list((out / "distill").glob("*/distilled.jsonl"))) == 1  # shared across seeds
+    # the distillation started from the match selection: its starting samples are that arm's data, reused
+    init = {r["seed"]: r for r in rows if r["method"] == "distill-init" and r["model"] == str(tiny_llama_dir)}
+    assert all(r["same_data_as"].startswith("match 4 seed") for r in init.values())
     gemma_distilled = [r for r in rows if r["method"] == "distilled" and "gemma" in r["model"]]
     assert all(r["prompt_tokens_mean"] > 0 and r["train_examples"] == 4 for r in gemma_distilled)
-    assert "Decoded distilled samples" in (out / "report.md").read_text()
-    assert (out / "matching_loss.png").is_file() and (out / "token_distance.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "Held-out matching loss" in report and "| match selection |" in report
+    assert "Prompts after distillation" in report and (out / "matching_loss.png").is_file()
+    # changing the distillation redoes its cells only: random and match are kept
+    import dataclasses
+
+    logs: list[str] = []
+    changed = dataclasses.replace(config, distill=dataclasses.replace(config.distill, iterations=3))
+    run_experiment(changed, out, device="cpu", progress=False, log=logs.append)
+    assert sum("skipped" in line for line in logs) == 8 and sum("redone" in line for line in logs) == 10
 
 
 def test_cells_with_identical_training_data_reuse_one_run(tmp_path, tiny_llama_dir):

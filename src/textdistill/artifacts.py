@@ -137,11 +137,32 @@ def environment_versions() -> dict[str, str]:
     return versions
 
 
+def machine_description() -> dict[str, Any]:
+    """What a run's speed and low-precision numerics depend on: CPU model, its bf16 support, torch's kernel level
+    and thread count, and the CUDA devices (empty when there are none)."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    cpu_name = capabilities.get("cpu_name") or platform.processor() or "unknown"
+    try:  # lscpu's model name is more specific than torch's
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cuda = []
+    if torch.cuda.is_available():
+        cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"cpu": cpu_name, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512_bf16": bool(capabilities.get("avx512_bf16")), "amx_bf16": bool(capabilities.get("amx_bf16")),
+            "cuda_devices": cuda}
+
+
 def write_run_info(run_dir: str | os.PathLike, *, command: str, config: Any, seeds: Mapping[str, int] | None = None,
                    extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``run_dir/run.json``: the command, resolved config, seeds and library versions."""
+    """Write ``run_dir/run.json``: the command, resolved config, seeds, library versions and the machine."""
     info = {"command": command, "config": to_jsonable(config), "seeds": dict(seeds or {}),
-            "versions": environment_versions(), "argv": sys.argv}
+            "versions": environment_versions(), "machine": machine_description(), "argv": sys.argv}
     if extra:
         info.update(to_jsonable(dict(extra)))
     return atomic_write_json(Path(run_dir) / "run.json", info)

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from .errors import TextDistillError
+from .errors import ConfigError, TextDistillError
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -71,6 +71,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_select(args: argparse.Namespace) -> int:
     from .selection import select
 
+    if args.method == "match":
+        from .config import build_dataclass
+        from .match_selection import MatchSelectionConfig, select_by_matching
+
+        if not args.experts:
+            raise ConfigError("select --method match needs --experts DIR (the trajectories to match)")
+        config = build_dataclass(MatchSelectionConfig, {"seed": args.seed, **_nested(_parse_sets(args.set))},
+                                 "match")
+        result = select_by_matching(experts=args.experts, budget=args.budget, output=args.output, config=config,
+                                    device=args.device, trust_remote_code=args.trust_remote_code,
+                                    progress=not args.no_progress)
+        print(f"selected {result['count']} rows -> {args.output}")
+        return 0
+    if not args.data:
+        raise ConfigError(f"select --method {args.method} needs --data (the pool to select from)")
     kwargs = {}
     if args.method == "less":
         kwargs = {"model": args.model, "target": args.target, "device": args.device,
@@ -107,15 +122,57 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from .distill import DistillConfig, distill
 
     config = load_config(DistillConfig, path=args.config, section="distill", overrides={
-        "budget": args.budget, "iterations": args.iterations, "syn_steps": args.syn_steps,
-        "expert_epochs": args.expert_epochs, "init": args.init, "selection": args.selection, "seed": args.seed,
-        "regularizer.mode": args.regularizer, "regularizer.weight": args.reg_weight, "recompute": args.recompute,
-        "lr_embeddings": args.lr_embeddings, "batch_size": args.batch_size, "dtype": args.dtype,
-        "precision": args.precision, "rerank_top_k": args.rerank_top_k, "projection_metric": args.projection_metric})
-    summary = distill(experts=args.experts, output=args.output, config=config, resume=args.resume,
+        "budget": args.budget, "mode": args.mode, "iterations": args.iterations, "student.syn_steps": args.syn_steps,
+        "student.expert_epochs": args.expert_epochs, "student.batch_size": args.batch_size,
+        "student.lr": args.student_lr, "init": args.init, "selection": args.selection, "seed": args.seed,
+        "regularizer.weight": args.reg_weight, "recompute": args.recompute, "lr_embeddings": args.lr_embeddings,
+        "dtype": args.dtype, "precision": args.precision, "rerank_top_k": args.rerank_top_k,
+        "projection_metric": args.projection_metric, **_parse_sets(args.set)})
+    compare = dict(pair.split("=", 1) for pair in args.compare or [])
+    summary = distill(experts=args.experts, output=args.output, config=config, resume=args.resume, compare=compare,
                       device=args.device, progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "heldout"}, indent=2))
+    heldout = summary["heldout"]
+    diff = heldout.get("projected_minus_init")
+    if diff:
+        print(f"held-out matching loss: text {heldout['projected']['loss']:.4f}, starting samples "
+              f"{heldout['init']['loss']:.4f}, difference {diff['mean']:+.4f} "
+              f"(95% interval {diff['ci95'][0]:+.4f} to {diff['ci95'][1]:+.4f})")
     return 0
+
+
+def _cmd_match_eval(args: argparse.Namespace) -> int:
+    from .config import build_dataclass, read_yaml
+    from .instrument import InstrumentConfig, StudentSettings, match_eval
+
+    values = read_yaml(args.config) if args.config else {}
+    sections = values.get("distill", values)
+    from .config import apply_overrides
+
+    instrument = build_dataclass(InstrumentConfig, apply_overrides(dict(sections.get("instrument", {})), {
+        "draws": args.draws, "seed": args.seed, "heldout_experts": args.heldout_experts}), "instrument")
+    student = build_dataclass(StudentSettings, apply_overrides(dict(sections.get("student", {})), {
+        "syn_steps": args.syn_steps, "batch_size": args.batch_size, "expert_epochs": args.expert_epochs,
+        "lr": args.lr, "min_start": args.min_start, "max_start": args.max_start}), "student")
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else []
+    result = match_eval(experts=args.experts, data=args.data, output=args.output, config=instrument, student=student,
+                        prompt_field=args.prompt_field, response_field=args.response_field, floor=not args.no_floor,
+                        lrs=lrs, device=args.device, trust_remote_code=args.trust_remote_code,
+                        progress=not args.no_progress)
+    line = f"matching loss {result['loss']:.4f} over {len(result['draws'])} held-out draws"
+    if result.get("floor"):
+        line += f" (floor: the expert's own rows {result['floor']['loss']:.4f})"
+    print(line)
+    for lr, loss in (result.get("lr_sweep") or {}).items():
+        print(f"  lr {lr}: {loss:.4f}")
+    return 0
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"student.lr": 0.1}`` -> ``{"student": {"lr": 0.1}}``."""
+    from .config import apply_overrides
+
+    return apply_overrides({}, flat, skip_none=False)
 
 
 def _parse_sets(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -191,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", choices=["rc", "mc"])
     p.add_argument("--subjects", help="comma-separated MMLU subjects")
     p.add_argument("--per-subject-limit", type=int, help="MMLU: first N items of each subject")
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast or fp32; auto = bf16 where the device computes it natively")
     p.add_argument("--config", help="YAML file with an 'eval' section")
     p.add_argument("--output", help="write results JSON here")
     _add_common(p)
@@ -210,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast or fp32; auto = bf16 where the device computes it natively")
     p.add_argument("--template", choices=["rc", "mc", "chat"])
     p.add_argument("--max-length", type=int)
     p.add_argument("--limit", type=int, help="use the first N rows")
@@ -242,29 +301,58 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_experts)
 
-    p = sub.add_parser("distill", help="learn synthetic pseudo prompts by trajectory matching, project to text")
+    p = sub.add_parser("distill", help="learn the prompts of a few samples by trajectory matching; write text")
     p.add_argument("--experts", required=True, help="folder written by `textdistill experts`")
     p.add_argument("--budget", help="count or percentage of the pool, e.g. 113 or 5%%")
     p.add_argument("--output", required=True)
     p.add_argument("--config", help="YAML with a 'distill' section")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    p.add_argument("--mode", choices=["gcg", "straight_through", "continuous"],
+                   help="token search (gcg, default), straight-through projection, or continuous vectors")
     p.add_argument("--iterations", type=int)
-    p.add_argument("--syn-steps", type=int, help="N: student steps per iteration")
+    p.add_argument("--syn-steps", type=int, help="N: student steps per iteration (default: the expert's steps "
+                   "in a segment)")
     p.add_argument("--expert-epochs", type=int, help="M: snapshots between start and target")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="samples per student step (default: the experts' batch)")
+    p.add_argument("--student-lr", type=float, help="the student's starting lr (default: the experts' lr)")
     p.add_argument("--init", choices=["real", "selection", "random"])
     p.add_argument("--selection", help="selection file for --init selection")
-    p.add_argument("--regularizer", choices=["off", "penalty", "straight_through"])
-    p.add_argument("--reg-weight", type=float)
+    p.add_argument("--reg-weight", type=float, help="continuous mode: neighbour penalty weight")
     p.add_argument("--lr-embeddings", type=float)
     p.add_argument("--recompute", action="store_true", default=None, help="constant-memory exact backward")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp64"], help="weights and embeddings dtype")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast the student (faster on CPU/GPU)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="autocast of the meta-gradient (auto: bf16 where the device computes it natively)")
     p.add_argument("--projection-metric", choices=["cosine", "l2"])
     p.add_argument("--rerank-top-k", type=int, help="re-rank the k nearest tokens by the model's likelihood")
+    p.add_argument("--compare", action="append", metavar="NAME=SELECTION.json",
+                   help="also score this selection on the held-out draws (repeatable), e.g. less=less.json")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any config value, YAML syntax, repeatable: --set search.top_k=64 --set instrument.draws=16")
     p.add_argument("--seed", type=int)
     _add_common(p)
     p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("match-eval", help="matching loss of a dataset on fixed held-out expert segments (paired)")
+    p.add_argument("--experts", required=True, help="folder written by `textdistill experts`")
+    p.add_argument("--data", required=True, help="any prompt/response dataset, e.g. a distilled.jsonl")
+    p.add_argument("--output", help="write the JSON result here")
+    p.add_argument("--config", help="YAML whose 'distill' section (or top level) has instrument/student settings")
+    p.add_argument("--seed", type=int, help="draw seed (default 0)")
+    p.add_argument("--draws", type=int, help="held-out draws (default 12)")
+    p.add_argument("--heldout-experts", type=int, help="the last K expert runs are held out (default 1)")
+    p.add_argument("--syn-steps", type=int, help="N student steps (default: the expert's steps in a segment)")
+    p.add_argument("--batch-size", type=int, help="samples per student step (default: the experts' batch)")
+    p.add_argument("--expert-epochs", type=int, help="M: snapshots between start and target (default 1)")
+    p.add_argument("--lr", type=float, help="student lr (default: the experts' lr)")
+    p.add_argument("--min-start", type=int)
+    p.add_argument("--max-start", type=int)
+    p.add_argument("--lrs", help="comma-separated learning rates: also report the mean loss at each (line search)")
+    p.add_argument("--no-floor", action="store_true", help="skip the floor (the expert's own rows)")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--response-field", default="response")
+    _add_common(p)
+    p.set_defaults(func=_cmd_match_eval)
 
     p = sub.add_parser("experiment", help="run a comparison (config file or preset: demo, arc-easy, mmlu)")
     p.add_argument("config", help="YAML file or preset name")
@@ -283,9 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("select", help="select a budget of rows (random or LESS)")
-    p.add_argument("--method", required=True, choices=["random", "less"])
+    p.add_argument("--method", required=True, choices=["random", "less", "match"],
+                   help="random rows, LESS, or match: rows whose gradients best reproduce the experts' segments")
+    p.add_argument("--experts", help="match: the experts folder (its pool is the data)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="match: any MatchSelectionConfig value, e.g. --set segments=8 --set student.max_start=2")
     p.add_argument("--model", help="model for LESS gradients")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="the pool (random, less); match uses the experts' pool")
     p.add_argument("--target", help="target task for LESS, e.g. arc-easy:validation")
     p.add_argument("--budget", required=True, help="count or percentage, e.g. 113 or 5%%")
     p.add_argument("--seed", type=int, default=0)

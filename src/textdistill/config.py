@@ -79,9 +79,9 @@ class TrainConfig:
     max_steps: int | None = None
     max_grad_norm: float | None = 1.0
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
-    log_every: int = 10
-    save_every: int | None = None  # steps between resumable checkpoints (None: only at the end)
+    # bf16 autocast or fp32; auto = bf16 where the device computes it natively (CUDA with bf16, CPUs with
+    # AVX512-BF16/AMX), fp32 elsewhere (on an AVX2-only CPU bf16 is emulated and ~20x slower)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -107,7 +107,8 @@ class EvalConfig:
     subjects: tuple[str, ...] | None = None  # MMLU subject filter
     per_subject_limit: int | None = None  # MMLU: first N items of each subject (a fixed, stated subset)
     max_length: int = 2048
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # fp32 by default so that scores do not depend on the machine; auto/bf16 trade that for speed
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("limit", "per_subject_limit"):

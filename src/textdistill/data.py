@@ -529,3 +529,45 @@ def tokenize_examples(tokenizer: Any, examples: Sequence[Example], *, max_length
                       append_eos: bool = True) -> list[TokenizedExample]:
     """Tokenize many examples (see :func:`tokenize_example`)."""
     return [tokenize_example(tokenizer, e, max_length=max_length, append_eos=append_eos) for e in examples]
+
+
+#: Prompt scaffolding of the templates (rc: "Question: ...\nAnswer:"; mc adds "\nA. " option labels). Tokens that
+#: overlap it stay frozen during distillation, so the format evaluation relies on never breaks.
+SCAFFOLD_PATTERN = re.compile(r"^Question:|\n[A-Z]\. |\nAnswer:$")
+
+
+def scaffold_mask(tokenizer: Any, prompt: str, prompt_ids: Sequence[int]) -> list[bool]:
+    """For each token of ``prompt_ids`` (the prompt's tokens as :func:`tokenize_example` made them, possibly with a
+    leading BOS and cut from the left), whether it overlaps the template scaffolding (``SCAFFOLD_PATTERN``).
+
+    A BOS token counts as scaffolding. Prompts without the pattern (free-form user prompts) give all False.
+    """
+    spans = [m.span() for m in SCAFFOLD_PATTERN.finditer(prompt)]
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    flags = [any(start < end_s and start_s < end for start_s, end_s in spans)
+             for start, end in encoded["offset_mapping"]]
+    body = list(encoded["input_ids"])
+    ids = list(prompt_ids)
+    bos = ids[:1] == [getattr(tokenizer, "bos_token_id", None)] and body[:1] != ids[:1]
+    tail = ids[1:] if bos else ids
+    if tail != body[len(body) - len(tail):]:
+        raise DataError("prompt_ids are not the (left-truncated) tokens of the prompt text")
+    return ([True] if bos else []) + flags[len(body) - len(tail):]
+
+
+def stable_token_ids(tokenizer: Any, vocab_size: int, exclude: Iterable[int] = ()) -> list[int]:
+    """Token ids that survive a round trip on their own: ``tokenize(decode([t])) == [t]`` (so a swap to such a token
+    has a chance of reading back as itself), excluding ``exclude`` (e.g. special tokens). Computed once per
+    tokenizer (a few seconds for 262k tokens) and kept for the process."""
+    excluded = tuple(sorted(set(exclude)))
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer), vocab_size, excluded)
+    if key not in _STABLE_TOKENS:
+        skip = set(excluded)
+        ids = [i for i in range(min(len(tokenizer), vocab_size)) if i not in skip]
+        texts = tokenizer.batch_decode([[i] for i in ids])
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        _STABLE_TOKENS[key] = [i for i, e in zip(ids, encoded) if list(e) == [i]]
+    return list(_STABLE_TOKENS[key])
+
+
+_STABLE_TOKENS: dict[tuple, list[int]] = {}

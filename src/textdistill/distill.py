@@ -1,174 +1,324 @@
-"""Trajectory-matching distillation: learn pseudo prompts (continuous embeddings) followed by real responses so
-that a student trained on them follows the experts; then project every vector to its nearest token.
+"""Trajectory-matching distillation: learn the prompts of a few real samples so that a student trained on them
+follows the experts, then write them as an ordinary text dataset and measure them on the held-out instrument.
+
+A synthetic sample is a pseudo prompt followed by a real response. Each iteration draws a segment of a (non
+held-out) expert run, starts the student at its snapshot theta*_t, takes N SGD steps on minibatches of the
+synthetic set (:mod:`textdistill.unroll`, the one differentiable inner loop) and compares theta_N with
+theta*_{t+M}. Three ways to learn the prompts (``mode``):
+
+* ``gcg`` (greedy coordinate gradient, token space): the prompts are tokens all along. The meta-gradient at the
+  exact token embeddings ranks, per learnable position, the tokens by first-order gain ``g . (e_v - e_current)``;
+  a batch of single-token swaps drawn from those top-k lists is scored by the true matching loss of the draw
+  (first-order unroll, fp32); the best swap is kept only if it lowers that loss and also lowers it on a second,
+  independent draw. The text is exactly what was scored: a swap whose prompt does not re-tokenize to itself is
+  never tried.
+* ``straight_through`` (PEZ): continuous vectors, but every forward uses their nearest tokens and the gradient
+  is applied to the vectors; the Adam step is a fraction (``lr_embeddings``) of the median token-embedding norm,
+  so it means the same for every model (Gemma scales its embeddings by sqrt(hidden)).
+* ``continuous``: continuous vectors with a neighbour penalty, projected to the nearest tokens once at the end
+  (the paper's reading; kept as the ablation baseline: its vectors usually never leave their token's cell).
+
+The template scaffolding ("Question:", "\\nAnswer:", option labels), a leading BOS and special tokens never change.
 
 Run folder::
 
-    run.json              resolved config, versions, seeds
+    run.json              resolved config, versions, seeds, machine
     init.json             which pool rows initialised the synthetic set
-    state.safetensors     checkpoint: embeddings, learnable lr, optimizer moments, RNG (atomic; --resume reads it)
+    state.safetensors     checkpoint: prompts (vectors or token ids), learnable lr, optimizer moments, RNG
     state.json            checkpoint: iteration and a fingerprint of the settings (resume refuses other settings)
-    metrics.jsonl         one row per iteration: matching loss, lr, nearest-token distance, changed fraction
+    metrics.jsonl         one row per iteration
     samples.jsonl         decoded prompts every few iterations
-    distilled.jsonl       the projected text dataset (prompt, response, token ids, per-token distance)
-    embeddings.safetensors  the learned embeddings and learning rate
-    README.md             dataset card
-
-The differentiable inner loop itself lives in :mod:`textdistill.unroll`.
+    distilled.jsonl       the text dataset (prompt, response, token ids, which tokens changed)
+    embeddings.safetensors  the final prompt vectors and learning rate
+    heldout.json          the instrument: every scored set's loss per held-out draw, and the paired differences
+    summary.json, README.md (dataset card)
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from .artifacts import (atomic_write_json, atomic_write_text, load_tensors, save_tensors, sha256_json,
+from .artifacts import (atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, sha256_json,
                         write_jsonl, write_run_info)
-from .config import DataSettings, LoraSettings
-from .data import TokenizedExample, load_examples, tokenize_examples, uses_bos
-from .errors import ConfigError, TrainingError, TrajectoryError
-from .experts import check_compatible, load_experts
-from .models import add_lora, load_model, load_tokenizer, model_identity, resolve_dtype
+from .data import Example, TokenizedExample, scaffold_mask, stable_token_ids, uses_bos
+from .errors import ConfigError, TrainingError
+from .instrument import (Draw, InstrumentConfig, SampleSet, Scorer, StudentSettings, heldout_report, load_pool,
+                         load_student_model, make_draws, resolve_student, sample_minibatches, tokenize_for_experts)
+from .models import autocast_context, resolve_device, resolve_dtype, resolve_precision
 from .projection import (input_embedding_matrix, nearest_tokens, neighbour_regularizer, straight_through,
                          vector_distance)
 from .selection import random_indices, read_selection, resolve_budget
-from .unroll import SyntheticBatch, lora_parameters, matching_loss, unroll
+from .unroll import SyntheticBatch, matching_loss, unroll
 
-
+#: The distillation's own random streams: its starting samples and its null subsets must not coincide with
+#: ``select --method random --seed S``, the baseline they are compared against.
 INIT_SEED_OFFSET = 1_000_003
+NULL_SEED_OFFSET = 2_000_003
+
+MODES = ("gcg", "straight_through", "continuous")
 
 
 @dataclass(frozen=True)
 class RegularizerSettings:
-    """Neighbour regularizer: keep learned vectors close to real token embeddings.
+    """Neighbour penalty of the ``continuous`` mode: ``weight`` x mean distance of each learned vector to its
+    nearest token (0 turns it off)."""
 
-    ``penalty``: add ``weight`` x mean distance to the nearest token; ``straight_through``: evaluate the matching
-    loss at the projected embeddings and apply its gradient to the continuous ones (PEZ); ``off``: neither.
-    """
-
-    mode: Literal["off", "penalty", "straight_through"] = "penalty"
     weight: float = 0.1
     metric: Literal["cosine", "l2"] = "cosine"
     refresh_every: int = 1  # iterations between nearest-token lookups (the lookup is the expensive part)
 
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"regularizer.weight must be >= 0, got {self.weight}")
+        if self.refresh_every <= 0:
+            raise ConfigError(f"regularizer.refresh_every must be positive, got {self.refresh_every}")
+
+
+@dataclass(frozen=True)
+class TokenSearchSettings:
+    """Greedy coordinate gradient search (``mode: gcg``)."""
+
+    top_k: int = 32  # candidate tokens per position, by first-order gain
+    candidates: int = 8  # single-token swaps scored exactly per iteration
+    confirm: bool = True  # keep the best swap only if it also lowers the loss on a second, independent draw
+    fluent_top_k: int | None = None  # only tokens among the model's own top-k next tokens there (readable text)
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "candidates"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"search.{name} must be positive, got {getattr(self, name)}")
+        if self.fluent_top_k is not None and self.fluent_top_k <= 0:
+            raise ConfigError(f"search.fluent_top_k must be positive, got {self.fluent_top_k}")
+
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Options of trajectory matching. Defaults are starting points; the README says which were measured."""
+    """Options of trajectory matching. The README says which were measured and how."""
 
     budget: str = "5%"
+    mode: Literal["gcg", "straight_through", "continuous"] = "gcg"
     iterations: int = 100
-    syn_steps: int = 8  # N: student SGD steps per iteration
-    expert_epochs: int = 1  # M: the target is this many snapshots after the start
-    min_start: int = 0  # start snapshot t is drawn from [min_start, max_start]
-    max_start: int | None = None  # default: the last snapshot that has a target M ahead
-    batch_size: int = 8  # synthetic samples per student step
+    student: StudentSettings = field(default_factory=StudentSettings)
     init: Literal["real", "selection", "random"] = "real"
     selection: str | None = None  # selection file for init=selection
     prompt_length: int | None = None  # None: each sample's own prompt length; else fixed (random init only)
-    lr_embeddings: float = 1e-3  # Adam on the pseudo prompts
-    lr_lr: float = 1e-2  # Adam on log(student lr)
-    student_lr: float | None = None  # initial student lr (default: the experts' lr)
+    freeze_scaffold: bool = True  # template scaffolding ("Question:", "\nAnswer:") never changes
+    # continuous: Adam lr of the vectors; straight_through: the Adam step as a fraction of the median token norm
+    lr_embeddings: float = 1e-3
+    lr_lr: float = 1e-2  # Adam on log(student lr); 0 keeps the student lr fixed
     recompute: bool = False  # exact constant-memory backward through the unroll
     regularizer: RegularizerSettings = field(default_factory=RegularizerSettings)
+    search: TokenSearchSettings = field(default_factory=TokenSearchSettings)
     projection_metric: Literal["cosine", "l2"] = "cosine"
-    rerank_top_k: int | None = None  # re-rank the top-k nearest tokens by the model's likelihood (readability)
+    rerank_top_k: int | None = None  # continuous/straight_through: re-rank the k nearest tokens by likelihood
     dtype: Literal["fp32", "bf16", "fp64"] = "fp32"  # weights and embeddings
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the student's forward/backward (2-3x on CPUs with bf16)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast of the meta-gradient (auto: bf16 where native)
+    instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
     seed: int = 0
-    log_every: int = 1
     checkpoint_every: int = 10
     sample_every: int = 25
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "syn_steps", "expert_epochs", "batch_size", "checkpoint_every", "log_every"):
+        for name in ("iterations", "checkpoint_every", "sample_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr_embeddings <= 0 or self.lr_lr < 0:
+            raise ConfigError(f"lr_embeddings must be > 0 and lr_lr >= 0, got {self.lr_embeddings}, {self.lr_lr}")
         if self.init == "selection" and not self.selection:
             raise ConfigError("init=selection needs a selection file (--selection FILE)")
         if self.checkpoint_every % self.regularizer.refresh_every:
             raise ConfigError("regularizer.refresh_every must divide checkpoint_every (so that resuming is exact)")
         if self.prompt_length is not None and self.init != "random":
             raise ConfigError("a fixed prompt_length applies to init=random only (real samples keep their prompts)")
+        if self.rerank_top_k is not None and self.mode == "gcg":
+            raise ConfigError("rerank_top_k re-ranks a projection; mode gcg has tokens all along (use "
+                              "search.fluent_top_k for readable candidates)")
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# The synthetic set
+# ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class SyntheticSet:
     """The learnable synthetic data: S pseudo prompts and their fixed responses.
 
-    ``prompt_embeds`` (S, P_max, H) is learned; ``prompt_lengths`` (S,) says how many rows each sample uses;
-    ``fixed_prefix`` (S,) rows at the start stay fixed (a BOS token for tokenizers that need it), and so do rows
-    whose initial token is special (``fixed_tokens`` (S, P_max), e.g. chat-template markers);
+    ``prompt_embeds`` (S, P_max, H) are the prompt vectors (learned in the continuous modes; the embeddings of
+    ``token_ids`` in gcg); ``token_ids`` (S, P_max) the current tokens (-1 on padding); ``learnable`` (S, P_max)
+    says which positions may change (not a leading BOS, special token, template scaffolding or padding);
+    ``prompt_lengths`` (S,) how many rows each sample uses; ``fixed_prefix`` (S,) how many leading rows are a BOS;
     ``response_ids`` (S, R_max) and ``response_lengths`` (S,) are real tokens, never learned.
     """
 
     prompt_embeds: torch.nn.Parameter
-    prompt_lengths: torch.Tensor
-    fixed_prefix: torch.Tensor
-    fixed_tokens: torch.Tensor
-    response_ids: torch.Tensor
-    response_lengths: torch.Tensor
-    init_token_ids: torch.Tensor  # (S, P_max) token ids the prompts started from (-1 on padding)
+    token_ids: Tensor
+    init_token_ids: Tensor
+    learnable: Tensor
+    prompt_lengths: Tensor
+    fixed_prefix: Tensor
+    response_ids: Tensor
+    response_lengths: Tensor
 
-    def trainable_mask(self) -> torch.Tensor:
-        """(S, P_max, 1) 1.0 on learnable rows, 0.0 on the fixed prefix and padding."""
-        pos = torch.arange(self.prompt_embeds.shape[1], device=self.prompt_embeds.device)
-        mask = (pos >= self.fixed_prefix[:, None]) & (pos < self.prompt_lengths[:, None]) & ~self.fixed_tokens
-        return mask.unsqueeze(-1).to(self.prompt_embeds.dtype)
+    def trainable_mask(self) -> Tensor:
+        """(S, P_max, 1) 1.0 on learnable rows, else 0.0 (multiplies gradients)."""
+        return self.learnable.unsqueeze(-1).to(self.prompt_embeds.dtype)
 
-    def batch(self, indices: Sequence[int], embeds: torch.Tensor | None = None) -> SyntheticBatch:
-        """A student minibatch of the given samples (``embeds`` replaces the prompts, e.g. straight-through)."""
+    def batch(self, indices: Sequence[int], embeds: Tensor | None = None) -> SyntheticBatch:
+        """A student minibatch of the given samples (``embeds`` (S, P_max, H) replaces the prompt vectors)."""
         index = torch.as_tensor(list(indices), dtype=torch.long, device=self.prompt_embeds.device)
         source = self.prompt_embeds if embeds is None else embeds
         return SyntheticBatch(source[index], self.prompt_lengths[index], self.response_ids[index],
                               self.response_lengths[index])
 
+    def prompt_ids(self, sample: int, ids: Tensor | None = None) -> list[int]:
+        """Token ids of one sample's prompt (BOS included), from ``ids`` (default: the current tokens)."""
+        source = self.token_ids if ids is None else ids
+        return source[sample, : int(self.prompt_lengths[sample])].tolist()
 
-def build_synthetic_set(tokenized: Sequence[TokenizedExample], embed_matrix: torch.Tensor, *, bos_id: int | None,
-                        init: str, prompt_length: int | None, candidate_ids: torch.Tensor,
-                        generator: torch.Generator) -> SyntheticSet:
+    def text_ids(self, sample: int, ids: Tensor | None = None) -> list[int]:
+        """The prompt ids a user's text holds (without the leading BOS, which the tokenizer adds back)."""
+        return self.prompt_ids(sample, ids)[int(self.fixed_prefix[sample]):]
+
+    def sample_set(self, embed_matrix: Tensor, embeds: Tensor | None = None, ids: Tensor | None = None) -> SampleSet:
+        """The samples as the instrument scores them: the given vectors, or the token embeddings of ``ids``
+        (default: the current tokens)."""
+        ids = self.token_ids if ids is None else ids
+        prompts = []
+        for i in range(len(self.prompt_lengths)):
+            length = int(self.prompt_lengths[i])
+            if embeds is None:
+                prompts.append(embed_matrix[ids[i, :length]])
+            else:
+                prompts.append(embeds[i, :length].detach())
+        responses = [self.response_ids[i, : int(self.response_lengths[i])] for i in range(len(prompts))]
+        return SampleSet(prompts, responses)
+
+
+def build_synthetic_set(tokenized: Sequence[TokenizedExample], prompts: Sequence[str], embed_matrix: Tensor, *,
+                        tokenizer: Any, init: str, prompt_length: int | None, allowed_ids: Tensor,
+                        freeze_scaffold: bool, generator: torch.Generator) -> SyntheticSet:
     """Initialise pseudo prompts from the samples' own prompt tokens (``real``/``selection``) or from random
-    vocabulary tokens (``random``), keeping a leading BOS fixed."""
-    prompts, responses, prefixes = [], [], []
-    for example in tokenized:
+    allowed tokens (``random``). A leading BOS, tokens outside ``allowed_ids`` (special tokens) and, with
+    ``freeze_scaffold``, the template scaffolding are never learnable."""
+    bos_id = tokenizer.bos_token_id if uses_bos(tokenizer) else None
+    rows, masks, responses, prefixes = [], [], [], []
+    for example, text in zip(tokenized, prompts):
         ids = list(example.prompt_ids)
         prefix = 1 if bos_id is not None and ids and ids[0] == bos_id else 0
+        frozen = scaffold_mask(tokenizer, text, ids) if freeze_scaffold else [False] * len(ids)
         if init == "random":
             length = prompt_length or max(1, len(ids) - prefix)
-            pick = torch.randint(len(candidate_ids), (length,), generator=generator)
-            ids = ids[:prefix] + candidate_ids[pick].tolist()
-        if len(ids) <= prefix:
-            raise ConfigError(f"sample {example.id} has an empty prompt: nothing to learn")
-        prompts.append(ids)
+            pick = torch.randint(len(allowed_ids), (length,), generator=generator)
+            ids = ids[:prefix] + allowed_ids[pick].tolist()
+            frozen = [True] * prefix + [False] * length
+        frozen = [f or k < prefix for k, f in enumerate(frozen)]
+        if all(frozen):
+            raise ConfigError(f"sample {example.id} has no learnable prompt token (empty prompt, or scaffolding "
+                              f"only)")
+        rows.append(ids)
+        masks.append(frozen)
         prefixes.append(prefix)
         responses.append(list(example.response_ids))
-    count, p_max, r_max = len(prompts), max(map(len, prompts)), max(map(len, responses))
+    count, p_max, r_max = len(rows), max(map(len, rows)), max(map(len, responses))
     token_ids = torch.full((count, p_max), -1, dtype=torch.long)
+    frozen_mask = torch.ones((count, p_max), dtype=torch.bool)
     response_ids = torch.zeros((count, r_max), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
+    for i, (p, f, r) in enumerate(zip(rows, masks, responses)):
         token_ids[i, : len(p)] = torch.tensor(p)
+        frozen_mask[i, : len(f)] = torch.tensor(f)
         response_ids[i, : len(r)] = torch.tensor(r)
     device = embed_matrix.device
-    embeds = embed_matrix[token_ids.clamp_min(0).to(device)] * (token_ids >= 0).unsqueeze(-1).to(device)
+    token_ids = token_ids.to(device)
+    special = torch.isin(token_ids, allowed_ids.to(device), invert=True) & (token_ids >= 0)
+    learnable = ~frozen_mask.to(device) & ~special & (token_ids >= 0)
+    embeds = embed_matrix[token_ids.clamp_min(0)] * (token_ids >= 0).unsqueeze(-1)
     return SyntheticSet(
-        prompt_embeds=torch.nn.Parameter(embeds.clone()),
-        prompt_lengths=torch.tensor(list(map(len, prompts)), device=device),
-        fixed_prefix=torch.tensor(prefixes, device=device),
-        fixed_tokens=torch.isin(token_ids, candidate_ids, invert=True).to(device) & (token_ids >= 0).to(device),
-        response_ids=response_ids.to(device),
-        response_lengths=torch.tensor(list(map(len, responses)), device=device),
-        init_token_ids=token_ids.to(device))
+        prompt_embeds=torch.nn.Parameter(embeds.clone()), token_ids=token_ids.clone(), init_token_ids=token_ids,
+        learnable=learnable, prompt_lengths=torch.tensor(list(map(len, rows)), device=device),
+        fixed_prefix=torch.tensor(prefixes, device=device), response_ids=response_ids.to(device),
+        response_lengths=torch.tensor(list(map(len, responses)), device=device))
 
 
-def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+# ----------------------------------------------------------------------------------------------------------------
+# Token search (pure maths)
+# ----------------------------------------------------------------------------------------------------------------
+
+def top_k_swaps(grads: Tensor, current_ids: Tensor, embed_matrix: Tensor, allowed: Tensor, k: int,
+                chunk_size: int = 8192) -> tuple[Tensor, Tensor]:
+    """Per position, the ``k`` tokens whose swap lowers the loss most to first order.
+
+    ``grads`` (K, H): the meta-gradient at each position's current embedding; ``current_ids`` (K,);
+    ``embed_matrix`` (V, H); ``allowed`` (V,) bool. The first-order change of a swap to token v is
+    ``g . (e_v - e_current)``. Returns ids (K, k') and gains (K, k'), most negative first (k' = min(k, allowed)),
+    never the current token.
+    """
+    if grads.shape[0] != current_ids.shape[0]:
+        raise ValueError(f"{grads.shape[0]} gradients for {current_ids.shape[0]} positions")
+    k = min(k, int(allowed.sum()))
+    grads = grads.float()
+    base = (grads * embed_matrix[current_ids].float()).sum(-1, keepdim=True)       # (K, 1)
+    best = torch.full((grads.shape[0], 0), float("inf"), device=grads.device)
+    best_ids = torch.zeros((grads.shape[0], 0), dtype=torch.long, device=grads.device)
+    for start in range(0, embed_matrix.shape[0], chunk_size):
+        rows = embed_matrix[start:start + chunk_size].float()                      # (C, H)
+        gains = grads @ rows.T - base                                              # (K, C)
+        ids = torch.arange(start, start + rows.shape[0], device=grads.device).expand_as(gains)
+        blocked = ~allowed[start:start + rows.shape[0]].unsqueeze(0) | (ids == current_ids.unsqueeze(1))
+        gains = gains.masked_fill(blocked, float("inf"))
+        merged, order = torch.cat([best, gains], 1).sort(dim=1, stable=True)
+        best = merged[:, :k]
+        best_ids = torch.cat([best_ids, ids], 1).gather(1, order[:, :k])
+    return best_ids, best
+
+
+@dataclass(frozen=True)
+class Swap:
+    """Replace the token at (sample, position) by ``token``."""
+
+    sample: int
+    position: int
+    token: int
+
+
+def sample_swaps(positions: Tensor, candidate_ids: Tensor, gains: Tensor, count: int,
+                 generator: torch.Generator) -> list[Swap]:
+    """GCG's candidate batch: ``count`` distinct swaps, each a uniformly drawn position (row of ``positions``
+    (K, 2) = (sample, position)) and a uniformly drawn token among that position's candidates (K, k) whose
+    first-order gain is finite."""
+    swaps: list[Swap] = []
+    seen: set[tuple[int, int, int]] = set()
+    finite = torch.isfinite(gains)
+    usable = finite.any(dim=1).nonzero().flatten()
+    if usable.numel() == 0:
+        return swaps
+    for _ in range(count * 8):
+        if len(swaps) == count:
+            break
+        row = int(usable[int(torch.randint(len(usable), (1,), generator=generator))])
+        options = finite[row].nonzero().flatten()
+        token = int(candidate_ids[row, int(options[int(torch.randint(len(options), (1,), generator=generator))])])
+        key = (int(positions[row, 0]), int(positions[row, 1]), token)
+        if key not in seen:
+            seen.add(key)
+            swaps.append(Swap(*key))
+    return swaps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
     """Flatten an optimizer's per-parameter state into named tensors (no pickles)."""
     out = {}
     for index, state in optimizer.state_dict()["state"].items():
@@ -177,7 +327,7 @@ def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[st
     return out
 
 
-def _restore_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+def _restore_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
     state_dict = optimizer.state_dict()
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
@@ -202,8 +352,8 @@ class _Loop:
 
 
 def _save_checkpoint(run_dir: Path, loop: _Loop, fingerprint: str) -> None:
-    tensors = {"prompt_embeds": loop.synthetic.prompt_embeds.detach(), "log_lr": loop.log_lr.detach(),
-               "rng": loop.generator.get_state()}
+    tensors = {"prompt_embeds": loop.synthetic.prompt_embeds.detach(), "token_ids": loop.synthetic.token_ids,
+               "log_lr": loop.log_lr.detach(), "rng": loop.generator.get_state()}
     tensors.update(_optimizer_tensors("embed_opt", loop.embed_optimizer))
     tensors.update(_optimizer_tensors("lr_opt", loop.lr_optimizer))
     # the iteration travels inside the tensor file, so the two can never disagree after a crash
@@ -219,8 +369,8 @@ def _load_checkpoint(run_dir: Path, loop: _Loop, fingerprint: str) -> None:
         meta = handle.metadata() or {}
     if meta.get("fingerprint") != fingerprint:
         raise ConfigError(f"--resume: the run in {run_dir} was made with other settings or samples (seed, budget, "
-                          f"init, selection, learning rates, regularizer, steps); only 'iterations' and logging "
-                          f"options may change on resume")
+                          f"mode, init, selection, learning rates, student, search); only 'iterations' and "
+                          f"logging options may change on resume")
     tensors = load_tensors(run_dir / "state.safetensors")
     if tensors["prompt_embeds"].shape != loop.synthetic.prompt_embeds.shape:
         raise ConfigError(f"the checkpoint in {run_dir} has embeddings of shape "
@@ -228,6 +378,7 @@ def _load_checkpoint(run_dir: Path, loop: _Loop, fingerprint: str) -> None:
                           f"{tuple(loop.synthetic.prompt_embeds.shape)} (another budget or data?)")
     with torch.no_grad():
         loop.synthetic.prompt_embeds.copy_(tensors["prompt_embeds"])
+        loop.synthetic.token_ids.copy_(tensors["token_ids"])
         loop.log_lr.copy_(tensors["log_lr"])
     loop.generator.set_state(tensors["rng"])
     _restore_optimizer("embed_opt", loop.embed_optimizer, tensors)
@@ -242,22 +393,224 @@ def _special_ids(tokenizer: Any, vocab_size: int) -> list[int]:
     return sorted(i for i in ids if 0 <= i < vocab_size)
 
 
-def _sample_minibatches(count: int, batch_size: int, steps: int, generator: torch.Generator) -> list[list[int]]:
-    """N minibatches drawn by walking shuffled passes over the synthetic set (each sample once per pass)."""
-    size = min(batch_size, count)
-    batches, order = [], []
-    for _ in range(steps):
-        if len(order) < size:  # start a new pass (the remainder of the last one is dropped: no repeats in a batch)
-            order = torch.randperm(count, generator=generator).tolist()
-        batches.append(order[:size])
-        order = order[size:]
-    return batches
+# ----------------------------------------------------------------------------------------------------------------
+# One iteration of each mode
+# ----------------------------------------------------------------------------------------------------------------
 
+@dataclass
+class _Context:
+    """What every iteration needs and never changes during a run."""
+
+    model: Any
+    tokenizer: Any
+    config: DistillConfig
+    scorer: Scorer
+    embed_matrix: Tensor            # (V, H) in the space prompts are fed in (fp32 or wider)
+    allowed: Tensor                 # (V,) bool: tokens a prompt position may take
+    special: list[int]
+    train_experts: list[int]
+    autocast: Any
+
+
+def _draw(context: _Context, count: int, generator: torch.Generator, include: int | None = None) -> Draw:
+    """A training draw: (expert, start, minibatches) from the experts distillation may use. With ``include``, that
+    sample is put into a random minibatch if the draw left it out (a swap is confirmed on a draw that uses it)."""
+    student = context.scorer.student
+    experts = context.train_experts
+    expert = experts[int(torch.randint(len(experts), (1,), generator=generator))]
+    start = int(torch.randint(student.min_start, student.max_start + 1, (1,), generator=generator))
+    batches = sample_minibatches(count, student.batch_size, student.steps, generator)
+    if include is not None and not any(include in b for b in batches):
+        step = int(torch.randint(len(batches), (1,), generator=generator))
+        slot = int(torch.randint(len(batches[step]), (1,), generator=generator))
+        batches[step][slot] = include
+    return Draw(expert, start, tuple(tuple(b) for b in batches))
+
+
+def _meta_loss(context: _Context, synthetic: SyntheticSet, prompts: Tensor, draw: Draw, lr: Tensor) -> Tensor:
+    """The matching loss of a draw, differentiable w.r.t. ``prompts`` (S, P_max, H) and ``lr`` (through every
+    student step)."""
+    start, target = context.scorer.endpoints(draw)
+    batches = [synthetic.batch(b, prompts) for b in draw.batches]
+    with context.autocast:
+        student = unroll(context.model, start, batches, lr, recompute=context.config.recompute)
+    return matching_loss(student, start, target)
+
+
+def _check_finite(value: Tensor, what: str, iteration: int) -> None:
+    if not torch.isfinite(value):
+        raise TrainingError(f"the {what} became {value.item()} at iteration {iteration}; the last good state is "
+                            f"saved (lower lr_embeddings / lr_lr, or use --resume)")
+
+
+def _gradient_iteration(context: _Context, loop: _Loop, iteration: int, nearest: dict[str, Tensor]) -> dict[str, Any]:
+    """One Adam step of the continuous or straight-through modes."""
+    config, synthetic = context.config, loop.synthetic
+    draw = _draw(context, len(synthetic.prompt_lengths), loop.generator)
+    reg = config.regularizer
+    if "ids" not in nearest or (iteration - 1) % reg.refresh_every == 0:
+        nearest["ids"], nearest["distances"] = nearest_tokens(synthetic.prompt_embeds.detach(), context.embed_matrix,
+                                                              metric=reg.metric, exclude_ids=context.special)
+    learnable = synthetic.learnable
+    # positions that never learn keep their token (a frozen row's nearest token is itself unless rows coincide)
+    nearest_ids = torch.where(learnable, nearest["ids"], synthetic.init_token_ids.clamp_min(0))
+    prompts = synthetic.prompt_embeds
+    if config.mode == "straight_through":
+        prompts = torch.where(learnable.unsqueeze(-1), straight_through(prompts, context.embed_matrix, nearest_ids),
+                              prompts)
+    lr = loop.log_lr.exp()
+    match = _meta_loss(context, synthetic, prompts, draw, lr)
+    loss = match
+    reg_value = torch.zeros((), dtype=match.dtype)
+    if config.mode == "continuous" and reg.weight > 0:
+        reg_value = neighbour_regularizer(prompts[learnable], context.embed_matrix, metric=reg.metric,
+                                          nearest_ids=nearest_ids[learnable])
+        loss = loss + reg.weight * reg_value
+    _check_finite(loss, "distillation loss", iteration)
+    loop.embed_optimizer.zero_grad(set_to_none=True)
+    loop.lr_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        synthetic.prompt_embeds.grad.mul_(synthetic.trainable_mask())   # BOS, scaffolding and padding stay fixed
+    loop.embed_optimizer.step()
+    if config.lr_lr > 0:
+        loop.lr_optimizer.step()
+    synthetic.token_ids.copy_(torch.where(synthetic.init_token_ids >= 0, nearest_ids, synthetic.init_token_ids))
+    return {"matching_loss": match.item(), "regularizer": reg_value.item(), "lr": lr.item(), "expert": draw.expert,
+            "start": draw.start, "nearest_distance": float(nearest["distances"][learnable].mean())}
+
+
+def _retokenizes(tokenizer: Any, ids: list[int]) -> bool:
+    """Whether the text of these prompt ids reads back as exactly these ids."""
+    return list(tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"]) == ids
+
+
+def _fluent_allowed(context: _Context, synthetic: SyntheticSet, samples: Sequence[int], k: int) -> dict[int, Tensor]:
+    """Per sample, (P, k) ids of the model's own top-k next tokens at each prompt position (given the tokens before
+    it), for readable candidates."""
+    base = context.model.get_base_model() if hasattr(context.model, "get_base_model") else context.model
+    out = {}
+    with torch.no_grad(), torch.autocast(device_type=context.embed_matrix.device.type, enabled=False):
+        for s in samples:
+            ids = torch.tensor([synthetic.prompt_ids(s)], device=context.embed_matrix.device)
+            logits = base(input_ids=ids, use_cache=False).logits[0]                 # (P, V): position p predicts p+1
+            topk = logits.topk(min(k, logits.shape[-1]), dim=-1).indices            # (P, k)
+            # the candidates of position p come from the prediction at p - 1; position 0 has none
+            out[s] = torch.cat([torch.full_like(topk[:1], -1), topk[:-1]])
+    return out
+
+
+def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, Any]:
+    """One greedy-coordinate-gradient step: rank swaps by the meta-gradient, score a batch of them exactly on the
+    same draw, keep the best one if it lowers the loss there and on a second draw."""
+    config, synthetic, search = context.config, loop.synthetic, context.config.search
+    count = len(synthetic.prompt_lengths)
+    draw = _draw(context, count, loop.generator)
+    lr = loop.log_lr.exp()
+    # meta-gradient at the exact token embeddings: (S, P_max, H), zero on padding
+    ids = synthetic.token_ids
+    exact = (context.embed_matrix[ids.clamp_min(0)] * (ids >= 0).unsqueeze(-1)).detach().requires_grad_(True)
+    match = _meta_loss(context, synthetic, exact, draw, lr)
+    _check_finite(match, "matching loss", iteration)
+    loop.lr_optimizer.zero_grad(set_to_none=True)
+    match.backward()
+    if config.lr_lr > 0:
+        loop.lr_optimizer.step()
+    grads = exact.grad.detach()
+    # eligible positions: learnable, in a sample the draw uses: (K, 2) = (sample, position)
+    used = sorted({i for b in draw.batches for i in b})
+    in_draw = torch.zeros(count, dtype=torch.bool, device=grads.device)
+    in_draw[used] = True
+    positions = (synthetic.learnable & in_draw.unsqueeze(1)).nonzero()
+    record: dict[str, Any] = {"matching_loss": match.item(), "lr": lr.item(), "expert": draw.expert,
+                              "start": draw.start, "accepted": False}
+    if positions.numel() == 0:
+        return record
+    current = synthetic.token_ids[positions[:, 0], positions[:, 1]]
+    allowed = context.allowed
+    candidate_ids, gains = top_k_swaps(grads[positions[:, 0], positions[:, 1]], current, context.embed_matrix,
+                                       allowed, search.top_k)
+    if search.fluent_top_k:
+        fluent = _fluent_allowed(context, synthetic, used, search.fluent_top_k)
+        keep = torch.stack([torch.isin(candidate_ids[r], fluent[int(s)][int(p)])
+                            for r, (s, p) in enumerate(positions.tolist())])
+        gains = gains.masked_fill(~keep, float("inf"))
+    # candidate prompts that read back as themselves (the text a user loads is what is scored)
+    swaps = []
+    for swap in sample_swaps(positions, candidate_ids, gains, search.candidates * 2, loop.generator):
+        ids = synthetic.token_ids.clone()
+        ids[swap.sample, swap.position] = swap.token
+        if _retokenizes(context.tokenizer, synthetic.text_ids(swap.sample, ids)):
+            swaps.append(swap)
+        if len(swaps) == search.candidates:
+            break
+    record["candidates"] = len(swaps)
+    if not swaps:
+        return record
+    step_lr = float(lr.detach())
+    base_loss, best = _score_swaps(context, synthetic, draw, swaps, step_lr)
+    record["current_loss"] = base_loss
+    chosen, chosen_loss = best
+    record["best_candidate_loss"] = chosen_loss
+    if chosen_loss >= base_loss:
+        return record
+    if search.confirm:
+        second = _draw(context, count, loop.generator, include=chosen.sample)
+        confirm_base, (_, confirm_loss) = _score_swaps(context, synthetic, second, [chosen], step_lr)
+        record.update({"confirm_current_loss": confirm_base, "confirm_candidate_loss": confirm_loss})
+        if confirm_loss >= confirm_base:
+            return record
+    old = int(synthetic.token_ids[chosen.sample, chosen.position])
+    synthetic.token_ids[chosen.sample, chosen.position] = chosen.token
+    with torch.no_grad():
+        synthetic.prompt_embeds[chosen.sample, chosen.position] = context.embed_matrix[chosen.token]
+    record.update({"accepted": True, "swap": {"sample": chosen.sample, "position": chosen.position,
+                                              "from": context.tokenizer.decode([old]),
+                                              "to": context.tokenizer.decode([chosen.token])}})
+    return record
+
+
+def _score_swaps(context: _Context, synthetic: SyntheticSet, draw: Draw, swaps: Sequence[Swap],
+                 lr: float) -> tuple[float, tuple[Swap, float]]:
+    """The matching loss of the current set on ``draw`` and of the best of ``swaps`` (each replaces one token).
+    A swap in sample i changes nothing before i's first minibatch, so its unroll continues from there."""
+    samples = synthetic.sample_set(context.embed_matrix)
+    scorer = context.scorer
+    final, snapshots = scorer.unroll(samples, draw, lr=lr, keep_snapshots=True)
+    base_loss = scorer.loss_of(final, draw)
+    best: tuple[Swap, float] | None = None
+    for swap in swaps:
+        step = draw.first_use(swap.sample)
+        if step is None:
+            continue
+        prompt = samples.prompts[swap.sample].clone()
+        prompt[swap.position] = context.embed_matrix[swap.token]
+        changed = SampleSet(list(samples.prompts), samples.responses)
+        changed.prompts[swap.sample] = prompt
+        params, _ = scorer.unroll(changed, draw, lr=lr, from_step=step, from_params=snapshots[step])
+        loss = scorer.loss_of(params, draw)
+        if best is None or loss < best[1]:
+            best = (swap, loss)
+    if best is None:
+        best = (swaps[0], float("inf"))
+    return base_loss, best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry
+# ----------------------------------------------------------------------------------------------------------------
 
 def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, resume: bool = False,
-            device: str = "auto", progress: bool = True, trust_remote_code: bool = False) -> dict[str, Any]:
+            compare: Mapping[str, str | Path] | None = None, device: str = "auto", progress: bool = True,
+            trust_remote_code: bool = False) -> dict[str, Any]:
     """Entry of ``textdistill distill``: learn the synthetic set against the expert trajectories in ``experts``,
-    project it to text and write the run folder (see the module docstring). Returns a summary dict."""
+    write it as text, score it on the held-out instrument and write the run folder (see the module docstring).
+
+    ``compare`` names selection files (e.g. ``{"less": path}``) whose rows are scored on the same held-out draws.
+    Returns the summary dict.
+    """
+    from .experts import load_experts
+
     output = Path(output)
     trajectories = load_experts(experts)
     manifest = trajectories.manifest
@@ -266,24 +619,12 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
                           f"another --output")
     if resume and not (output / "state.json").is_file():
         raise ConfigError(f"--resume: no checkpoint in {output}")
-    model_name = manifest["model"]["path"]
+    student = resolve_student(config.student, trajectories)
+    train_experts, heldout_experts = trajectories.split(config.instrument.heldout_experts)
     dtype = resolve_dtype(config.dtype)
-    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
-    base = load_model(model_name, dtype=dtype, device=device, attn_implementation="eager",
-                      trust_remote_code=trust_remote_code)
-    lora = LoraSettings(**{**manifest["lora"], "target_modules": tuple(manifest["lora"]["target_modules"]),
-                           "dropout": 0.0})
-    with torch.random.fork_rng(devices=[]):  # the LoRA init is overwritten by snapshots; keep the caller's RNG
-        torch.manual_seed(0)
-        model = add_lora(base, lora)
-    model.eval()
-    lora_shapes = {k: tuple(v.shape) for k, v in lora_parameters(model).items()}
-    check_compatible(trajectories, model_identity(manifest["model"]["name"], model, tokenizer), lora_shapes)
-
-    data_settings = DataSettings(**manifest["data_settings"])
-    examples = load_examples(manifest["data"], data_settings, tokenizer=tokenizer)
-    if sha256_json([[e.prompt, e.response] for e in examples]) != manifest["pool_sha256"]:
-        raise TrajectoryError(f"the pool '{manifest['data']}' differs from the one the experts were trained on")
+    model, tokenizer = load_student_model(trajectories, device=device, dtype=config.dtype,
+                                          trust_remote_code=trust_remote_code)
+    examples, pool = load_pool(tokenizer, manifest)
     count = resolve_budget(config.budget, len(examples))
     if config.init == "selection":
         from .selection import apply_selection
@@ -293,215 +634,255 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
         if len(chosen) < count:
             raise ConfigError(f"selection {config.selection} lists {len(chosen)} rows, the budget is {count}")
     else:
-        # its own random stream: the initial samples must not coincide with `select --method random --seed S`,
-        # the baseline they are compared against
         chosen = random_indices(len(examples), count, config.seed + INIT_SEED_OFFSET)
-    tokenized = tokenize_examples(tokenizer, [examples[i] for i in chosen], max_length=data_settings.max_length,
-                                  append_eos=data_settings.append_eos)
 
-    num_snapshots = trajectories.num_snapshots
-    max_start = num_snapshots - 1 - config.expert_epochs if config.max_start is None else config.max_start
-    if max_start < config.min_start or max_start + config.expert_epochs > num_snapshots - 1:
-        raise ConfigError(f"start window [{config.min_start}, {max_start}] with expert_epochs={config.expert_epochs} "
-                          f"does not fit trajectories of {num_snapshots} snapshots")
-
-    # (V, H) in the space prompts are fed in; learned prompts are kept in at least fp32 for Adam
+    # (V, H) in the space prompts are fed in; prompts are kept in at least fp32 for Adam
     embed_matrix = input_embedding_matrix(model).to(torch.promote_types(dtype, torch.float32))
     vocab = embed_matrix.shape[0]
     special = _special_ids(tokenizer, vocab)
-    special_set = set(special)
-    candidates = torch.tensor([i for i in range(min(len(tokenizer), vocab)) if i not in special_set])
+    allowed_ids = torch.tensor(stable_token_ids(tokenizer, vocab, exclude=special))
+    allowed = torch.zeros(vocab, dtype=torch.bool, device=embed_matrix.device)
+    allowed[allowed_ids.to(embed_matrix.device)] = True
     generator = torch.Generator().manual_seed(config.seed)
-    synthetic = build_synthetic_set(tokenized, embed_matrix, bos_id=tokenizer.bos_token_id if uses_bos(tokenizer)
-                                    else None, init=config.init, prompt_length=config.prompt_length,
-                                    candidate_ids=candidates, generator=generator)
-    student_lr = config.student_lr or float(manifest["lr"])
+    synthetic = build_synthetic_set([pool[i] for i in chosen], [examples[i].prompt for i in chosen], embed_matrix,
+                                    tokenizer=tokenizer, init=config.init, prompt_length=config.prompt_length,
+                                    allowed_ids=allowed_ids, freeze_scaffold=config.freeze_scaffold,
+                                    generator=generator)
     # the learnable lr always lives in fp32 (in bf16, Adam's small steps on log(lr) round away)
-    log_lr = torch.nn.Parameter(torch.tensor(math.log(student_lr), dtype=torch.promote_types(dtype, torch.float32),
+    log_lr = torch.nn.Parameter(torch.tensor(math.log(student.lr), dtype=torch.promote_types(dtype, torch.float32),
                                              device=embed_matrix.device))
+    embed_lr = config.lr_embeddings
+    if config.mode == "straight_through":   # a fraction of the typical token norm per Adam step (per row, in L2)
+        embed_lr *= float(embed_matrix[allowed].norm(dim=-1).median()) / math.sqrt(embed_matrix.shape[1])
     loop = _Loop(synthetic=synthetic, log_lr=log_lr,
-                 embed_optimizer=torch.optim.Adam([synthetic.prompt_embeds], lr=config.lr_embeddings),
+                 embed_optimizer=torch.optim.Adam([synthetic.prompt_embeds], lr=embed_lr),
                  lr_optimizer=torch.optim.Adam([log_lr], lr=config.lr_lr), generator=generator)
+    precision = resolve_precision(config.precision, embed_matrix.device)
+    scorer = Scorer(model, trajectories, student, device=embed_matrix.device, dtype=dtype)
+    context = _Context(model=model, tokenizer=tokenizer, config=config, scorer=scorer, embed_matrix=embed_matrix,
+                       allowed=allowed, special=special, train_experts=train_experts,
+                       autocast=autocast_context(precision, embed_matrix.device))
     output.mkdir(parents=True, exist_ok=True)
     fingerprint = sha256_json({"config": {k: v for k, v in dataclasses.asdict(config).items()
-                                          if k not in ("iterations", "log_every", "checkpoint_every", "sample_every",
-                                                       "rerank_top_k", "projection_metric")},
-                               "chosen": chosen, "experts": manifest.get("experts"), "pool": manifest["pool_sha256"]})
+                                          if k not in ("iterations", "checkpoint_every", "sample_every",
+                                                       "rerank_top_k", "projection_metric", "instrument")},
+                               "chosen": chosen, "experts": manifest.get("experts"), "pool": manifest["pool_sha256"],
+                               "precision": precision})
     if resume:
         _load_checkpoint(output, loop, fingerprint)
     else:
         write_run_info(output, command="distill", config=config, seeds={"seed": config.seed},
-                       extra={"experts": str(experts), "model": model_name, "budget_count": count,
-                              "pool_size": len(examples)})
+                       extra={"experts": str(experts), "model": manifest["model"]["name"], "budget_count": count,
+                              "pool_size": len(examples), "precision": precision,
+                              "student": dataclasses.asdict(student), "train_experts": train_experts,
+                              "heldout_experts": heldout_experts})
         atomic_write_json(output / "init.json", {"indices": chosen, "ids": [examples[i].id for i in chosen],
                                                  "init": config.init})
         write_jsonl(output / "metrics.jsonl", [])
         write_jsonl(output / "samples.jsonl", [])
-    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    metrics = [m for m in metrics if m["iteration"] <= loop.iteration]
-    samples = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines() if line.strip()]
-    samples = [s for s in samples if s["iteration"] <= loop.iteration]
-
-    mask = synthetic.trainable_mask()
-    init_ids = synthetic.init_token_ids
-    valid = (init_ids >= 0) & (mask.squeeze(-1) > 0)  # (S, P_max) learnable positions
-    nearest_ids: torch.Tensor | None = None
-    reg = config.regularizer
-    autocast = (torch.autocast(device_type=embed_matrix.device.type, dtype=torch.bfloat16)
-                if config.precision == "bf16" else contextlib.nullcontext())
+    metrics = _read_jsonl(output / "metrics.jsonl", loop.iteration)
+    samples = _read_jsonl(output / "samples.jsonl", loop.iteration)
+    learnable_count = int(synthetic.learnable.sum())
+    nearest: dict[str, Tensor] = {}
     start_time = time.time()
-    bar = tqdm(total=config.iterations, initial=loop.iteration, desc="distill", disable=not progress,
-               dynamic_ncols=True)
-    while loop.iteration < config.iterations:
-        iteration = loop.iteration + 1
-        # --- sample an expert segment and the student's minibatches (all from the run's own generator)
-        expert = int(torch.randint(len(trajectories.snapshots), (1,), generator=loop.generator))
-        start = int(torch.randint(config.min_start, max_start + 1, (1,), generator=loop.generator))
-        batches_idx = _sample_minibatches(count, config.batch_size, config.syn_steps, loop.generator)
-        start_params = trajectories.load(expert, start, device=embed_matrix.device, dtype=dtype)
-        target_params = trajectories.load(expert, start + config.expert_epochs, device=embed_matrix.device,
-                                          dtype=dtype)
-        # --- nearest tokens of all prompt rows (cached between refreshes): (S, P_max)
-        if nearest_ids is None or (iteration - 1) % reg.refresh_every == 0:
-            nearest_ids, distances = nearest_tokens(synthetic.prompt_embeds.detach(), embed_matrix,
-                                                    metric=reg.metric, exclude_ids=special)
-        prompts = synthetic.prompt_embeds
-        if reg.mode == "straight_through":
-            prompts = torch.where(mask > 0, straight_through(prompts, embed_matrix, nearest_ids), prompts)
-        batches = [synthetic.batch(b, prompts) for b in batches_idx]
-        lr = loop.log_lr.exp()
-        with autocast:
-            student = unroll(model, start_params, batches, lr, recompute=config.recompute)
-        match = matching_loss(student, start_params, target_params)
-        loss = match
-        reg_value = torch.zeros((), dtype=match.dtype)
-        if reg.mode == "penalty" and reg.weight > 0:
-            rows = prompts[valid]  # (K, H) learnable rows only
-            reg_value = neighbour_regularizer(rows, embed_matrix, metric=reg.metric, nearest_ids=nearest_ids[valid])
-            loss = loss + reg.weight * reg_value
-        if not torch.isfinite(loss):
-            write_jsonl(output / "metrics.jsonl", metrics)
-            write_jsonl(output / "samples.jsonl", samples)
-            _save_checkpoint(output, loop, fingerprint)  # keep the last good state on disk
-            raise TrainingError(f"distillation loss became {loss.item()} at iteration {iteration}; the last good "
-                                f"state is saved in {output} (lower lr_embeddings / lr_lr, or use --resume)")
-        loop.embed_optimizer.zero_grad(set_to_none=True)
-        loop.lr_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            synthetic.prompt_embeds.grad.mul_(mask)  # BOS prefix and padding stay fixed
-        loop.embed_optimizer.step()
-        loop.lr_optimizer.step()
-        loop.iteration = iteration
-        with torch.no_grad():
-            changed = float(((nearest_ids != init_ids) & valid).sum() / valid.sum())
-            mean_distance = float(distances[valid].mean())
-        record = {"iteration": iteration, "matching_loss": match.item(), "regularizer": reg_value.item(),
-                  "loss": loss.item(), "lr": lr.item(), "expert": expert, "start": start,
-                  "nearest_distance": mean_distance, "changed_fraction": changed,
-                  "seconds": round(time.time() - start_time, 2)}
-        metrics.append(record)
-        bar.set_postfix(match=f"{match.item():.4f}", lr=f"{lr.item():.2e}", dist=f"{mean_distance:.3f}")
-        bar.update(1)
-        if iteration % config.sample_every == 0 or iteration == config.iterations:
-            samples.append({"iteration": iteration, "prompts": [
-                tokenizer.decode([t for t in nearest_ids[i, : int(synthetic.prompt_lengths[i])].tolist()])
-                for i in range(min(3, count))]})
-        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
-            write_jsonl(output / "metrics.jsonl", metrics)
-            write_jsonl(output / "samples.jsonl", samples)
-            _save_checkpoint(output, loop, fingerprint)
-    bar.close()
+    bar = tqdm(total=config.iterations, initial=loop.iteration, desc=f"distill ({config.mode})",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        while loop.iteration < config.iterations:
+            iteration = loop.iteration + 1
+            if config.mode == "gcg":
+                record = _gcg_iteration(context, loop, iteration)
+            else:
+                record = _gradient_iteration(context, loop, iteration, nearest)
+            loop.iteration = iteration
+            changed = int(((synthetic.token_ids != synthetic.init_token_ids) & synthetic.learnable).sum())
+            record = {"iteration": iteration, **record, "tokens_changed_fraction": changed / learnable_count,
+                      "seconds": round(time.time() - start_time, 2)}
+            metrics.append(record)
+            bar.set_postfix(match=f"{record['matching_loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            changed=f"{record['tokens_changed_fraction']:.3f}")
+            bar.update(1)
+            if iteration % config.sample_every == 0 or iteration == config.iterations:
+                samples.append({"iteration": iteration, "prompts": [
+                    tokenizer.decode(synthetic.text_ids(i)) for i in range(min(3, count))]})
+            if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+                write_jsonl(output / "metrics.jsonl", metrics)
+                write_jsonl(output / "samples.jsonl", samples)
+                _save_checkpoint(output, loop, fingerprint)
+    except TrainingError:
+        write_jsonl(output / "metrics.jsonl", metrics)
+        write_jsonl(output / "samples.jsonl", samples)
+        raise
+    finally:
+        bar.close()
     write_jsonl(output / "metrics.jsonl", metrics)
-    return project_and_write(output=output, synthetic=synthetic, lr=loop.log_lr.exp().item(), tokenizer=tokenizer,
-                             embed_matrix=embed_matrix, special=special, metric=config.projection_metric,
-                             examples=[examples[i] for i in chosen], metrics=metrics, config=config,
-                             manifest=manifest, experts=str(experts),
-                             rerank_model=model.get_base_model() if config.rerank_top_k else None)
+    distill_seconds = time.time() - start_time
+    rows = _write_dataset(output, context, synthetic, loop.log_lr.exp().item(), [examples[i] for i in chosen])
+    # --- the held-out instrument: every set on the same draws
+    heldout_start = time.time()
+    projected = [Example(prompt=r["prompt"], response=r["response"]) for r in rows]
+    sets: dict[str, SampleSet | None] = {
+        "init": synthetic.sample_set(embed_matrix, ids=synthetic.init_token_ids),
+        "continuous": (synthetic.sample_set(embed_matrix, synthetic.prompt_embeds.detach())
+                       if config.mode != "gcg" else None),
+        "projected": SampleSet.from_tokenized(tokenize_for_experts(tokenizer, projected, manifest), embed_matrix),
+    }
+    from .selection import apply_selection
+
+    for name, path in (compare or {}).items():
+        picked = apply_selection(examples, path)[:count]
+        sets[name] = SampleSet.from_tokenized(tokenize_for_experts(tokenizer, picked, manifest), embed_matrix)
+    null = [SampleSet.from_tokenized([pool[i] for i in random_indices(len(pool), count,
+                                                                       config.seed + NULL_SEED_OFFSET + r)],
+                                     embed_matrix) for r in range(config.instrument.random_subsets)]
+    draws = make_draws(heldout_experts, student, count, config.instrument.draws, config.instrument.seed)
+    report = heldout_report(scorer, draws, sets, null, pool=pool, embed_matrix=embed_matrix, progress=progress)
+    report.update({"heldout_experts": heldout_experts, "student": dataclasses.asdict(student),
+                   "seconds": round(time.time() - heldout_start, 1)})
+    atomic_write_json(output / "heldout.json", report)
+    summary = _summary(synthetic, loop.log_lr.exp().item(), metrics, rows, report, config, distill_seconds)
+    atomic_write_json(output / "summary.json", summary)
+    atomic_write_text(output / "README.md", _dataset_card(summary, config, manifest, str(experts), rows))
+    return summary
 
 
-def project_and_write(*, output: Path, synthetic: SyntheticSet, lr: float, tokenizer: Any,
-                      embed_matrix: torch.Tensor, special: list[int], metric: str, examples: Sequence[Any],
-                      metrics: list[dict[str, Any]], config: DistillConfig, manifest: dict[str, Any],
-                      experts: str, rerank_model: Any | None = None) -> dict[str, Any]:
-    """Project every learned prompt to nearest tokens and write ``distilled.jsonl``, the embeddings and the card.
+def _read_jsonl(path: Path, up_to: int) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["iteration"] <= up_to]
 
-    With ``rerank_model`` (and ``config.rerank_top_k``), each position takes, among its top-k nearest tokens, the
-    one the model finds most likely after the tokens chosen so far (left to right).
-    """
+
+def _final_ids(context: _Context, synthetic: SyntheticSet) -> tuple[Tensor, Tensor | None]:
+    """The tokens of the final text: the current tokens (gcg), or the projection of the vectors (optionally
+    re-ranked by likelihood); and each row's distance to its token (None in gcg)."""
+    config = context.config
+    if config.mode == "gcg":
+        return synthetic.token_ids.clone(), None
+    vectors = synthetic.prompt_embeds.detach()
     with torch.no_grad():
-        ids, distances = nearest_tokens(synthetic.prompt_embeds.detach(), embed_matrix, metric=metric,
-                                        exclude_ids=special)
-        if rerank_model is not None and config.rerank_top_k:
+        ids, distances = nearest_tokens(vectors, context.embed_matrix, metric=config.projection_metric,
+                                        exclude_ids=context.special)
+        if config.rerank_top_k:
             from .projection import rerank_by_likelihood
 
+            base = context.model.get_base_model()
             for i in range(ids.shape[0]):
                 first, length = int(synthetic.fixed_prefix[i]), int(synthetic.prompt_lengths[i])
                 prefix = ids[i, :first] if first else None
                 ids[i, first:length] = rerank_by_likelihood(
-                    rerank_model, synthetic.prompt_embeds[i, first:length].detach(), embed_matrix,
-                    top_k=config.rerank_top_k, metric=metric, exclude_ids=special, prefix_ids=prefix)
-            # distances of the tokens actually chosen
-            distances = vector_distance(synthetic.prompt_embeds.detach(), embed_matrix[ids], metric)
-    # rows that never learned (special tokens such as chat markers) keep their initial token
-    ids = torch.where(synthetic.fixed_tokens, synthetic.init_token_ids, ids)
+                    base, vectors[i, first:length], context.embed_matrix, top_k=config.rerank_top_k,
+                    metric=config.projection_metric, exclude_ids=context.special, prefix_ids=prefix)
+            distances = vector_distance(vectors, context.embed_matrix[ids], config.projection_metric)
+    # positions that never learn keep their initial token
+    ids = torch.where(synthetic.learnable, ids, synthetic.init_token_ids)
+    return ids, distances
+
+
+def _write_dataset(output: Path, context: _Context, synthetic: SyntheticSet, lr: float,
+                   examples: Sequence[Example]) -> list[dict[str, Any]]:
+    """Write ``distilled.jsonl`` (the text a user trains on, plus what changed) and ``embeddings.safetensors``."""
+    tokenizer = context.tokenizer
+    ids, distances = _final_ids(context, synthetic)
     rows = []
     for i, example in enumerate(examples):
-        first, length = int(synthetic.fixed_prefix[i]), int(synthetic.prompt_lengths[i])
-        token_ids = ids[i, first:length].tolist()
+        token_ids = synthetic.text_ids(i, ids)
+        init_ids = synthetic.text_ids(i, synthetic.init_token_ids)
         prompt_text = tokenizer.decode(token_ids)
         response_ids = synthetic.response_ids[i, : int(synthetic.response_lengths[i])].tolist()
         if response_ids and response_ids[-1] == tokenizer.eos_token_id:
             response_ids = response_ids[:-1]
         # the response the distillation actually learned (it differs from the source when max_length cut it)
-        truncated = tokenizer(example.response, add_special_tokens=False)["input_ids"] != response_ids
-        response_text = tokenizer.decode(response_ids) if truncated else example.response
-        rows.append({"prompt": prompt_text, "response": response_text, "response_truncated": truncated,
-                     "prompt_token_ids": token_ids,
-                     "token_distance": [round(float(d), 5) for d in distances[i, first:length]],
-                     "init_id": example.id, "init_prompt": example.prompt,
-                     "retokenizes_exactly": tokenizer(prompt_text, add_special_tokens=False)["input_ids"] == token_ids})
+        truncated = list(tokenizer(example.response, add_special_tokens=False)["input_ids"]) != response_ids
+        first, length = int(synthetic.fixed_prefix[i]), int(synthetic.prompt_lengths[i])
+        changed = [k for k, (a, b) in enumerate(zip(token_ids, init_ids)) if a != b]
+        pieces = [tokenizer.decode([t]) for t in token_ids]
+        marked = "".join(f"[{tokenizer.decode([init_ids[k]])}->{pieces[k]}]" if k in changed else pieces[k]
+                         for k in range(len(pieces)))
+        row = {"prompt": prompt_text, "response": tokenizer.decode(response_ids) if truncated else example.response,
+               "response_truncated": truncated, "prompt_token_ids": token_ids, "init_token_ids": init_ids,
+               "changed_positions": changed, "marked_prompt": marked, "init_id": example.id, "init_prompt": example.prompt,
+               "retokenizes_exactly": _retokenizes(tokenizer, token_ids)}
+        if distances is not None:
+            row["token_distance"] = [round(float(d), 5) for d in distances[i, first:length]]
+        rows.append(row)
     write_jsonl(output / "distilled.jsonl", rows)
     save_tensors(output / "embeddings.safetensors", {
         "prompt_embeds": synthetic.prompt_embeds.detach(), "prompt_lengths": synthetic.prompt_lengths,
-        "fixed_prefix": synthetic.fixed_prefix, "response_ids": synthetic.response_ids,
-        "response_lengths": synthetic.response_lengths, "lr": torch.tensor(lr)},
-        metadata={"format": "textdistill.synthetic/1"})
-    first_loss = metrics[0]["matching_loss"] if metrics else float("nan")
-    last_loss = metrics[-1]["matching_loss"] if metrics else float("nan")
-    learnable = synthetic.trainable_mask().squeeze(-1) > 0  # (S, P_max)
-    changed = int(((ids != synthetic.init_token_ids) & learnable).any(dim=1).sum())
-    summary = {"samples": len(rows), "learned_lr": lr, "first_matching_loss": first_loss,
-               "last_matching_loss": last_loss, "iterations": len(metrics),
-               "prompts_changed": changed, "mean_token_distance": float(distances[learnable].mean()),
-               "retokenize_exact_fraction": sum(r["retokenizes_exactly"] for r in rows) / max(1, len(rows))}
-    atomic_write_json(output / "summary.json", summary)
-    atomic_write_text(output / "README.md", _dataset_card(summary, config, manifest, experts, rows))
+        "fixed_prefix": synthetic.fixed_prefix, "learnable": synthetic.learnable,
+        "response_ids": synthetic.response_ids, "response_lengths": synthetic.response_lengths,
+        "lr": torch.tensor(lr)}, metadata={"format": "textdistill.synthetic/2"})
+    return rows
+
+
+def _summary(synthetic: SyntheticSet, lr: float, metrics: list[dict[str, Any]], rows: list[dict[str, Any]],
+             report: dict[str, Any], config: DistillConfig, seconds: float) -> dict[str, Any]:
+    learnable = synthetic.learnable
+    changed_tokens = sum(len(r["changed_positions"]) for r in rows)
+    summary = {
+        "samples": len(rows), "mode": config.mode, "iterations": len(metrics), "learned_lr": lr,
+        "tokens_changed_fraction": changed_tokens / max(1, int(learnable.sum())),
+        "prompts_changed": sum(bool(r["changed_positions"]) for r in rows),
+        "retokenize_exact_fraction": sum(r["retokenizes_exactly"] for r in rows) / max(1, len(rows)),
+        "distill_seconds": round(seconds, 1),
+        "heldout": {key: report[key] for key in ("init", "continuous", "projected", "random", "floor",
+                                                 "projected_minus_init", "continuous_minus_init",
+                                                 "projected_rank_among_random", "compare", "draws", "lr")
+                    if key in report},
+    }
+    if config.mode == "gcg":
+        summary["swaps_accepted"] = sum(bool(m.get("accepted")) for m in metrics)
+    else:
+        distances = [d for r in rows for d in r.get("token_distance", [])]
+        summary["mean_token_distance"] = sum(distances) / max(1, len(distances))
     return summary
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _dataset_card(summary: dict[str, Any], config: DistillConfig, manifest: dict[str, Any], experts: str,
                   rows: list[dict[str, Any]]) -> str:
+    heldout = summary["heldout"]
+    diff = heldout.get("projected_minus_init") or {}
     lines = [
         "# Distilled dataset (textdistill)", "",
-        f"{summary['samples']} synthetic samples distilled from `{manifest['data']}` ({manifest['pool_size']} rows) "
-        f"by trajectory matching against the experts in `{experts}` (model `{manifest['model']['name']}`, "
-        f"LoRA r={manifest['lora']['r']} on {', '.join(manifest['lora']['target_modules'])}).", "",
-        "Each row is a learned pseudo prompt, projected to its nearest tokens "
-        f"({config.projection_metric}) and decoded, followed by the real response of the sample it was "
-        "initialised from. Load it with `datasets.load_dataset(\"json\", data_files=\"distilled.jsonl\")`.", "",
+        f"{summary['samples']} samples distilled from `{manifest['data']}` ({manifest['pool_size']} rows) by "
+        f"trajectory matching against the experts in `{experts}` (model `{manifest['model']['name']}`, LoRA "
+        f"r={manifest['lora']['r']} on {', '.join(manifest['lora']['target_modules'])}).", "",
+        f"Each row is a real response after a prompt learned by `{config.mode}` (started from "
+        f"{config.init} pool rows; template scaffolding frozen: {config.freeze_scaffold}). Load it with "
+        "`datasets.load_dataset(\"json\", data_files=\"distilled.jsonl\")`; the fields other than `prompt` and "
+        "`response` are diagnostics.", "",
         "| what | value |", "|---|---|",
         f"| budget | {config.budget} ({summary['samples']} samples) |",
-        f"| iterations x student steps | {config.iterations} x {config.syn_steps} |",
-        f"| matching loss first -> last | {summary['first_matching_loss']:.4f} -> {summary['last_matching_loss']:.4f} |",
-        f"| learned student lr | {summary['learned_lr']:.4g} |",
-        f"| regularizer | {config.regularizer.mode} (weight {config.regularizer.weight}, {config.regularizer.metric}) |",
-        f"| init | {config.init} |",
-        f"| prompts whose tokens changed | {summary['prompts_changed']} / {summary['samples']} |",
-        f"| mean nearest-token distance | {summary['mean_token_distance']:.4f} |", "",
-        "## First samples", "",
+        f"| mode, iterations | {config.mode}, {summary['iterations']} |",
+        f"| learnable prompt tokens changed | {summary['tokens_changed_fraction']:.3f} |",
+        f"| prompts with a changed token | {summary['prompts_changed']} / {summary['samples']} |",
+        f"| prompts that re-tokenize exactly | {summary['retokenize_exact_fraction']:.3f} |",
+        f"| learned student lr | {summary['learned_lr']:.4g} |", "",
+        "## Held-out matching loss (the paired instrument)", "",
+        f"Mean over {len(heldout.get('draws', []))} fixed draws of held-out expert segments (lower is closer to "
+        "the expert; 1 = no closer than the start). Every set is scored on the same draws, so differences are "
+        "paired.", "",
+        "| set | loss |", "|---|---|",
+        f"| starting samples | {_fmt((heldout.get('init') or {}).get('loss'))} |",
+        f"| learned vectors (before projection) | {_fmt((heldout.get('continuous') or {}).get('loss'))} |",
+        f"| this text (decoded, re-tokenized) | {_fmt((heldout.get('projected') or {}).get('loss'))} |",
     ]
+    random_losses = [r["loss"] for r in heldout.get("random", [])]
+    if random_losses:
+        lines.append(f"| {len(random_losses)} random real subsets | {min(random_losses):.4f} - "
+                     f"{max(random_losses):.4f} (mean {sum(random_losses) / len(random_losses):.4f}) |")
+    for name, value in (heldout.get("compare") or {}).items():
+        lines.append(f"| {name} selection | {_fmt(value.get('loss'))} |")
+    lines.append(f"| floor: the rows the expert trained on | {_fmt((heldout.get('floor') or {}).get('loss'))} |")
+    if diff:
+        lines += ["", f"Text minus starting samples: {diff['mean']:+.4f} (95% interval {diff['ci95'][0]:+.4f} to "
+                      f"{diff['ci95'][1]:+.4f}); rank among the random subsets: "
+                      f"{heldout.get('projected_rank_among_random')} of {len(random_losses) + 1}."]
+    lines += ["", "## First samples", ""]
     for row in rows[:3]:
-        lines += [f"- prompt: `{row['prompt'][:300]!r}`", f"  response: `{row['response'][:120]!r}`"]
+        lines += [f"- prompt: `{row['prompt'][:300]!r}`", f"  started from: `{row['init_prompt'][:300]!r}`",
+                  f"  response: `{row['response'][:120]!r}`"]
     lines += ["", "Licence: the responses come from the source dataset; its licence applies."]
     return "\n".join(lines) + "\n"

@@ -17,22 +17,25 @@ Definitions, as in lm-evaluation-harness:
   number of characters of the continuation string. Ties go to the first choice (like ``numpy.argmax``).
 
 Scoring runs the context through the model once per question: the KV cache of the context is repeated across the
-choices and the right-padded continuations are run as one batch on top of it.
+choices and the right-padded continuations are run as one batch on top of it (``score_encoded``). Several questions
+share each forward (``score_requests``): their right-padded contexts go through together, then their multi-token
+continuations, each on a copy of its question's cache row, with positions counted from that question's real context
+length.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import inspect
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .models import output_head_only_at
+from .models import autocast_context, output_head_only_at
 
 __all__ = [
     "ChoiceRequest",
@@ -181,11 +184,16 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _output_cache(out: Any) -> Any:
+def _returned_cache(out: Any) -> Any:
+    """The KV cache a forward returned (``cache`` in transformers >= 5.x, else ``past_key_values``), or ``None``."""
     cache = getattr(out, "cache", None)
-    if cache is None:
-        cache = getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _output_cache(out: Any, needs: str = "batch_repeat_interleave") -> Any:
+    """The returned KV cache; it must have the batch method ``needs``."""
+    cache = _returned_cache(out)
+    if cache is None or not hasattr(cache, needs):
         raise TypeError(f"the model did not return a usable KV cache (got {type(cache).__name__})")
     return cache
 
@@ -256,29 +264,260 @@ def score_encoded(model: torch.nn.Module, encoded: EncodedRequest, *,
     return loglik, greedy
 
 
+def _attention_layout(model: torch.nn.Module, probe_ids: Sequence[int]) -> tuple[bool, int | None]:
+    """Whether questions may be scored together, and the smallest attention window of the model (``None``: none).
+
+    A one-token probe forward shows which KV cache the model builds. Batching right-pads contexts and copies cache
+    rows, which is exact only for plain per-token caches: full attention layers, where padding is masked out, and
+    sliding-window (or chunked) layers, where padding shifts distances and so only matters when a batch is wider
+    than the window (``_fits`` handles that). Any other layer (recurrent or linear-attention state, quantized,
+    sparse-indexed) keeps one question per forward.
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    device = _model_device(model)
+    out = model(input_ids=torch.tensor([list(probe_ids[:1])], device=device), use_cache=True, logits_to_keep=1)
+    cache = _returned_cache(out)
+    layers = getattr(cache, "layers", None)
+    if not layers or not hasattr(cache, "batch_select_indices"):
+        return False, None
+    window = None
+    for layer in layers:
+        if type(layer) is DynamicSlidingWindowLayer:
+            window = layer.sliding_window if window is None else min(window, layer.sliding_window)
+        elif type(layer) is not DynamicLayer:
+            return False, None
+    return True, window
+
+
+# Padded tokens per forward (contexts: questions x longest context; continuations: rows x (longest context +
+# width), the repeated cache included) above which questions go to separate batches: the repeated KV cache of long
+# few-shot contexts would otherwise take gigabytes. 0-shot ARC/MMLU batches of 16 questions stay far below it.
+_MAX_BATCH_TOKENS = 16384
+
+# The cost of one more forward, in padded tokens. On a 2-core CPU a one-token forward of SmolLM2-135M (reading all
+# weights, the Python of 30 layers) takes about as long as 30 more tokens in a forward; padding costs as much as
+# real tokens. Batches and continuation chunks are cut to minimise forwards x this + padded tokens.
+_FORWARD_COST_TOKENS = 32
+
+
+def _fits(*, questions: int, longest_ctx: int, shortest_ctx: int, rows: int, width: int,
+          window: int | None) -> bool:
+    """Whether a batch can be scored together with the same results as one question at a time.
+
+    ``questions`` with contexts of ``shortest_ctx`` to ``longest_ctx`` tokens, ``rows`` multi-token continuations,
+    the longest with ``width + 1`` tokens.
+
+    * Memory: both forwards stay under ``_MAX_BATCH_TOKENS`` padded tokens.
+    * Attention window: in a batch, positions are counted in the padded layout, so a sliding (or chunked) window
+      would hide or show other tokens than it does for the question alone, and the sliding cache would drop the
+      oldest padded positions. That cannot happen when no continuation token is ``window`` or more positions after
+      position 0 (longest context + width <= window), nor when all contexts are equally long (no padding), nor
+      without a second forward (width 0).
+    """
+    if max(questions * longest_ctx, rows * (longest_ctx + width)) > _MAX_BATCH_TOKENS:
+        return False
+    return window is None or width == 0 or longest_ctx + width <= window or longest_ctx == shortest_ctx
+
+
+def _cheapest_split(n: int, runs_ending_at: Callable[[int], Iterable[tuple[int, float]]]) -> list[tuple[int, int]]:
+    """Split items ``0..n-1`` into consecutive runs ``[i, j)`` with the least total cost (dynamic programming).
+
+    ``runs_ending_at(j)`` yields ``(i, cost)`` for every allowed run ``[i, j)``; it must allow ``[j - 1, j)``.
+    """
+    best = [0.0] + [math.inf] * n          # best[j]: least cost of splitting items 0..j-1
+    start = [0] * (n + 1)                  # start[j]: where the last run of that split starts
+    for j in range(1, n + 1):
+        for i, cost in runs_ending_at(j):
+            if best[i] + cost < best[j]:
+                best[j], start[j] = best[i] + cost, i
+    runs = []
+    while n > 0:
+        runs.append((start[n], n))
+        n = start[n]
+    return runs[::-1]
+
+
+def _plan_batches(encoded: Sequence[EncodedRequest], batch_size: int, window: int | None) -> list[list[int]]:
+    """Request indices grouped into batches of at most ``batch_size`` that ``_fits`` accepts.
+
+    Requests are taken longest context first (a memory problem shows at once) and cut into consecutive runs that
+    minimise the estimated cost: ``_FORWARD_COST_TOKENS`` per forward (one for the contexts, one more when there are
+    multi-token continuations) plus the padded context tokens. Continuation padding is left out: ``_score_batch``
+    runs the continuations in chunks of similar length, so it barely depends on the grouping.
+    """
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].context_ids), i))
+    n_ctx = [len(encoded[i].context_ids) for i in order]
+    rows = [sum(len(c) > 1 for c in encoded[i].continuation_ids) for i in order]
+    width = [max(len(c) for c in encoded[i].continuation_ids) - 1 for i in order]
+
+    def runs_ending_at(j: int) -> Iterable[tuple[int, float]]:
+        run_rows = run_width = 0
+        for i in range(j - 1, max(j - batch_size, 0) - 1, -1):
+            run_rows += rows[i]
+            run_width = max(run_width, width[i])
+            # growing a run to the left only adds a longer context, rows and width: once it does not fit, no
+            # longer run ending at j does
+            if i < j - 1 and not _fits(questions=j - i, longest_ctx=n_ctx[i], shortest_ctx=n_ctx[j - 1],
+                                       rows=run_rows, width=run_width, window=window):
+                return
+            yield i, _FORWARD_COST_TOKENS * (1 + (run_rows > 0)) + (j - i) * n_ctx[i]
+
+    return [order[i:j] for i, j in _cheapest_split(len(order), runs_ending_at)]
+
+
+def _cache_rows(cache: Any, index: torch.Tensor) -> Any:
+    """A cache holding rows ``index`` of ``cache`` (repeats allowed); ``cache`` itself is left as it is.
+
+    Shallow copies suffice: the only layers admitted (``_attention_layout``: ``DynamicLayer`` and
+    ``DynamicSlidingWindowLayer``) replace their key/value tensors on row selection and on update, never write into
+    them.
+    """
+    rows = copy.copy(cache)
+    rows.layers = [copy.copy(layer) for layer in cache.layers]
+    rows.batch_select_indices(index)
+    return rows
+
+
+def _score_batch(model: torch.nn.Module, batch: Sequence[EncodedRequest],
+                 cache_kwarg: str) -> list[tuple[list[float], list[bool]]]:
+    """``score_encoded`` for several questions: one forward for their right-padded contexts, then their multi-token
+    continuations on copies of their questions' cache rows, in a few chunks of similar length.
+
+    The caller makes sure padding cannot change results (``_attention_layout``, ``_fits``); the results then equal
+    ``score_encoded``'s up to float rounding. Runs inside ``torch.inference_mode()`` with the model in eval mode.
+    """
+    device = _model_device(model)
+    n_ctx = [len(e.context_ids) for e in batch]
+    longest = max(n_ctx)
+
+    # 1) the contexts, right-padded to (B, longest): padding after the real tokens changes none of them, and the
+    # default positions 0..longest-1 are right for every row. Only each row's last real position gets logits.
+    contexts = torch.zeros(len(batch), longest, dtype=torch.long)
+    ctx_mask = torch.zeros(len(batch), longest, dtype=torch.long)
+    last = torch.zeros(len(batch), longest, dtype=torch.bool)
+    for q, e in enumerate(batch):
+        contexts[q, :n_ctx[q]] = torch.tensor(e.context_ids)
+        ctx_mask[q, :n_ctx[q]] = 1
+        last[q, n_ctx[q] - 1] = True
+    last = last.to(device)
+    with output_head_only_at(model, last) as packed:
+        out = model(input_ids=contexts.to(device), attention_mask=ctx_mask.to(device), use_cache=True)
+    logits = out.logits[0] if packed() else out.logits[last]              # (B, vocab)
+    first_logp = logits.float().log_softmax(-1)
+    first_greedy = first_logp.argmax(-1)                                    # (B,)
+    results = []
+    for q, e in enumerate(batch):
+        first_ids = torch.tensor([c[0] for c in e.continuation_ids], device=device)
+        results.append((first_logp[q, first_ids].double().tolist(), (first_ids == first_greedy[q]).tolist()))
+
+    # 2) the rest of the multi-token continuations (token j is predicted at input position j - 1). Longest first,
+    # cut into chunks of similar length: padding costs as much as real tokens, one more forward about
+    # _FORWARD_COST_TOKENS of them.
+    rows = sorted(((q, k) for q, e in enumerate(batch) for k, c in enumerate(e.continuation_ids) if len(c) > 1),
+                  key=lambda row: -len(batch[row[0]].continuation_ids[row[1]]))
+    if not rows:
+        return results
+    cache = _output_cache(out, needs="batch_select_indices")
+    del out, logits
+    lengths = [len(batch[q].continuation_ids[k]) - 1 for q, k in rows]
+    chunks = _cheapest_split(len(rows), lambda j: ((i, _FORWARD_COST_TOKENS + (j - i) * lengths[i])
+                                                   for i in range(j - 1, -1, -1)))
+    for i, j in chunks:
+        for (q, k), loglik, greedy in zip(rows[i:j], *_score_continuations(
+                model, cache, batch, rows[i:j], ctx_mask, cache_kwarg)):
+            results[q][0][k] += loglik
+            results[q][1][k] = results[q][1][k] and greedy
+    return results
+
+
+def _score_continuations(model: torch.nn.Module, cache: Any, batch: Sequence[EncodedRequest],
+                         rows: Sequence[tuple[int, int]], ctx_mask: torch.Tensor,
+                         cache_kwarg: str) -> tuple[list[float], list[bool]]:
+    """Sum of log-probabilities of tokens 1.. of continuation ``k`` of question ``q`` for each row ``(q, k)``, and
+    whether they are all greedy; one forward over the rows on copies of their questions' rows of the context
+    ``cache``, whose right-padded layout ``ctx_mask`` (B, longest context) gives."""
+    device = _model_device(model)
+    conts = [batch[q].continuation_ids[k] for q, k in rows]
+    lengths = [len(c) - 1 for c in conts]
+    width = max(lengths)
+    inputs = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, (cont, n) in enumerate(zip(conts, lengths)):
+        inputs[r, :n] = torch.tensor(cont[:-1])
+        targets[r, :n] = torch.tensor(cont[1:])
+        valid[r, :n] = True
+    question = torch.tensor([q for q, _ in rows])                           # (R,) row -> question in the batch
+    # attention (R, longest + width): the question's context (zeros on its padding), then the continuation's real
+    # tokens; positions (R, width) count from the question's own context length, not the padded one
+    attention = torch.cat([ctx_mask[question], valid.long()], dim=1)
+    positions = ctx_mask.sum(1)[question, None] + torch.arange(width)
+
+    valid = valid.to(device)
+    with output_head_only_at(model, valid) as packed:
+        out = model(input_ids=inputs.to(device), attention_mask=attention.to(device),
+                    position_ids=positions.to(device), use_cache=True,
+                    **{cache_kwarg: _cache_rows(cache, question.to(device))})
+    logits = out.logits[0] if packed() else out.logits[valid]             # (real positions, vocab), row-major
+    if logits.shape[0] != int(valid.sum()):
+        raise RuntimeError(f"unexpected logits shape {tuple(out.logits.shape)} for {int(valid.sum())} positions")
+    del out
+    logits = logits.float()
+    flat_targets = targets.to(device)[valid]
+    # the log-softmax at the targets only: a full (positions, vocab) log-softmax would double the logits' memory
+    token_logp = (logits.gather(-1, flat_targets[:, None])[:, 0] - logits.logsumexp(-1)).double().cpu()
+    token_greedy = (logits.argmax(-1) == flat_targets).cpu()
+    logliks, greedy = [], []
+    start = 0
+    for n in lengths:
+        logliks.append(float(token_logp[start:start + n].sum()))
+        greedy.append(bool(token_greedy[start:start + n].all()))
+        start += n
+    return logliks, greedy
+
+
 def score_requests(model: torch.nn.Module, tokenizer: Any, requests: Sequence[ChoiceRequest], *,
-                   max_length: int | None = None, progress: bool = True) -> list[ChoiceScores]:
-    """Score every choice of every request (one context pass per request); results are in request order."""
+                   max_length: int | None = None, progress: bool = True, batch_size: int = 16) -> list[ChoiceScores]:
+    """Score every choice of every request; results are in request order.
+
+    Questions go through the model in batches of up to ``batch_size`` with similar context lengths: one forward for
+    their right-padded contexts, then their multi-token continuations on their questions' KV cache rows, in a few
+    chunks of similar length. ``batch_size=1`` runs ``score_encoded`` (the reference) per question. Batches are cut
+    smaller where padding could change results (wider than a sliding attention window) or would take too much
+    memory; models whose KV cache cannot be batched this way get one question at a time. The results equal
+    one-at-a-time scoring up to float rounding.
+    """
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     add_bos = tokenizer_adds_bos(tokenizer)
     cache_kwarg = _cache_kwarg(model)
+    encoded = [encode_request(tokenizer, r, add_bos=add_bos, max_length=max_length) for r in requests]
+    scored: list[tuple[list[float], list[bool]] | None] = [None] * len(encoded)
     was_training = model.training
     model.eval()
-    results: list[ChoiceScores] = []
     try:
-        with torch.inference_mode():
-            for request in tqdm(requests, desc="scoring", unit="q", disable=not progress):
-                encoded = encode_request(tokenizer, request, add_bos=add_bos, max_length=max_length)
-                loglik, greedy = score_encoded(model, encoded, cache_kwarg=cache_kwarg)
-                results.append(ChoiceScores(
-                    loglik=tuple(loglik), is_greedy=tuple(greedy),
-                    num_tokens=tuple(len(c) for c in encoded.continuation_ids),
-                    num_chars=tuple(len(c) for c in request.continuations),
-                ))
+        with torch.inference_mode(), tqdm(total=len(encoded), desc="scoring", unit="q", disable=not progress) as bar:
+            batchable, window = False, None
+            if batch_size > 1 and len(encoded) > 1:
+                batchable, window = _attention_layout(model, encoded[0].context_ids)
+            batches = (_plan_batches(encoded, batch_size, window) if batchable
+                       else [[i] for i in range(len(encoded))])
+            for batch in batches:
+                if len(batch) == 1:
+                    scored[batch[0]] = score_encoded(model, encoded[batch[0]], cache_kwarg=cache_kwarg)
+                else:
+                    for i, result in zip(batch, _score_batch(model, [encoded[i] for i in batch], cache_kwarg)):
+                        scored[i] = result
+                bar.update(len(batch))
     finally:
         model.train(was_training)
-    return results
+    return [ChoiceScores(loglik=tuple(loglik), is_greedy=tuple(greedy),
+                         num_tokens=tuple(len(c) for c in e.continuation_ids),
+                         num_chars=tuple(len(c) for c in r.continuations))
+            for r, e, (loglik, greedy) in zip(requests, encoded, scored)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -423,9 +662,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, config: Any, *, progr
 
     start = time.time()
     requests = build_requests(config)
-    autocast = (torch.autocast(device_type=_model_device(model).type, dtype=torch.bfloat16)
-                if config.precision == "bf16" else contextlib.nullcontext())
-    with autocast:
+    with autocast_context(config.precision, _model_device(model)):
         scores = score_requests(model, tokenizer, requests, max_length=config.max_length, progress=progress)
     result: dict[str, Any] = dict(multiple_choice_metrics(scores, [r.gold for r in requests]))
     if config.task == "mmlu":

@@ -6,9 +6,11 @@ Methods:
 * ``full``: the whole pool.
 * ``random``: a random subset at the budget (seeded).
 * ``less``: the LESS selection at the budget.
-* ``distilled``: the projected text of a distillation initialised from random real samples.
+* ``match``: the rows whose gradients best reproduce the experts' segments (selection by the matching objective).
+* ``distilled``: the text of the distillation (initialised as ``distill_init`` says: random rows, LESS or match).
 * ``distill-init``: the real samples that distillation started from (the control for ``distilled``).
-* ``distilled-less``: a distillation initialised from the LESS selection.
+* ``continuous``: the distillation's learned prompt vectors themselves (input embeddings + response tokens); the
+  distilling model only (another tokenizer cannot read vectors).
 
 Every stage's output is kept under the run folder and every finished cell writes ``cells/.../result.json``, so a
 rerun skips what is done. Results: ``results.csv``/``results.json``, ``report.md`` and PNG plots.
@@ -23,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .artifacts import atomic_write_json, read_json, sha256_json, to_jsonable, write_run_info
 from .config import DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, read_preset, read_yaml
@@ -31,8 +33,11 @@ from .data import Example, load_examples, load_task, normalize_split, parse_data
 from .distill import DistillConfig
 from .errors import ConfigError, TextDistillError
 from .experts import ExpertsConfig
+from .match_selection import MatchSelectionConfig
 
-METHODS = ("base", "full", "random", "less", "distilled", "distill-init", "distilled-less")
+METHODS = ("base", "full", "random", "less", "match", "distill-init", "distilled", "continuous")
+#: Methods whose data come from the distillation run.
+DISTILL_METHODS = ("distill-init", "distilled", "continuous")
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class ExperimentConfig:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     less: LessSettings = field(default_factory=LessSettings)
+    match: MatchSelectionConfig = field(default_factory=MatchSelectionConfig)
+    distill_init: Literal["random", "less", "match"] = "match"  # the distillation's starting samples
     distill_per_seed: bool = True  # False: one distillation (seed 0) shared by all training seeds
 
     def __post_init__(self) -> None:
@@ -105,13 +112,26 @@ def _pool_settings(config: ExperimentConfig) -> DataSettings:
     return dataclasses.replace(config.recipe.data, limit=config.pool_limit)
 
 
+def resolve_precisions(config: ExperimentConfig, device: str) -> ExperimentConfig:
+    """Replace ``precision: auto`` of the recipe, the experts and the distillation by what it means on ``device``
+    (bf16 where it is native, else fp32)."""
+    from .models import resolve_precision
+
+    experts = config.experts
+    return dataclasses.replace(
+        config, recipe=dataclasses.replace(config.recipe, precision=resolve_precision(config.recipe.precision, device)),
+        experts=dataclasses.replace(experts, train=dataclasses.replace(
+            experts.train, precision=resolve_precision(experts.train.precision, device))),
+        distill=dataclasses.replace(config.distill, precision=resolve_precision(config.distill.precision, device)))
+
+
 def validate(config: ExperimentConfig) -> list[Example]:
     """Check everything that can be checked before any model is loaded; returns the pool examples."""
     from .selection import resolve_budget
 
     normalize_split(config.target.task, config.target.split)
     load_task(config.target.task, config.target.split, limit=1)
-    if "less" in config.methods or "distilled-less" in config.methods:
+    if "less" in config.methods or (config.distill_init == "less" and set(config.methods) & set(DISTILL_METHODS)):
         spec = parse_dataset_spec(config.less.target)
         if spec.kind != "task":
             raise ConfigError(f"less.target must be a benchmark split such as arc-easy:validation, got "
@@ -228,7 +248,8 @@ class _Stages:
             return False
 
     def selection(self, method: str, budget: str, seed: int) -> Path:
-        key = self.key(self.config.distill_model, self.config.less) if method == "less" else self.key()
+        """The selection file of a (method, budget, seed); made (once, under a lock) if missing."""
+        key = self.key(*stage_settings(self.config, method))
         name = f"{method}-{budget.replace('%', 'pct')}-seed{seed if method == 'random' else 0}-{key}.json"
         path = self.root / "selections" / name
         if path.is_file():
@@ -246,6 +267,13 @@ class _Stages:
         if method == "random":
             self._timed("select-random", lambda: select(method="random", data=self.config.pool, budget=budget,
                                                         output=path, seed=seed, examples=self.pool))
+        elif method == "match":
+            from .match_selection import select_by_matching
+
+            experts = self.experts_dir()
+            self._timed("select-match", lambda: select_by_matching(
+                experts=experts, budget=budget, output=path, config=self.config.match, device=self.device,
+                progress=self.progress))
         elif scored:
             reselect(scored[0], budget, path, self.pool)
         else:
@@ -257,41 +285,68 @@ class _Stages:
                 max_val_examples=less.max_val_examples, device=self.device, progress=self.progress,
                 data_settings=_pool_settings(self.config)))
 
-    def distilled(self, budget: str, seed: int, from_less: bool) -> Path:
+    def distilled(self, budget: str, seed: int) -> Path:
+        """The distillation run folder of a (budget, seed); made (once, under a lock) if missing. The LESS and
+        match selections of the experiment are made first, so its held-out report scores them too."""
         from .distill import distill
 
-        key = self.key(self.config.distill_model, self.config.experts, self.config.distill,
-                       self.config.less if from_less else None)
-        folder = (self.root / "distill" /
-                  f"{budget.replace('%', 'pct')}-seed{seed}{'-less' if from_less else ''}-{key}")
-        if (folder / "distilled.jsonl").is_file():
+        config = self.config
+        key = self.key(*stage_settings(config, "distilled"))
+        folder = self.root / "distill" / f"{budget.replace('%', 'pct')}-seed{seed}-{key}"
+        if (folder / "distilled.jsonl").is_file() and (folder / "summary.json").is_file():
             return folder
         experts = self.experts_dir()
-        config = dataclasses.replace(self.config.distill, budget=budget, seed=seed)
-        if from_less:
-            config = dataclasses.replace(config, init="selection", selection=str(self.selection("less", budget, 0)))
+        compare = {m: str(self.selection(m, budget, 0)) for m in ("less", "match")
+                   if m in config.methods or m == config.distill_init}
+        distill_config = dataclasses.replace(config.distill, budget=budget, seed=seed)
+        if config.distill_init != "random":
+            distill_config = dataclasses.replace(distill_config, init="selection",
+                                                 selection=compare[config.distill_init])
         with stage_lock(folder, log=self.log):
-            if not (folder / "distilled.jsonl").is_file():
+            if not (folder / "summary.json").is_file():
                 resume = (folder / "state.json").is_file()   # an interrupted run continues exactly
-                self._timed("distill", lambda: distill(experts=experts, output=folder, config=config, resume=resume,
-                                                       device=self.device, progress=self.progress))
+                self._timed("distill", lambda: distill(experts=experts, output=folder, config=distill_config,
+                                                       resume=resume, compare=compare, device=self.device,
+                                                       progress=self.progress))
         return folder
 
     def examples(self, method: str, budget: str, seed: int) -> tuple[list[Example], dict[str, Any]]:
-        """Training examples of a cell and what to record about them."""
+        """Training examples of a cell and what to record about them (``continuous`` has none: see
+        :meth:`distilled`)."""
         from .selection import apply_selection
 
         if method == "full":
             return list(self.pool), {}
-        if method in ("random", "less"):
+        if method in ("random", "less", "match"):
             return apply_selection(self.pool, self.selection(method, budget, seed)), {}
-        distill_seed = seed if self.config.distill_per_seed else 0
-        folder = self.distilled(budget, distill_seed, from_less=method == "distilled-less")
+        folder = self.distilled(budget, seed if self.config.distill_per_seed else 0)
         if method == "distill-init":
             init = read_json(folder / "init.json")
             return [self.pool[i] for i in init["indices"]], {"distill_run": str(folder)}
         rows = [json.loads(line) for line in (folder / "distilled.jsonl").read_text().splitlines() if line.strip()]
         return rows_to_examples(rows, origin=str(folder / "distilled.jsonl")), {"distill_run": str(folder)}
+
+
+def stage_settings(config: ExperimentConfig, method: str) -> list[Any]:
+    """Every setting the data of a ``method`` cell depend on, beyond the pool (a cell or stage is reused only when
+    these are unchanged, so changing the distillation never redoes the random or LESS cells)."""
+    if method in ("base", "full", "random"):
+        return []
+    if method == "less":
+        return [config.distill_model, config.less]
+    if method == "match":
+        return [config.distill_model, config.experts, config.match]
+    if method in DISTILL_METHODS:
+        init = {"random": None, "less": config.less, "match": (config.experts, config.match)}[config.distill_init]
+        return [config.distill_model, config.experts, config.distill, config.distill_init, init,
+                config.distill_per_seed]
+    raise ConfigError(f"unknown method '{method}'")
+
+
+def cell_key(config: ExperimentConfig, method: str) -> str:
+    """Key of a finished cell: the pool, target, training recipe and the stage settings of its method."""
+    return settings_key([config.pool, _pool_settings(config), config.target, config.recipe,
+                         *stage_settings(config, method)])[:12]
 
 
 def training_data_key(examples: list[Example]) -> str:
@@ -311,7 +366,7 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
     that of a finished cell (e.g. a distillation that changed no token, next to its starting samples) would repeat
     the same deterministic run, so its scores are copied and the row says ``same_data_as``."""
     from .models import load_model, load_tokenizer
-    from .training import train_on_examples
+    from .training import train_on_embeddings, train_on_examples
 
     row: dict[str, Any] = {"model": model_name, "method": method, "budget": budget if method not in ("base",) else "",
                            "seed": seed if seed is not None else "", "task": f"{config.target.task}:{config.target.split}"}
@@ -320,6 +375,17 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
         tokenizer = load_tokenizer(model_name)
         model = load_model(model_name, device=stages.device, attn_implementation="sdpa")
         row.update({"train_examples": 0, "train_seconds": 0.0, "data_seconds": 0.0})
+    elif method == "continuous":
+        from .artifacts import sha256_file
+
+        folder = stages.distilled(budget, seed if config.distill_per_seed else 0)
+        embeddings = folder / "embeddings.safetensors"
+        row.update({"distill_run": str(folder), "data_key": sha256_file(embeddings)[:16]})
+        model, tokenizer, result = train_on_embeddings(
+            model_name=model_name, embeddings=embeddings, config=dataclasses.replace(config.recipe, seed=seed),
+            device=stages.device, progress=progress)
+        row.update({"train_examples": result.examples, "train_steps": result.steps,
+                    "train_seconds": round(result.seconds, 1), "train_last_loss": round(result.losses[-1], 4)})
     else:
         data_start = time.time()
         examples, info = stages.examples(method, budget, seed)
@@ -331,7 +397,7 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
             row.update({k: twin[k] for k in _RUN_FIELDS if k in twin})
             row.update({"train_examples": len(examples), "cell_seconds": round(time.time() - start, 1),
                         "same_data_as": f"{twin['method']} {twin['budget']} seed {twin['seed']}"})
-            if method in ("distilled", "distilled-less"):
+            if method == "distilled":
                 row["prompt_tokens_mean"] = _prompt_tokens_mean(load_tokenizer(model_name), examples)
             return row
         recipe = dataclasses.replace(config.recipe, seed=seed)
@@ -339,7 +405,7 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
                                                      device=stages.device, progress=progress)
         row.update({"train_examples": len(examples), "train_steps": result.steps,
                     "train_seconds": round(result.seconds, 1), "train_last_loss": round(result.losses[-1], 4)})
-        if method in ("distilled", "distilled-less"):
+        if method == "distilled":
             row["prompt_tokens_mean"] = _prompt_tokens_mean(tokenizer, examples)
     from .evaluation import evaluate_model
 
@@ -359,12 +425,13 @@ def _prompt_tokens_mean(tokenizer: Any, examples: list[Example]) -> float:
 CELL_POLL_SECONDS = 20.0
 
 
-def _finished_by_data(root: Path, cell_key: str) -> dict[tuple, dict[str, Any]]:
+def _finished_by_data(root: Path, keys: dict[str, str]) -> dict[tuple, dict[str, Any]]:
     """Finished cells of this config (any method, also those of other processes) by the data they trained on."""
     finished = {}
     for path in sorted((root / "cells").glob("**/result.json")):
         row = read_json(path)
-        if row.get("config_key") == cell_key and row.get("data_key") and "same_data_as" not in row:
+        if (row.get("config_key") == keys.get(row.get("method")) and row.get("data_key")
+                and "same_data_as" not in row):
             finished[(row["model"], row["seed"], row["data_key"])] = row
     return finished
 
@@ -377,33 +444,33 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
     from .report import write_report
 
     root = Path(output)
+    config = resolve_precisions(config, device)   # keys then say what was computed (bf16 or fp32)
     pool = validate(config)  # fails before any model is loaded
     root.mkdir(parents=True, exist_ok=True)
     write_run_info(root, command="experiment", config=config, seeds={"seeds": list(config.seeds)})
     stages = _Stages(config, root, pool, device, progress, log=log)
-    cells: list[tuple[str, str, str, int | None]] = []
+    cells: list[tuple[str, str, int | None, str]] = []
     for method in config.methods:
+        # learned vectors only fit the model that learned them
+        models = [config.distill_model] if method == "continuous" else list(config.models)
         if method == "base":
-            cells.append((method, "", "", None))
+            cells += [(method, "", None, m) for m in models]
         elif method == "full":
-            cells += [(method, "100%", "100%", s) for s in config.seeds]
+            cells += [(method, "100%", s, m) for s in config.seeds for m in models]
         else:
-            cells += [(method, b, b, s) for b in config.budgets for s in config.seeds]
-    total = len(cells) * len(config.models)
+            cells += [(method, b, s, m) for b in config.budgets for s in config.seeds for m in models]
+    total = len(cells)
     # a cell's result is reused only if it was made with the same pool, target, recipe and stage settings
-    cell_key = settings_key({k: v for k, v in dataclasses.asdict(config).items()
-                             if k not in ("name", "models", "budgets", "methods", "seeds")})[:12]
+    keys = {method: cell_key(config, method) for method in config.methods}
     rows = []
-    pending = [(index, method, budget, seed, model_name)
-               for index, (method, budget, seed, model_name) in enumerate(
-                   (m, b, s, name) for m, b, _, s in cells for name in config.models)]
+    pending = [(index, *cell) for index, cell in enumerate(cells)]
     while pending:
         deferred = []
         for index, method, budget, seed, model_name in pending:
             folder = _cell_dir(root, model_name, method, budget or "none", seed)
             label = f"[{index + 1}/{total}] {model_name} {method} {budget} seed {seed}"
             previous = read_json(folder / "result.json") if (folder / "result.json").is_file() else None
-            if previous is not None and previous.get("config_key") == cell_key:
+            if previous is not None and previous.get("config_key") == keys[method]:
                 log(f"{label}: done earlier, skipped")
                 rows.append(previous)
                 continue
@@ -416,14 +483,14 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
                 continue
             try:
                 previous = read_json(folder / "result.json") if (folder / "result.json").is_file() else None
-                if previous is not None and previous.get("config_key") == cell_key:
+                if previous is not None and previous.get("config_key") == keys[method]:
                     log(f"{label}: done by another process, skipped")
                     rows.append(previous)
                     continue
                 log(f"{label}{': made with other settings, redone' if previous is not None else ''}")
                 row = run_cell(config, stages, model_name, method, budget, seed, progress,
-                               same_data=_finished_by_data(root, cell_key))
-                row["config_key"] = cell_key
+                               same_data=_finished_by_data(root, keys))
+                row["config_key"] = keys[method]
                 atomic_write_json(folder / "result.json", row)
             finally:
                 release_lock(folder)

@@ -3,8 +3,9 @@
 Layout of an experts folder::
 
     manifest.json                 base model identity, tokenizer, LoRA shape, pool and its hash, recipe, snapshots
-    run.json                      resolved config, versions, seeds
+    run.json                      resolved config, versions, seeds, machine
     expert_00/step_000000.safetensors, step_000050.safetensors, ...
+    expert_00/data_order.json     the pool rows of every optimizer step, in order (what the expert trained on)
 
 An expert whose last snapshot exists is skipped on a rerun (resumable at expert granularity).
 """
@@ -28,6 +29,7 @@ from .training import planned_steps, train_model
 from .unroll import lora_parameters
 
 MANIFEST_VERSION = 1
+DATA_ORDER = "data_order.json"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,42 @@ class ExpertTrajectories:
     @property
     def num_snapshots(self) -> int:
         return min(len(s) for s in self.snapshots)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.snapshots)
+
+    @property
+    def snapshot_every(self) -> int:
+        """Optimizer steps between two snapshots (every segment has the same length)."""
+        steps = self.manifest["snapshot_steps"]
+        return int(steps[1] - steps[0])
+
+    @property
+    def samples_per_step(self) -> int:
+        return int(self.manifest["batch_size"]) * int(self.manifest.get("grad_accum", 1))
+
+    def split(self, heldout: int) -> tuple[list[int], list[int]]:
+        """(experts the distillation may use, held-out experts for the instrument): the last ``heldout`` runs are
+        held out. With ``heldout=0`` every expert is in both lists (nothing is held out)."""
+        if heldout < 0 or heldout >= self.num_experts:
+            raise ConfigError(f"heldout_experts={heldout} must leave at least one of the {self.num_experts} expert "
+                              f"runs in {self.root} for distillation (make more experts or hold out fewer)")
+        everyone = list(range(self.num_experts))
+        if heldout == 0:
+            return everyone, everyone
+        return everyone[:-heldout], everyone[-heldout:]
+
+    def segment_batches(self, expert: int, start: int, span: int) -> list[list[int]] | None:
+        """Pool indices of every optimizer step of expert ``expert`` between snapshot ``start`` and snapshot
+        ``start + span``, in training order (one list per step); None for experts made before the data order was
+        recorded."""
+        path = self.root / f"expert_{expert:02d}" / DATA_ORDER
+        if not path.is_file():
+            return None
+        steps = self.manifest["snapshot_steps"]
+        order = read_json(path)["batch_indices"]          # order[k] = rows of optimizer step k + 1
+        return order[steps[start]: steps[start + span]]
 
     def load(self, expert: int, index: int, device: torch.device | str = "cpu",
              dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -131,9 +169,10 @@ def make_experts(*, model_name: str, data: str, output: str | Path, config: Expe
         start = time.time()
         result = train_model(model, tokenized, dataclasses.replace(recipe, seed=recipe.seed + expert),
                              pad_id=tokenizer.pad_token_id, on_step=save_snapshot, progress=progress)
+        atomic_write_json(folder / DATA_ORDER, {"batch_indices": result.batch_indices})
         manifest["experts"] = [e for e in manifest["experts"] if e["index"] != expert] + [{
             "index": expert, "seed": recipe.seed + expert, "folder": folder.name, "seconds": round(time.time() - start, 1),
-            "first_loss": result.losses[0], "last_loss": result.losses[-1]}]
+            "first_loss": result.losses[0], "last_loss": result.losses[-1], "precision": result.precision}]
         base = model.unload()  # drop the LoRA layers: the next expert starts from the untouched base
         atomic_write_json(manifest_path, manifest)
     atomic_write_json(manifest_path, manifest)
@@ -164,6 +203,30 @@ def load_experts(path: str | Path) -> ExpertTrajectories:
         if shapes != reference:
             raise TrajectoryError(f"{paths[-1]} has LoRA tensors of another layout than {snapshots[0][0]}")
     return ExpertTrajectories(root=root, manifest=manifest, snapshots=tuple(snapshots))
+
+
+def check_plain_sgd(manifest: dict[str, Any], root: Path | str) -> None:
+    """The student of trajectory matching takes plain SGD steps with one learning rate; refuse trajectories made
+    with anything else (its steps could not follow them), naming what differs."""
+    recipe = manifest.get("recipe", {})
+    problems = []
+    if recipe.get("optimizer", manifest.get("optimizer")) != "sgd":
+        problems.append(f"optimizer {recipe.get('optimizer', manifest.get('optimizer'))}")
+    if recipe.get("momentum", 0.0):
+        problems.append(f"momentum {recipe['momentum']}")
+    if recipe.get("weight_decay", 0.0):
+        problems.append(f"weight_decay {recipe['weight_decay']}")
+    if recipe.get("max_grad_norm"):
+        problems.append(f"gradient clipping (max_grad_norm {recipe['max_grad_norm']})")
+    if recipe.get("schedule", "constant") != "constant":
+        problems.append(f"a {recipe['schedule']} lr schedule")
+    if recipe.get("warmup_ratio", 0.0):
+        problems.append(f"warm-up (warmup_ratio {recipe['warmup_ratio']})")
+    if problems:
+        raise TrajectoryError(
+            f"the experts in {root} were trained with {', '.join(problems)}, but the student takes plain SGD "
+            f"steps; make experts with optimizer sgd, momentum 0, weight_decay 0, schedule constant, "
+            f"warmup_ratio 0 and max_grad_norm null")
 
 
 def check_compatible(trajectories: ExpertTrajectories, identity: ModelIdentity, lora_names: dict[str, Sequence[int]]) -> None:

@@ -85,12 +85,60 @@ def budget_table(rows: Sequence[dict[str, Any]], metric: str = "acc") -> str:
 
 
 def _method_order(method: str) -> int:
-    order = ["base", "full", "random", "less", "distill-init", "distilled", "distilled-less"]
+    order = ["base", "full", "random", "less", "match", "distill-init", "distilled", "continuous"]
     return order.index(method) if method in order else len(order)
 
 
 def _sorted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["model"], _method_order(r["method"]), str(r["budget"]), str(r["seed"])))
+
+
+def _loss(value: Any) -> str:
+    return "-" if not value else f"{value['loss']:.4f}"
+
+
+def distillation_summary(folder: Path, samples: int = 3) -> list[str]:
+    """Markdown lines describing one distillation run: what changed, the held-out instrument's paired numbers,
+    and a few prompts before and after (changed tokens shown as ``[old->new]``)."""
+    summary_file = folder / "summary.json"
+    if not summary_file.is_file():
+        return []
+    summary = json.loads(summary_file.read_text())
+    heldout = summary.get("heldout") or {}
+    lines = [f"### `{folder.name}`: {summary.get('mode', 'continuous')}, {summary['iterations']} iterations, "
+             f"{summary['samples']} samples", "",
+             f"Learnable prompt tokens changed: {summary.get('tokens_changed_fraction', 0.0):.3f} "
+             f"({summary.get('prompts_changed', 0)} of {summary['samples']} prompts); learned student lr "
+             f"{summary.get('learned_lr', float('nan')):.4g}.", ""]
+    if heldout.get("init"):
+        randoms = [r["loss"] for r in heldout.get("random", [])]
+        lines += [f"Held-out matching loss (mean of {len(heldout['init']['draws'])} paired draws of held-out expert "
+                  "segments; lower is closer to the expert, 1 = no closer than the start):", "",
+                  "| set | loss |", "|---|---|",
+                  f"| starting samples | {_loss(heldout.get('init'))} |",
+                  f"| learned vectors (before projection) | {_loss(heldout.get('continuous'))} |",
+                  f"| distilled text (decoded, re-tokenized) | {_loss(heldout.get('projected'))} |"]
+        for name, value in (heldout.get("compare") or {}).items():
+            lines.append(f"| {name} selection | {_loss(value)} |")
+        if randoms:
+            lines.append(f"| {len(randoms)} random subsets | {min(randoms):.4f} - {max(randoms):.4f} "
+                         f"(mean {statistics.fmean(randoms):.4f}) |")
+        lines.append(f"| floor (the rows the expert trained on) | {_loss(heldout.get('floor'))} |")
+        diff = heldout.get("projected_minus_init")
+        if diff:
+            lines += ["", f"Distilled text minus starting samples: {diff['mean']:+.4f} (95% interval "
+                          f"{diff['ci95'][0]:+.4f} to {diff['ci95'][1]:+.4f}); rank among the random subsets: "
+                          f"{heldout.get('projected_rank_among_random')} of {len(randoms) + 1}."]
+        lines.append("")
+    data_file = folder / "distilled.jsonl"
+    if data_file.is_file() and samples:
+        rows = [json.loads(x) for x in data_file.read_text().splitlines() if x.strip()]
+        rows = sorted(rows, key=lambda r: -len(r.get("changed_positions", [])))[:samples]
+        lines += ["Prompts after distillation (`[old->new]` marks a changed token):", ""]
+        for row in rows:
+            lines.append(f"- `{row.get('marked_prompt', row['prompt'])[:300]!r}` -> `{row['response'][:80]!r}`")
+        lines.append("")
+    return lines
 
 
 def _png(fig: Any) -> bytes:
@@ -194,7 +242,6 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
         atomic_write_bytes(root / "accuracy_vs_budget.png", plot_accuracy_vs_budget(rows))
     runs = {}
     distances: list[float] = []
-    samples: list[dict[str, Any]] = []
     for folder in sorted((root / "distill").glob("*")) if (root / "distill").is_dir() else []:
         metrics_file = folder / "metrics.jsonl"
         if metrics_file.is_file():
@@ -202,29 +249,16 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
         data_file = folder / "distilled.jsonl"
         if data_file.is_file():
             for line in data_file.read_text().splitlines():
-                row = json.loads(line)
-                distances.extend(row.get("token_distance", []))
-                if len(samples) < 4:
-                    samples.append(row)
+                distances.extend(json.loads(line).get("token_distance", []))
     if runs:
         atomic_write_bytes(root / "matching_loss.png", plot_matching_loss(runs))
-        lines += ["## Distillation", "", "| run | iterations | matching loss first | last | min | learned lr |",
-                  "|---|---|---|---|---|---|"]
-        for name, metrics in runs.items():
-            if metrics:
-                losses = [m["matching_loss"] for m in metrics]
-                lines.append(f"| {name} | {len(metrics)} | {losses[0]:.4f} | {losses[-1]:.4f} | {min(losses):.4f} | "
-                             f"{metrics[-1]['lr']:.4g} |")
-        lines += ["", "![matching loss](matching_loss.png)", ""]
+        lines += ["## Distillation", ""]
+        for folder in sorted((root / "distill").glob("*")):
+            lines += distillation_summary(folder)
+        lines += ["![matching loss](matching_loss.png)", ""]
     if distances:
         atomic_write_bytes(root / "token_distance.png", plot_distance_histogram(distances))
         lines += ["![nearest-token distance](token_distance.png)", ""]
-    if samples:
-        lines += ["## Decoded distilled samples", ""]
-        for row in samples:
-            lines += [f"- initial prompt: `{row.get('init_prompt', '')[:200]!r}`",
-                      f"  - distilled prompt: `{row['prompt'][:200]!r}`", f"  - response: `{row['response'][:100]!r}`"]
-        lines.append("")
     lines += ["## Wall time per stage (seconds, this machine)", "", "| stage | seconds |", "|---|---|"]
     for key, value in sorted(stage_seconds.items()):
         lines.append(f"| {key} | {value:.0f} |")

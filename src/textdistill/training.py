@@ -6,11 +6,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,7 +20,7 @@ from .artifacts import atomic_write_json, write_jsonl, write_run_info
 from .config import TrainConfig
 from .data import TokenizedExample, load_examples, tokenize_examples
 from .errors import ConfigError, TrainingError
-from .models import add_lora, load_model, load_tokenizer, output_head_only_at
+from .models import add_lora, autocast_context, load_model, load_tokenizer, output_head_only_at, resolve_precision
 
 
 def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -105,15 +104,22 @@ class TrainResult:
     tokens: int
     seconds: float
     losses: list[float]
+    precision: str = "fp32"  # what ``auto`` resolved to on this device
+    examples: int = 0  # how many examples it trained on
+    batch_indices: list[list[int]] = field(default_factory=list)  # example indices of each step, in order
 
 
 StepCallback = Callable[[int, Any, torch.optim.Optimizer], None]
 
 
-def train_model(model: Any, examples: Sequence[TokenizedExample], config: TrainConfig, *, pad_id: int,
+def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad_id: int,
                 on_step: StepCallback | None = None, progress: bool = True,
-                metrics_log: list[dict[str, Any]] | None = None) -> TrainResult:
+                metrics_log: list[dict[str, Any]] | None = None,
+                batch_loss: Callable[[list[int]], tuple[torch.Tensor, int]] | None = None) -> TrainResult:
     """Train the model's trainable parameters on ``examples`` with ``config``'s recipe, in place.
+
+    ``examples`` are :class:`TokenizedExample` rows, or, with ``batch_loss``, anything with a length:
+    ``batch_loss(indices)`` then returns the mean loss of those examples and the number of tokens it processed.
 
     ``on_step(step, model, optimizer)`` runs after every optimizer step (step counts from 1) and once before the
     first with step 0 (the expert runs save their snapshots there). Raises TrainingError on a NaN/inf loss, naming
@@ -131,12 +137,13 @@ def train_model(model: Any, examples: Sequence[TokenizedExample], config: TrainC
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total, warmup, config.schedule))
     torch.manual_seed(config.seed)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if config.precision == "bf16"
-                else contextlib.nullcontext())
+    precision = resolve_precision(config.precision, device)
+    autocast = autocast_context(precision, device)
     model.train()
     if on_step is not None:
         on_step(0, model, optimizer)
     losses: list[float] = []
+    batch_indices: list[list[int]] = []
     tokens = 0
     start = time.time()
     micro = config.batch_size
@@ -145,21 +152,27 @@ def train_model(model: Any, examples: Sequence[TokenizedExample], config: TrainC
     for step in range(1, total + 1):
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens = 0.0, 0
+        batch_indices.append([])
         for _ in range(config.grad_accum):
             if cursor >= len(order):
                 epoch, cursor = epoch + 1, 0
                 order = epoch_order(len(examples), config.seed, epoch)
-            chunk = [examples[i] for i in order[cursor: cursor + micro]]
+            batch_indices[-1] += order[cursor: cursor + micro]
+            indices = order[cursor: cursor + micro]
             cursor += micro
-            batch = collate(chunk, pad_id, device)
             with autocast:
-                loss, count = response_loss(model, batch)
+                if batch_loss is not None:
+                    loss, count = batch_loss(indices)
+                else:
+                    batch = collate([examples[i] for i in indices], pad_id, device)
+                    loss, _ = response_loss(model, batch)
+                    count = int(batch["attention_mask"].sum())
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step} (lr {scheduler.get_last_lr()[0]:.3g}); "
                                     f"lower the learning rate or use fp32")
             (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += count
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
@@ -177,7 +190,8 @@ def train_model(model: Any, examples: Sequence[TokenizedExample], config: TrainC
             on_step(step, model, optimizer)
     bar.close()
     model.eval()
-    return TrainResult(steps=total, tokens=tokens, seconds=time.time() - start, losses=losses)
+    return TrainResult(steps=total, tokens=tokens, seconds=time.time() - start, losses=losses, precision=precision,
+                       batch_indices=batch_indices, examples=len(examples))
 
 
 def train_on_examples(*, model_name: str, examples: Sequence[Any], config: TrainConfig, device: str = "auto",
@@ -200,6 +214,45 @@ def train_on_examples(*, model_name: str, examples: Sequence[Any], config: Train
             p.requires_grad_(True)
     result = train_model(model, tokenized, config, pad_id=tokenizer.pad_token_id, progress=progress,
                          metrics_log=metrics_log)
+    return model, tokenizer, result
+
+
+def train_on_embeddings(*, model_name: str, embeddings: str | Path, config: TrainConfig, device: str = "auto",
+                        trust_remote_code: bool = False, progress: bool = True) -> tuple[Any, Any, TrainResult]:
+    """Fine-tune ``model_name`` (LoRA as the recipe says) on a distillation's learned prompt *vectors* followed by
+    their response tokens (``embeddings.safetensors`` of a distill run): the continuous arm, which says whether the
+    objective or the projection to text is what limits the distilled data. Returns (model, tokenizer, result);
+    ``result.examples`` is the number of samples."""
+    from .artifacts import load_tensors
+    from .unroll import SyntheticBatch, student_loss
+
+    tensors = load_tensors(embeddings)
+    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa",
+                       trust_remote_code=trust_remote_code)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    if tensors["prompt_embeds"].shape[-1] != hidden:
+        raise ConfigError(f"{embeddings} holds vectors of width {tensors['prompt_embeds'].shape[-1]}, model "
+                          f"'{model_name}' has width {hidden}: learned vectors only fit the model they were learned "
+                          f"with")
+    torch.manual_seed(config.seed)
+    if config.method != "lora":
+        raise ConfigError("training on learned vectors supports LoRA recipes only")
+    model = add_lora(model, config.lora)
+    target = next(model.parameters()).device
+    prompts = tensors["prompt_embeds"].to(target)             # (S, P_max, H), in the input-embedding space
+    lengths, responses = tensors["prompt_lengths"].to(target), tensors["response_ids"].to(target)
+    response_lengths = tensors["response_lengths"].to(target)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def batch_loss(indices: list[int]) -> tuple[torch.Tensor, int]:
+        index = torch.tensor(indices, device=target)
+        batch = SyntheticBatch(prompts[index], lengths[index], responses[index], response_lengths[index])
+        return student_loss(model, trainable, batch), int((lengths[index] + response_lengths[index]).sum())
+
+    result = train_model(model, range(prompts.shape[0]), config, pad_id=tokenizer.pad_token_id, progress=progress,
+                         batch_loss=batch_loss)
+    result.examples = prompts.shape[0]
     return model, tokenizer, result
 
 
@@ -237,6 +290,7 @@ def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig
         tokenizer.save_pretrained(output)
     summary: dict[str, Any] = {"model": model_name, "data": data, "examples": len(examples), "steps": result.steps,
                                "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
+                               "precision": result.precision,
                                "first_loss": result.losses[0], "last_loss": result.losses[-1]}
     if evaluate_on:
         from .config import EvalConfig

@@ -40,6 +40,7 @@ __all__ = [
     "SyntheticBatch",
     "attention_context",
     "build_inputs",
+    "first_order_unroll",
     "lora_parameters",
     "matching_loss",
     "student_loss",
@@ -276,6 +277,32 @@ def unroll(model: nn.Module, start_params: Mapping[str, Tensor], batches: Sequen
         for batch in batches:
             params = _sgd_step(model, names, params, batch, lr, create_graph)
     return dict(zip(names, params))
+
+
+def first_order_unroll(model: nn.Module, start_params: Mapping[str, Tensor], batches: Sequence[SyntheticBatch],
+                       lr: float, *, keep_snapshots: bool = False) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """The same N SGD steps as :func:`unroll`, without any graph (nothing is differentiable): for scoring a
+    training set on the matching loss (the held-out instrument, candidate swaps of the token search).
+
+    Returns theta_N (detached) and, with ``keep_snapshots``, the parameters *before* each step (theta_0 ..
+    theta_{N-1}), so that a set that differs from this one only in samples first used at step k can be scored by
+    continuing from ``snapshots[k]`` with ``batches[k:]`` (the steps before k are identical).
+    """
+    names = list(start_params)
+    params = [p.detach() for p in start_params.values()]
+    snapshots: list[dict[str, Tensor]] = []
+    step_lr = float(lr)
+    with attention_context(model, second_order=False), torch.enable_grad():
+        for batch in batches:
+            if keep_snapshots:
+                snapshots.append(dict(zip(names, params)))
+            frozen = SyntheticBatch(batch.prompt_embeds.detach(), batch.prompt_lengths, batch.response_ids,
+                                    batch.response_lengths)
+            leaves = [p.detach().requires_grad_(True) for p in params]
+            loss = student_loss(model, dict(zip(names, leaves)), frozen)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+            params = [(p - step_lr * g).detach() for p, g in zip(leaves, grads)]
+    return dict(zip(names, params)), snapshots
 
 
 class _Spec:
