@@ -76,28 +76,28 @@ def test_gcg_keeps_a_swap_only_when_the_scored_loss_falls(gcg_run):
     assert scored, "no iteration scored a candidate"
     for m in metrics:
         if m["accepted"]:
-            assert m["best_candidate_loss"] < m["current_loss"]
+            assert m["proposal_loss"] <= m["best_candidate_loss"] < m["current_loss"]
             assert m["confirm_candidate_loss"] < m["confirm_current_loss"]
         elif "confirm_candidate_loss" in m:
             assert m["confirm_candidate_loss"] >= m["confirm_current_loss"]
         elif "best_candidate_loss" in m:
             assert m["best_candidate_loss"] >= m["current_loss"]
-    # the text holds exactly the accepted swaps (a position swapped twice counts once)
-    accepted = {(m["swap"]["sample"], m["swap"]["position"]) for m in metrics if m["accepted"]}
+    # the text holds the accepted swaps and nothing else (a position swapped twice counts once)
+    accepted = {(w["sample"], w["position"]) for m in metrics if m["accepted"] for w in m["swaps"]}
     rows = _rows(out)
-    assert summary["swaps_accepted"] == sum(m["accepted"] for m in metrics)
+    assert summary["swaps_accepted"] == sum(len(m["swaps"]) for m in metrics if m["accepted"])
     changed = {(i, p) for i, r in enumerate(rows) for p in r["changed_positions"]}
-    assert {(s, p - 0) for s, p in accepted} >= changed  # BOS-free tiny tokenizer: positions line up
+    assert accepted >= changed  # BOS-free tiny tokenizer: positions in the text are positions in the prompt
     assert all(r["retokenizes_exactly"] for r in rows)
 
 
 def test_a_worse_swap_is_never_accepted(experts_dir, tmp_path, monkeypatch):
     import textdistill.distill as module
 
-    def worse(context, synthetic, draw, swaps, lr):
-        return 1.0, (swaps[0], 1.5)   # every candidate scores above the current set
+    def worse(context, synthetic, draw, proposals, lr):
+        return 1.0, [1.5] * len(proposals)   # every candidate scores above the current set
 
-    monkeypatch.setattr(module, "_score_swaps", worse)
+    monkeypatch.setattr(module, "_score_proposals", worse)
     config = dataclasses.replace(FAST, iterations=3)
     summary = distill(experts=experts_dir, output=tmp_path / "d", config=config, device="cpu", progress=False)
     assert summary["swaps_accepted"] == 0 and summary["tokens_changed_fraction"] == 0.0
@@ -105,7 +105,7 @@ def test_a_worse_swap_is_never_accepted(experts_dir, tmp_path, monkeypatch):
 
 
 def test_continuing_from_a_snapshot_equals_a_full_unroll(experts_dir, tiny_llama_dir):
-    # _score_swaps scores a swap in sample i from i's first minibatch on; that must equal scoring from scratch
+    # _score_proposals scores a swap in sample i from i's first minibatch on; that must equal scoring from scratch
     from textdistill.instrument import Draw, SampleSet, Scorer, load_student_model, resolve_student
     from textdistill.projection import input_embedding_matrix
 
@@ -263,3 +263,20 @@ def test_initial_samples_differ_from_the_random_baseline_of_the_same_seed(gcg_ru
     out, _ = gcg_run
     init = read_json(out / "init.json")["indices"]
     assert sorted(init) != random_indices(12, 4, FAST.seed)
+
+
+def test_fluent_candidates_are_the_models_own_next_tokens(experts_dir):
+    from textdistill.distill import _fluent_allowed
+
+    trajectories = load_experts(experts_dir)
+    from textdistill.instrument import load_student_model
+
+    model, _ = load_student_model(trajectories, device="cpu")
+    ids = torch.tensor([[5, 17, 300, 42], [7, 8, -1, -1]])
+    synthetic = type("S", (), {"prompt_ids": lambda self, s: [t for t in ids[s].tolist() if t >= 0]})()
+    context = type("C", (), {"model": model, "embed_matrix": torch.zeros(1, 1)})()
+    fluent = _fluent_allowed(context, synthetic, [0, 1], k=3)
+    assert fluent[0].shape == (4, 3) and fluent[1].shape == (2, 3)
+    assert (fluent[0][0] == -1).all()   # nothing predicts the first position
+    logits = model.get_base_model()(input_ids=ids[:1]).logits[0]
+    assert set(fluent[0][2].tolist()) == set(logits[1].topk(3).indices.tolist())   # position 2 from position 1

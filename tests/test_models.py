@@ -31,3 +31,24 @@ def test_local_tiny_folder_loads_and_lora_targets_are_checked(tiny_llama_dir):
     assert model_fingerprint(peft_model) == fp
     with pytest.raises(ModelError, match="not found"):
         add_lora(load_model(str(tiny_llama_dir), device="cpu"), LoraSettings(target_modules=("c_attn",)))
+
+
+@pytest.mark.parametrize("capabilities, level, expected", [
+    ({"amx_bf16": True, "avx512_bf16": True}, "AVX512", "bf16"),   # AMX: bf16 is fast
+    ({"amx_bf16": False, "avx512_bf16": True}, "AVX512", "fp32"),  # AVX512-BF16 alone measured slower than fp32
+    ({"amx_bf16": True, "avx512_bf16": True}, "AVX2", "fp32"),     # kernels held at AVX2 (ATEN_CPU_CAPABILITY)
+    ({"avx2": True}, "AVX2", "fp32"),                               # AVX2 only: bf16 is emulated
+])
+def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch, capabilities, level, expected):
+    import torch
+
+    from textdistill.models import autocast_context, resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: level)
+    assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    with autocast_context("auto", "cpu"):
+        assert torch.is_autocast_enabled("cpu") == (expected == "bf16")
+    with pytest.raises(ModelError, match="unknown precision"):
+        resolve_precision("fp8", "cpu")

@@ -126,3 +126,50 @@ def test_response_loss_packs_only_response_positions_in_padded_batches(tiny_gemm
             start = len(t.input_ids) - len(t.response_ids)
             total -= sum(logp[start + j - 1, tok_id].item() for j, tok_id in enumerate(t.response_ids))
     assert loss.item() == pytest.approx(total / count, rel=1e-4)
+
+
+def test_training_on_exact_token_vectors_equals_training_on_the_text(tiny_llama_dir, tmp_path):
+    # the continuous arm fed with the token embeddings themselves must be the text arm, step for step
+    from textdistill.artifacts import save_tensors
+    from textdistill.projection import input_embedding_matrix
+    from textdistill.training import train_on_embeddings, train_on_examples
+
+    examples = [Example(prompt=f"Question: what colour is thing {i}{'?' * (i % 3)}\nAnswer:", response=f" blue {i}",
+                        id=str(i)) for i in range(6)]
+    recipe = TrainConfig(max_steps=4, batch_size=3, lr=1e-2, warmup_ratio=0.0, precision="fp32", seed=3,
+                         lora=LoraSettings(r=2, alpha=4), data=DataSettings(max_length=64))
+    tok = load_tokenizer(str(tiny_llama_dir))
+    tokenized = tokenize_examples(tok, examples, max_length=64)
+    embed = input_embedding_matrix(load_model(str(tiny_llama_dir), device="cpu"))
+    p_max, r_max = max(len(t.prompt_ids) for t in tokenized), max(len(t.response_ids) for t in tokenized)
+    prompts = torch.zeros(len(tokenized), p_max, embed.shape[1])
+    responses = torch.zeros(len(tokenized), r_max, dtype=torch.long)
+    for i, t in enumerate(tokenized):
+        prompts[i, : len(t.prompt_ids)] = embed[list(t.prompt_ids)]
+        responses[i, : len(t.response_ids)] = torch.tensor(t.response_ids)
+    save_tensors(tmp_path / "embeddings.safetensors", {
+        "prompt_embeds": prompts, "prompt_lengths": torch.tensor([len(t.prompt_ids) for t in tokenized]),
+        "response_ids": responses, "response_lengths": torch.tensor([len(t.response_ids) for t in tokenized])})
+    text_model, _, text = train_on_examples(model_name=str(tiny_llama_dir), examples=examples, config=recipe,
+                                            device="cpu", progress=False)
+    vec_model, _, vectors = train_on_embeddings(model_name=str(tiny_llama_dir), embeddings=tmp_path /
+                                                "embeddings.safetensors", config=recipe, device="cpu", progress=False)
+    assert vectors.losses == pytest.approx(text.losses, rel=1e-4) and vectors.examples == 6
+    text_lora = {n: p for n, p in text_model.named_parameters() if p.requires_grad}
+    for name, p in vec_model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, text_lora[name], rtol=1e-4, atol=1e-6)
+
+
+def test_training_on_vectors_of_another_width_is_refused(tiny_llama_dir, tmp_path):
+    from textdistill.artifacts import save_tensors
+    from textdistill.errors import ConfigError
+    from textdistill.training import train_on_embeddings
+
+    save_tensors(tmp_path / "e.safetensors", {"prompt_embeds": torch.zeros(2, 3, 7),
+                                             "prompt_lengths": torch.tensor([3, 3]),
+                                             "response_ids": torch.ones(2, 2, dtype=torch.long),
+                                             "response_lengths": torch.tensor([2, 2])})
+    with pytest.raises(ConfigError, match="only fit the model they were learned with"):
+        train_on_embeddings(model_name=str(tiny_llama_dir), embeddings=tmp_path / "e.safetensors",
+                            config=TrainConfig(max_steps=1), device="cpu", progress=False)

@@ -206,19 +206,25 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from . import assets
     from .experiment import load_experiment_config, run_experiment
-    from .report import comparison_table
+    from .report import comparison_table, distillation_summary
 
     for name in ("smollm2-135m", "gemma3-270m"):
         if not assets.is_converted(name):
             raise assets.AssetsError(f"{name} is not converted yet: run `textdistill assets install` first")
     config = load_experiment_config("demo")
-    print("textdistill demo: SmolLM2-135M distils 5% of 240 ARC-Easy train rows; SmolLM2 and Gemma-3-270M are "
-          "fine-tuned on the distilled text, on its starting samples, on a random 5% subset and on the LESS 5% "
-          f"selection, then scored on 200 ARC-Easy test questions. Output: {args.output}", flush=True)
+    print(f"textdistill demo: SmolLM2-135M distils {config.budgets[0]} of {config.pool_limit} ARC-Easy train rows "
+          f"({config.distill.mode} token search from the rows that best match {config.experts.num_experts} expert "
+          "runs); SmolLM2 and Gemma-3-270M are fine-tuned on the distilled text, on its starting samples, on a random "
+          "subset, on the LESS selection and (SmolLM2) on the learned vectors, then scored on "
+          f"{config.target.limit} ARC-Easy test questions. Output: {args.output}", flush=True)
     rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress)
     print(comparison_table(rows))
+    for folder in sorted((Path(args.output) / "distill").glob("*")):
+        print("\n".join(["", "What distillation did:", *distillation_summary(folder)]))
     print(f"results: {args.output}/results.csv, report: {args.output}/report.md")
     return 0
 

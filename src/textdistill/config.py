@@ -79,8 +79,8 @@ class TrainConfig:
     max_steps: int | None = None
     max_grad_norm: float | None = 1.0
     seed: int = 0
-    # bf16 autocast or fp32; auto = bf16 where the device computes it natively (CUDA with bf16, CPUs with
-    # AVX512-BF16/AMX), fp32 elsewhere (on an AVX2-only CPU bf16 is emulated and ~20x slower)
+    # bf16 autocast or fp32; auto = bf16 where it is fast (CUDA with bf16, CPUs with AMX), fp32 elsewhere (see
+    # models.native_bf16: on AVX2-only CPUs bf16 is emulated, ~20x slower; with AVX512-BF16 alone it was 1.7x slower)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:

@@ -9,8 +9,8 @@ theta*_{t+M}. Three ways to learn the prompts (``mode``):
 * ``gcg`` (greedy coordinate gradient, token space): the prompts are tokens all along. The meta-gradient at the
   exact token embeddings ranks, per learnable position, the tokens by first-order gain ``g . (e_v - e_current)``;
   a batch of single-token swaps drawn from those top-k lists is scored by the true matching loss of the draw
-  (first-order unroll, fp32); the best swap is kept only if it lowers that loss and also lowers it on a second,
-  independent draw. The text is exactly what was scored: a swap whose prompt does not re-tokenize to itself is
+  (first-order unroll, fp32); the best swap (or the improving swaps together, when that is better still) is kept
+  only if it lowers that loss and also lowers it on a second, independent draw. The text is exactly what was scored: a swap whose prompt does not re-tokenize to itself is
   never tried.
 * ``straight_through`` (PEZ): continuous vectors, but every forward uses their nearest tokens and the gradient
   is applied to the vectors; the Adam step is a fraction (``lr_embeddings``) of the median token-embedding norm,
@@ -64,6 +64,9 @@ from .unroll import SyntheticBatch, matching_loss, unroll
 #: ``select --method random --seed S``, the baseline they are compared against.
 INIT_SEED_OFFSET = 1_000_003
 NULL_SEED_OFFSET = 2_000_003
+#: Training draws on which the student lr is line-searched (``student.lr_grid``), and their seed offset.
+LR_SEARCH_DRAWS = 4
+LR_SEARCH_SEED_OFFSET = 3_000_017
 
 MODES = ("gcg", "straight_through", "continuous")
 
@@ -90,11 +93,12 @@ class TokenSearchSettings:
 
     top_k: int = 32  # candidate tokens per position, by first-order gain
     candidates: int = 8  # single-token swaps scored exactly per iteration
-    confirm: bool = True  # keep the best swap only if it also lowers the loss on a second, independent draw
+    combine: int = 4  # the best improving swaps (at most this many) are also tried together
+    confirm: bool = True  # keep a proposal only if it also lowers the loss on a second, independent draw
     fluent_top_k: int | None = None  # only tokens among the model's own top-k next tokens there (readable text)
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "candidates"):
+        for name in ("top_k", "candidates", "combine"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"search.{name} must be positive, got {getattr(self, name)}")
         if self.fluent_top_k is not None and self.fluent_top_k <= 0:
@@ -412,18 +416,24 @@ class _Context:
     autocast: Any
 
 
-def _draw(context: _Context, count: int, generator: torch.Generator, include: int | None = None) -> Draw:
-    """A training draw: (expert, start, minibatches) from the experts distillation may use. With ``include``, that
-    sample is put into a random minibatch if the draw left it out (a swap is confirmed on a draw that uses it)."""
+def _draw(context: _Context, count: int, generator: torch.Generator, include: Sequence[int] = ()) -> Draw:
+    """A training draw: (expert, start, minibatches) from the experts distillation may use. Samples in
+    ``include`` that the draw left out replace a random member of a random minibatch (a swap is confirmed on a
+    draw that uses it)."""
     student = context.scorer.student
     experts = context.train_experts
     expert = experts[int(torch.randint(len(experts), (1,), generator=generator))]
     start = int(torch.randint(student.min_start, student.max_start + 1, (1,), generator=generator))
     batches = sample_minibatches(count, student.batch_size, student.steps, generator)
-    if include is not None and not any(include in b for b in batches):
-        step = int(torch.randint(len(batches), (1,), generator=generator))
-        slot = int(torch.randint(len(batches[step]), (1,), generator=generator))
-        batches[step][slot] = include
+    for sample in dict.fromkeys(include):
+        if any(sample in b for b in batches):
+            continue
+        while True:   # a slot that holds none of the samples to include
+            step = int(torch.randint(len(batches), (1,), generator=generator))
+            slot = int(torch.randint(len(batches[step]), (1,), generator=generator))
+            if batches[step][slot] not in include or len(include) >= count:
+                break
+        batches[step][slot] = sample
     return Draw(expert, start, tuple(tuple(b) for b in batches))
 
 
@@ -502,7 +512,8 @@ def _fluent_allowed(context: _Context, synthetic: SyntheticSet, samples: Sequenc
 
 def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, Any]:
     """One greedy-coordinate-gradient step: rank swaps by the meta-gradient, score a batch of them exactly on the
-    same draw, keep the best one if it lowers the loss there and on a second draw."""
+    same draw, and keep the best proposal (the best swap, or the improving swaps together when that is better)
+    if it lowers the loss there and on a second draw."""
     config, synthetic, search = context.config, loop.synthetic, context.config.search
     count = len(synthetic.prompt_lengths)
     draw = _draw(context, count, loop.generator)
@@ -548,52 +559,64 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
     if not swaps:
         return record
     step_lr = float(lr.detach())
-    base_loss, best = _score_swaps(context, synthetic, draw, swaps, step_lr)
+    base_loss, losses = _score_proposals(context, synthetic, draw, [[swap] for swap in swaps], step_lr)
     record["current_loss"] = base_loss
-    chosen, chosen_loss = best
-    record["best_candidate_loss"] = chosen_loss
-    if chosen_loss >= base_loss:
+    ranked = sorted(zip(losses, range(len(swaps))))
+    record["best_candidate_loss"] = ranked[0][0]
+    improving = [swaps[i] for loss, i in ranked if loss < base_loss]
+    if not improving:
         return record
+    proposal, proposal_loss = [improving[0]], ranked[0][0]
+    # the improving swaps of distinct positions together: kept when they beat the best single swap
+    combined = list({(w.sample, w.position): w for w in reversed(improving[:search.combine])}.values())
+    if len(combined) > 1:
+        _, (together,) = _score_proposals(context, synthetic, draw, [combined], step_lr)
+        record["combined_loss"] = together
+        if together < proposal_loss:
+            proposal, proposal_loss = combined, together
+    record["proposal_loss"] = proposal_loss
     if search.confirm:
-        second = _draw(context, count, loop.generator, include=chosen.sample)
-        confirm_base, (_, confirm_loss) = _score_swaps(context, synthetic, second, [chosen], step_lr)
+        second = _draw(context, count, loop.generator, include=[w.sample for w in proposal])
+        confirm_base, (confirm_loss,) = _score_proposals(context, synthetic, second, [proposal], step_lr)
         record.update({"confirm_current_loss": confirm_base, "confirm_candidate_loss": confirm_loss})
         if confirm_loss >= confirm_base:
             return record
-    old = int(synthetic.token_ids[chosen.sample, chosen.position])
-    synthetic.token_ids[chosen.sample, chosen.position] = chosen.token
-    with torch.no_grad():
-        synthetic.prompt_embeds[chosen.sample, chosen.position] = context.embed_matrix[chosen.token]
-    record.update({"accepted": True, "swap": {"sample": chosen.sample, "position": chosen.position,
-                                              "from": context.tokenizer.decode([old]),
-                                              "to": context.tokenizer.decode([chosen.token])}})
+    record.update({"accepted": True, "swaps": []})
+    for swap in proposal:
+        old = int(synthetic.token_ids[swap.sample, swap.position])
+        synthetic.token_ids[swap.sample, swap.position] = swap.token
+        with torch.no_grad():
+            synthetic.prompt_embeds[swap.sample, swap.position] = context.embed_matrix[swap.token]
+        record["swaps"].append({"sample": swap.sample, "position": swap.position,
+                                "from": context.tokenizer.decode([old]),
+                                "to": context.tokenizer.decode([swap.token])})
     return record
 
 
-def _score_swaps(context: _Context, synthetic: SyntheticSet, draw: Draw, swaps: Sequence[Swap],
-                 lr: float) -> tuple[float, tuple[Swap, float]]:
-    """The matching loss of the current set on ``draw`` and of the best of ``swaps`` (each replaces one token).
-    A swap in sample i changes nothing before i's first minibatch, so its unroll continues from there."""
+def _score_proposals(context: _Context, synthetic: SyntheticSet, draw: Draw, proposals: Sequence[Sequence[Swap]],
+                     lr: float) -> tuple[float, list[float]]:
+    """The matching loss on ``draw`` of the current set and of each proposal (a list of single-token swaps applied
+    together). A proposal changes nothing before the first minibatch that holds one of its samples, so its unroll
+    continues from the current set's parameters there. A proposal whose samples the draw never uses scores inf."""
     samples = synthetic.sample_set(context.embed_matrix)
     scorer = context.scorer
     final, snapshots = scorer.unroll(samples, draw, lr=lr, keep_snapshots=True)
     base_loss = scorer.loss_of(final, draw)
-    best: tuple[Swap, float] | None = None
-    for swap in swaps:
-        step = draw.first_use(swap.sample)
-        if step is None:
+    losses = []
+    for proposal in proposals:
+        uses = [step for step in (draw.first_use(w.sample) for w in proposal) if step is not None]
+        if not uses:
+            losses.append(float("inf"))
             continue
-        prompt = samples.prompts[swap.sample].clone()
-        prompt[swap.position] = context.embed_matrix[swap.token]
+        step = min(uses)
         changed = SampleSet(list(samples.prompts), samples.responses)
-        changed.prompts[swap.sample] = prompt
+        for swap in proposal:
+            prompt = changed.prompts[swap.sample].clone()
+            prompt[swap.position] = context.embed_matrix[swap.token]
+            changed.prompts[swap.sample] = prompt
         params, _ = scorer.unroll(changed, draw, lr=lr, from_step=step, from_params=snapshots[step])
-        loss = scorer.loss_of(params, draw)
-        if best is None or loss < best[1]:
-            best = (swap, loss)
-    if best is None:
-        best = (swaps[0], float("inf"))
-    return base_loss, best
+        losses.append(scorer.loss_of(params, draw))
+    return base_loss, losses
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -659,6 +682,17 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
                  lr_optimizer=torch.optim.Adam([log_lr], lr=config.lr_lr), generator=generator)
     precision = resolve_precision(config.precision, embed_matrix.device)
     scorer = Scorer(model, trajectories, student, device=embed_matrix.device, dtype=dtype)
+    lr_search = None
+    if config.student.lr_grid:
+        if resume and (output / "init.json").is_file():   # the search was made when the run started
+            lr_search = read_json(output / "init.json")["lr_search"]
+        else:
+            lr_search = search_lr(scorer, synthetic.sample_set(embed_matrix), train_experts, config.student.lr_grid,
+                                  draws=LR_SEARCH_DRAWS, seed=config.seed, progress=progress)
+        student = dataclasses.replace(student, lr=lr_search["lr"])
+        scorer.student = student
+        with torch.no_grad():
+            log_lr.fill_(math.log(student.lr))
     context = _Context(model=model, tokenizer=tokenizer, config=config, scorer=scorer, embed_matrix=embed_matrix,
                        allowed=allowed, special=special, train_experts=train_experts,
                        autocast=autocast_context(precision, embed_matrix.device))
@@ -677,7 +711,7 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
                               "student": dataclasses.asdict(student), "train_experts": train_experts,
                               "heldout_experts": heldout_experts})
         atomic_write_json(output / "init.json", {"indices": chosen, "ids": [examples[i].id for i in chosen],
-                                                 "init": config.init})
+                                                 "init": config.init, "lr_search": lr_search})
         write_jsonl(output / "metrics.jsonl", [])
         write_jsonl(output / "samples.jsonl", [])
     metrics = _read_jsonl(output / "metrics.jsonl", loop.iteration)
@@ -741,9 +775,22 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
                    "seconds": round(time.time() - heldout_start, 1)})
     atomic_write_json(output / "heldout.json", report)
     summary = _summary(synthetic, loop.log_lr.exp().item(), metrics, rows, report, config, distill_seconds)
+    summary.update({"student": dataclasses.asdict(student), "lr_search": lr_search})
     atomic_write_json(output / "summary.json", summary)
     atomic_write_text(output / "README.md", _dataset_card(summary, config, manifest, str(experts), rows))
     return summary
+
+
+def search_lr(scorer: Scorer, samples: SampleSet, experts: Sequence[int], grid: Sequence[float], *, draws: int,
+              seed: int, progress: bool = True) -> dict[str, Any]:
+    """Line search of the student lr: the mean matching loss of ``samples`` on ``draws`` fixed draws of the
+    (training) ``experts`` at each lr of ``grid``; returns every mean and the best lr."""
+    fixed = make_draws(experts, scorer.student, len(samples), draws, seed=seed + LR_SEARCH_SEED_OFFSET)
+    means = {}
+    for lr in tqdm(sorted(grid), desc="student lr search", disable=not progress, dynamic_ncols=True):
+        means[lr] = sum(scorer.losses(samples, fixed, lr=lr)) / len(fixed)
+    best = min(means, key=means.get)
+    return {"lr": best, "mean_loss": {str(lr): loss for lr, loss in means.items()}, "draws": draws}
 
 
 def _read_jsonl(path: Path, up_to: int) -> list[dict[str, Any]]:
@@ -829,7 +876,7 @@ def _summary(synthetic: SyntheticSet, lr: float, metrics: list[dict[str, Any]], 
                     if key in report},
     }
     if config.mode == "gcg":
-        summary["swaps_accepted"] = sum(bool(m.get("accepted")) for m in metrics)
+        summary["swaps_accepted"] = sum(len(m["swaps"]) for m in metrics if m.get("accepted"))
     else:
         distances = [d for r in rows for d in r.get("token_distance", [])]
         summary["mean_token_distance"] = sum(distances) / max(1, len(distances))

@@ -268,12 +268,29 @@ class _Stages:
             self._timed("select-random", lambda: select(method="random", data=self.config.pool, budget=budget,
                                                         output=path, seed=seed, examples=self.pool))
         elif method == "match":
-            from .match_selection import select_by_matching
+            from .match_selection import cut_selection, select_by_matching
+            from .selection import resolve_budget
 
-            experts = self.experts_dir()
-            self._timed("select-match", lambda: select_by_matching(
-                experts=experts, budget=budget, output=path, config=self.config.match, device=self.device,
-                progress=self.progress))
+            # greedy choices are prefix-consistent: make the largest budget once, cut the others from it
+            largest = budget
+            if self.config.match.greedy:
+                largest = max(self.config.budgets, key=lambda b: resolve_budget(b, len(self.pool)))
+            source = path.with_name(path.name.replace(f"-{budget.replace('%', 'pct')}-",
+                                                      f"-{largest.replace('%', 'pct')}-"))
+
+            def make_source() -> None:
+                experts = self.experts_dir()
+                self._timed("select-match", lambda: select_by_matching(
+                    experts=experts, budget=largest, output=source, config=self.config.match, device=self.device,
+                    progress=self.progress))
+
+            if source == path:
+                make_source()
+            else:
+                with stage_lock(source, log=self.log):
+                    if not source.is_file():
+                        make_source()
+                cut_selection(source, budget, path, self.pool)
         elif scored:
             reselect(scored[0], budget, path, self.pool)
         else:
@@ -452,7 +469,9 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
     cells: list[tuple[str, str, int | None, str]] = []
     for method in config.methods:
         # learned vectors only fit the model that learned them
-        models = [config.distill_model] if method == "continuous" else list(config.models)
+        models = list(config.models)
+        if method == "continuous":
+            models = [m for m in models if m == config.distill_model]
         if method == "base":
             cells += [(method, "", None, m) for m in models]
         elif method == "full":

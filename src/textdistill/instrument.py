@@ -60,6 +60,8 @@ class StudentSettings:
     batch_size: int | None = None  # samples per student step; None: the experts' batch size
     expert_epochs: int = 1  # M: the target is this many snapshots after the start
     lr: float | None = None  # the student's (starting) learning rate; None: the experts' lr
+    # a line search: distill picks, among these, the lr at which its starting samples match training draws best
+    lr_grid: tuple[float, ...] = ()
     min_start: int = 0  # start snapshot t is drawn from [min_start, max_start]
     max_start: int | None = None  # None: the last snapshot that has a target M ahead
 
@@ -70,6 +72,10 @@ class StudentSettings:
                 raise ConfigError(f"student.{name} must be positive, got {value}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"student.lr must be positive, got {self.lr}")
+        if any(not lr > 0 for lr in self.lr_grid):
+            raise ConfigError(f"student.lr_grid must hold positive learning rates, got {list(self.lr_grid)}")
+        if self.lr is not None and self.lr_grid:
+            raise ConfigError("set student.lr or student.lr_grid (a line search), not both")
         if self.min_start < 0:
             raise ConfigError(f"student.min_start must be >= 0, got {self.min_start}")
 
@@ -161,8 +167,9 @@ def make_draws(experts: Sequence[int], student: ResolvedStudent, set_size: int, 
     """``count`` draws over ``experts``; the same arguments always give the same draws, in the same order."""
     if set_size < 1:
         raise ConfigError("a training set needs at least one sample")
-    generator = torch.Generator().manual_seed(_seed_of("draws", list(experts), dataclasses.asdict(student),
-                                                       set_size, seed))
+    # the draws do not depend on the lr, so sets scored at different learning rates share them
+    shape = [student.steps, student.batch_size, student.span, student.min_start, student.max_start]
+    generator = torch.Generator().manual_seed(_seed_of("draws", list(experts), shape, set_size, seed))
     draws = []
     for _ in range(count):
         expert = list(experts)[int(torch.randint(len(experts), (1,), generator=generator))]
@@ -191,6 +198,16 @@ class SampleSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def fingerprint(self) -> str:
+        """Content hash of the samples (their prompt vectors and responses, in order)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for prompt, response in zip(self.prompts, self.responses):
+            digest.update(prompt.detach().float().cpu().numpy().tobytes())
+            digest.update(b"|" + response.cpu().numpy().tobytes() + b";")
+        return digest.hexdigest()
 
     def batch(self, positions: Sequence[int]) -> SyntheticBatch:
         return SyntheticBatch.from_samples([self.prompts[i] for i in positions],
@@ -361,15 +378,20 @@ def heldout_report(scorer: Scorer, draws: Sequence[Draw], sets: Mapping[str, Sam
     from tqdm.auto import tqdm
 
     named = {name: s for name, s in sets.items() if s is not None}
-    bar = tqdm(total=(len(named) + len(null) + 1) * len(draws), desc="held-out instrument", disable=not progress,
+    # identical sets (e.g. a distillation that changed nothing, next to its starting samples) are scored once
+    scored: dict[str, list[float]] = {}
+    distinct = {s.fingerprint() for s in [*named.values(), *null]}
+    bar = tqdm(total=(len(distinct) + 1) * len(draws), desc="held-out instrument", disable=not progress,
                dynamic_ncols=True)
 
     def score(samples: SampleSet) -> list[float]:
-        out = []
-        for draw in draws:
-            out.append(scorer.loss(samples, draw))
-            bar.update(1)
-        return out
+        key = samples.fingerprint()
+        if key not in scored:
+            scored[key] = []
+            for draw in draws:
+                scored[key].append(scorer.loss(samples, draw))
+                bar.update(1)
+        return list(scored[key])
 
     losses = {name: score(s) for name, s in named.items()}
     random_losses = [score(s) for s in null]

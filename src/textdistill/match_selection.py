@@ -28,7 +28,7 @@ from torch import Tensor
 from .errors import ConfigError
 from .instrument import StudentSettings, resolve_student
 
-__all__ = ["CountSketch", "MatchSelectionConfig", "greedy_match", "select_by_matching"]
+__all__ = ["CountSketch", "MatchSelectionConfig", "cut_selection", "greedy_match", "select_by_matching"]
 
 
 @dataclass(frozen=True)
@@ -166,3 +166,23 @@ def select_by_matching(*, experts: str | Path, budget: str | int, output: str | 
                            "order": "greedy order" if config.greedy else "alignment descending",
                            "seconds": round(time.time() - started, 1)})
     return {"count": count, "indices": chosen, "scores": objective}
+
+
+def cut_selection(source: str | Path, budget: str | int, output: str | Path, examples: Sequence[Any]) -> dict[str, Any]:
+    """A smaller budget of an earlier match selection: greedy choices are made one at a time, so the first k rows
+    of a larger greedy selection are exactly the greedy selection of k rows (no model work)."""
+    from .selection import apply_selection, read_selection, resolve_budget, write_selection
+
+    record = read_selection(source)
+    if record.get("method") != "match" or not record.get("config", {}).get("greedy", False):
+        raise ConfigError(f"{source} is not a greedy match selection; it cannot be cut to another budget")
+    apply_selection(examples, source)   # checks that its rows belong to this pool
+    count = resolve_budget(budget, len(examples))
+    if count > record["count"]:
+        raise ConfigError(f"{source} holds {record['count']} rows, fewer than the {count} asked for")
+    extra = {k: v for k, v in record.items() if k in ("experts", "segments", "config", "student", "order")}
+    extra["cut_from"] = str(source)
+    write_selection(output, method="match", data=record["data"], budget=budget, seed=record["seed"],
+                    examples=examples, indices=record["indices"][:count], scores=record["scores"][:count],
+                    extra=extra)
+    return {"count": count, "indices": record["indices"][:count], "scores": record["scores"][:count]}

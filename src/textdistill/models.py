@@ -60,11 +60,13 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def native_bf16(device: str | torch.device | None = "auto") -> bool:
-    """Whether ``device`` computes bfloat16 natively, so that bf16 autocast is a speed-up rather than an emulation.
+    """Whether ``device`` computes bfloat16 fast enough that bf16 autocast is a speed-up rather than a slow-down.
 
-    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: the CPU has AVX512-BF16 or AMX-BF16 *and* torch's kernels run at
-    the AVX512 level (``ATEN_CPU_CAPABILITY=avx2`` turns them off). On a CPU with only AVX2, bf16 autocast is emulated
-    and about 20x slower than fp32. Anything else (MPS, XPU, ...): False, so fp32 is used.
+    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: only with AMX (``amx_bf16``) and torch's kernels at the AVX512
+    level or above (``ATEN_CPU_CAPABILITY=avx2`` turns them off). AVX512-BF16 alone is not enough: on this project's
+    Xeon with avx512_bf16 but no AMX (torch 2.13), a bf16 matmul ran at half the fp32 rate and a SmolLM2 LoRA step
+    under bf16 autocast took 1.7x longer (``bench/bench_speed.py``); on AVX2-only CPUs bf16 is emulated (~20x
+    slower). Anything else (MPS, XPU, ...): False, so fp32 is used.
     """
     device = resolve_device(device)
     if device.type == "cuda":
@@ -72,8 +74,8 @@ def native_bf16(device: str | torch.device | None = "auto") -> bool:
     if device.type != "cpu":
         return False
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    has_bf16 = bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-    return has_bf16 and torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX2", "ZVECTOR")
+    level = torch.backends.cpu.get_cpu_capability()
+    return bool(capabilities.get("amx_bf16")) and level not in ("DEFAULT", "NO AVX", "AVX2", "ZVECTOR")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
