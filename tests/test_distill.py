@@ -94,8 +94,8 @@ def test_gcg_keeps_a_swap_only_when_the_scored_loss_falls(gcg_run):
 def test_a_worse_swap_is_never_accepted(experts_dir, tmp_path, monkeypatch):
     import textdistill.distill as module
 
-    def worse(context, synthetic, draw, proposals, lr):
-        return 1.0, [1.5] * len(proposals)   # every candidate scores above the current set
+    def worse(context, synthetic, draw, proposals, lr, base=None):
+        return 1.0, [1.5] * len(proposals), (1.0, [])   # every candidate scores above the current set
 
     monkeypatch.setattr(module, "_score_proposals", worse)
     config = dataclasses.replace(FAST, iterations=3)

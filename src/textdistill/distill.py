@@ -559,7 +559,7 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
     if not swaps:
         return record
     step_lr = float(lr.detach())
-    base_loss, losses = _score_proposals(context, synthetic, draw, [[swap] for swap in swaps], step_lr)
+    base_loss, losses, base = _score_proposals(context, synthetic, draw, [[swap] for swap in swaps], step_lr)
     record["current_loss"] = base_loss
     ranked = sorted(zip(losses, range(len(swaps))))
     record["best_candidate_loss"] = ranked[0][0]
@@ -570,14 +570,14 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
     # the improving swaps of distinct positions together: kept when they beat the best single swap
     combined = list({(w.sample, w.position): w for w in reversed(improving[:search.combine])}.values())
     if len(combined) > 1:
-        _, (together,) = _score_proposals(context, synthetic, draw, [combined], step_lr)
+        _, (together,), _ = _score_proposals(context, synthetic, draw, [combined], step_lr, base=base)
         record["combined_loss"] = together
         if together < proposal_loss:
             proposal, proposal_loss = combined, together
     record["proposal_loss"] = proposal_loss
     if search.confirm:
         second = _draw(context, count, loop.generator, include=[w.sample for w in proposal])
-        confirm_base, (confirm_loss,) = _score_proposals(context, synthetic, second, [proposal], step_lr)
+        confirm_base, (confirm_loss,), _ = _score_proposals(context, synthetic, second, [proposal], step_lr)
         record.update({"confirm_current_loss": confirm_base, "confirm_candidate_loss": confirm_loss})
         if confirm_loss >= confirm_base:
             return record
@@ -594,14 +594,20 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
 
 
 def _score_proposals(context: _Context, synthetic: SyntheticSet, draw: Draw, proposals: Sequence[Sequence[Swap]],
-                     lr: float) -> tuple[float, list[float]]:
+                     lr: float, base: tuple[float, list[dict[str, Tensor]]] | None = None,
+                     ) -> tuple[float, list[float], tuple[float, list[dict[str, Tensor]]]]:
     """The matching loss on ``draw`` of the current set and of each proposal (a list of single-token swaps applied
     together). A proposal changes nothing before the first minibatch that holds one of its samples, so its unroll
-    continues from the current set's parameters there. A proposal whose samples the draw never uses scores inf."""
+    continues from the current set's parameters there. A proposal whose samples the draw never uses scores inf.
+
+    Returns the current set's loss, the proposals' losses, and ``base`` = (that loss, the current set's parameters
+    before each step), which a later call on the same draw and set takes instead of unrolling again."""
     samples = synthetic.sample_set(context.embed_matrix)
     scorer = context.scorer
-    final, snapshots = scorer.unroll(samples, draw, lr=lr, keep_snapshots=True)
-    base_loss = scorer.loss_of(final, draw)
+    if base is None:
+        final, snapshots = scorer.unroll(samples, draw, lr=lr, keep_snapshots=True)
+        base = (scorer.loss_of(final, draw), snapshots)
+    base_loss, snapshots = base
     losses = []
     for proposal in proposals:
         uses = [step for step in (draw.first_use(w.sample) for w in proposal) if step is not None]
@@ -616,7 +622,7 @@ def _score_proposals(context: _Context, synthetic: SyntheticSet, draw: Draw, pro
             changed.prompts[swap.sample] = prompt
         params, _ = scorer.unroll(changed, draw, lr=lr, from_step=step, from_params=snapshots[step])
         losses.append(scorer.loss_of(params, draw))
-    return base_loss, losses
+    return base_loss, losses, base
 
 
 # ----------------------------------------------------------------------------------------------------------------
