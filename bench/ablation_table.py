@@ -60,12 +60,15 @@ def main() -> int:
             perplexity[(str(folder), name)] = prompt_perplexity(model, tokenizer, [r["prompt"] for r in rows])
         perplexity[("init", name)] = prompt_perplexity(model, tokenizer, [r["init_prompt"] for r in runs[0][2]])
         del model
-    lines = ["| mode | iterations | learnable tokens changed | text - start (95% interval) | rank among random "
-             "| vs match selection | text loss | start loss | random mean | floor | ppl SmolLM2 | ppl Gemma-3 | "
-             "minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | iterations | learnable tokens changed | text - start (95% interval) | vectors - start (95% "
+             "interval) | rank among random | vs match selection | text loss | start loss | random mean | floor | "
+             "ppl SmolLM2 | ppl Gemma-3 | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for folder, summary, rows, config in runs:
         h = summary["heldout"]
         diff = h["projected_minus_init"]
+        vectors = h.get("continuous_minus_init")   # straight_through / continuous: the learned vectors themselves
+        vectors = "-" if not vectors else \
+            f"{vectors['mean']:+.4f} ({vectors['ci95'][0]:+.4f}, {vectors['ci95'][1]:+.4f})"
         randoms = [r["loss"] for r in h["random"]]
         match = (h.get("compare") or {}).get("match")
         versus = "-" if not match else f"{h['projected']['loss'] - match['loss']:+.4f}"
@@ -73,13 +76,13 @@ def main() -> int:
             summary.get("distill_seconds", 0) / 60
         lines.append(
             f"| {summary['mode']} | {summary['iterations']} | {summary['tokens_changed_fraction']:.3f} | "
-            f"{diff['mean']:+.4f} ({diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}) | "
+            f"{diff['mean']:+.4f} ({diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}) | {vectors} | "
             f"{h['projected_rank_among_random']} of {len(randoms) + 1} | {versus} | {h['projected']['loss']:.4f} | "
             f"{h['init']['loss']:.4f} | {sum(randoms) / len(randoms):.4f} | "
             f"{(h.get('floor') or {}).get('loss', float('nan')):.4f} | "
             f"{perplexity[(str(folder), 'smollm2-135m')]:.1f} | {perplexity[(str(folder), 'gemma3-270m')]:.1f} | "
             f"{minutes:.0f} |")
-    lines.append(f"| (starting samples) | | | | | | | | | | {perplexity[('init', 'smollm2-135m')]:.1f} | "
+    lines.append(f"| (starting samples) | | | | | | | | | | | {perplexity[('init', 'smollm2-135m')]:.1f} | "
                  f"{perplexity[('init', 'gemma3-270m')]:.1f} | |")
     machine = machine_description()
     text = "\n".join([f"Command: `python {' '.join(sys.argv)}`", "",

@@ -1,7 +1,10 @@
 """bf16 autocast vs fp32 meta-gradient of the distillation, on fixed draws (SmolLM2-135M, real experts).
 
     python bench/bench_metagrad_precision.py --experts DIR [--budget 12] [--draws 4] [--threads 2]
-        [--out results/bench_metagrad_precision.md]
+        [--syn-steps N] [--batch-size B] [--lr LR] [--out results/bench_metagrad_precision.md]
+
+The student follows the experts (N, batch and lr from their manifest) unless --syn-steps/--batch-size/--lr say
+otherwise.
 
 For each draw (expert segment, start, minibatch order of the student over a random real subset of the pool) the
 meta-gradient of the matching loss w.r.t. the prompt embeddings (what the token search ranks swaps by) and w.r.t.
@@ -28,6 +31,9 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=12)
     parser.add_argument("--draws", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--syn-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--out", default="results/bench_metagrad_precision.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -42,7 +48,8 @@ def main() -> int:
 
     trajectories = load_experts(args.experts)
     model, tokenizer = load_student_model(trajectories, device="cpu")
-    student = resolve_student(StudentSettings(), trajectories)
+    student = resolve_student(StudentSettings(syn_steps=args.syn_steps, batch_size=args.batch_size, lr=args.lr),
+                              trajectories)
     train_experts, _ = trajectories.split(1)
     _, pool = load_pool(tokenizer, trajectories.manifest)
     embed = input_embedding_matrix(model)
@@ -63,7 +70,8 @@ def main() -> int:
         loss = matching_loss(final, start, target)
         loss.backward()
         seconds = time.perf_counter() - began
-        grad = torch.cat([p.grad.flatten() for p in prompts])
+        # samples the draw never uses get no gradient: zeros, so both precisions flatten to the same layout
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in prompts])
         return grad, float(lr.grad), float(loss), seconds
 
     table = ["| draw | loss fp32 | loss bf16 | cos(embedding grads) | lr grad rel. diff | s fp32 | s bf16 |",

@@ -119,6 +119,18 @@ def test_cells_with_identical_training_data_reuse_one_run(tmp_path, tiny_llama_d
     assert "same_data_as" not in smaller and smaller["data_key"] != full["data_key"]
     assert sum("its run is reused" in line for line in logs) == 1
     assert "random (same as full 100%)" in (out / "report.md").read_text()
+    # a later call that runs only `random` (e.g. a worker given a subset of the methods) still finds its twin among
+    # the `full` cells it was not asked to run
+    import dataclasses
+    import shutil
+
+    for folder in (out / "cells").glob("*/random"):
+        shutil.rmtree(folder)
+    logs.clear()
+    alone = run_experiment(dataclasses.replace(config, methods=("random",), budgets=("100%",)), out, device="cpu",
+                           progress=False, log=logs.append)
+    assert alone[0]["same_data_as"] == "full 100% seed 0" and alone[0]["acc"] == full["acc"]
+    assert sum("its run is reused" in line for line in logs) == 1
 
 
 def test_report_only_runs_nothing_and_reports_finished_cells(tmp_path, tiny_llama_dir):

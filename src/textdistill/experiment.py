@@ -481,6 +481,9 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
     total = len(cells)
     # a cell's result is reused only if it was made with the same pool, target, recipe and stage settings
     keys = {method: cell_key(config, method) for method in config.methods}
+    # a twin with the same training data may be a cell of a method this call does not run (e.g. `match` for
+    # `distill-init` when only the distillation's methods are asked for)
+    every_key = {method: cell_key(config, method) for method in METHODS}
     rows = []
     pending = [(index, *cell) for index, cell in enumerate(cells)]
     while pending:
@@ -508,7 +511,7 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
                     continue
                 log(f"{label}{': made with other settings, redone' if previous is not None else ''}")
                 row = run_cell(config, stages, model_name, method, budget, seed, progress,
-                               same_data=_finished_by_data(root, keys))
+                               same_data=_finished_by_data(root, every_key))
                 row["config_key"] = keys[method]
                 atomic_write_json(folder / "result.json", row)
             finally:

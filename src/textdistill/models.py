@@ -64,9 +64,10 @@ def native_bf16(device: str | torch.device | None = "auto") -> bool:
 
     CUDA: ``torch.cuda.is_bf16_supported()``. CPU: only with AMX (``amx_bf16``) and torch's kernels at the AVX512
     level or above (``ATEN_CPU_CAPABILITY=avx2`` turns them off). AVX512-BF16 alone is not enough: on this project's
-    Xeon with avx512_bf16 but no AMX (torch 2.13), a bf16 matmul ran at half the fp32 rate and a SmolLM2 LoRA step
-    under bf16 autocast took 1.7x longer (``bench/bench_speed.py``); on AVX2-only CPUs bf16 is emulated (~20x
-    slower). Anything else (MPS, XPU, ...): False, so fp32 is used.
+    Xeon with avx512_bf16 but no AMX (torch 2.13), a bf16 matmul ran at half the fp32 rate, a SmolLM2 LoRA step
+    under bf16 autocast took 1.7x longer and a distillation meta-gradient 1.5x longer
+    (``results/bench_metagrad_precision.md``); on AVX2-only CPUs bf16 is emulated (~20x slower). Anything else
+    (MPS, XPU, ...): False, so fp32 is used.
     """
     device = resolve_device(device)
     if device.type == "cuda":
