@@ -480,10 +480,10 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
             cells += [(method, b, s, m) for b in config.budgets for s in config.seeds for m in models]
     total = len(cells)
     # a cell's result is reused only if it was made with the same pool, target, recipe and stage settings
-    keys = {method: cell_key(config, method) for method in config.methods}
     # a twin with the same training data may be a cell of a method this call does not run (e.g. `match` for
-    # `distill-init` when only the distillation's methods are asked for)
+    # `distill-init` when only the distillation's methods are asked for), so every method's key is known
     every_key = {method: cell_key(config, method) for method in METHODS}
+    keys = {method: every_key[method] for method in config.methods}
     rows = []
     pending = [(index, *cell) for index, cell in enumerate(cells)]
     while pending:
