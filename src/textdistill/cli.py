@@ -216,11 +216,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if not assets.is_converted(name):
             raise assets.AssetsError(f"{name} is not converted yet: run `textdistill assets install` first")
     config = load_experiment_config("demo")
+    arms = {"random": "a random subset", "less": "the LESS selection", "match": "the rows that best match the experts",
+            "distill-init": "the distillation's starting samples", "distilled": "the distilled text",
+            "continuous": "(SmolLM2) the learned vectors", "full": "all rows"}
+    trained = [arms[m] for m in config.methods if m in arms]
     print(f"textdistill demo: SmolLM2-135M distils {config.budgets[0]} of {config.pool_limit} ARC-Easy train rows "
-          f"({config.distill.mode} token search from the rows that best match {config.experts.num_experts} expert "
-          "runs); SmolLM2 and Gemma-3-270M are fine-tuned on the distilled text, on its starting samples, on a random "
-          "subset, on the LESS selection and (SmolLM2) on the learned vectors, then scored on "
-          f"{config.target.limit} ARC-Easy test questions. Output: {args.output}", flush=True)
+          f"(mode {config.distill.mode}, starting from the {config.distill_init} selection, against "
+          f"{config.experts.num_experts} expert runs); SmolLM2 and Gemma-3-270M are fine-tuned on "
+          f"{', '.join(trained)}, then scored on {config.target.limit} ARC-Easy test questions. "
+          f"Output: {args.output}", flush=True)
     rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress)
     print(comparison_table(rows))
     for folder in sorted((Path(args.output) / "distill").glob("*")):

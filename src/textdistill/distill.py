@@ -10,8 +10,8 @@ theta*_{t+M}. Three ways to learn the prompts (``mode``):
   exact token embeddings ranks, per learnable position, the tokens by first-order gain ``g . (e_v - e_current)``;
   a batch of single-token swaps drawn from those top-k lists is scored by the true matching loss of the draw
   (first-order unroll, fp32); the best swap (or the improving swaps together, when that is better still) is kept
-  only if it lowers that loss and also lowers it on a second, independent draw. The text is exactly what was scored: a swap whose prompt does not re-tokenize to itself is
-  never tried.
+  only if it lowers that loss and also lowers it on a second, independent draw. The text is exactly what was
+  scored: a swap whose prompt does not re-tokenize to itself is never tried.
 * ``straight_through`` (PEZ): continuous vectors, but every forward uses their nearest tokens and the gradient
   is applied to the vectors; the Adam step is a fraction (``lr_embeddings``) of the median token-embedding norm,
   so it means the same for every model (Gemma scales its embeddings by sqrt(hidden)).

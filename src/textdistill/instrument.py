@@ -20,6 +20,7 @@ Entry of ``textdistill match-eval``: :func:`match_eval`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -201,8 +202,6 @@ class SampleSet:
 
     def fingerprint(self) -> str:
         """Content hash of the samples (their prompt vectors and responses, in order)."""
-        import hashlib
-
         digest = hashlib.sha256()
         for prompt, response in zip(self.prompts, self.responses):
             digest.update(prompt.detach().float().cpu().numpy().tobytes())
