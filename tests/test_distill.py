@@ -104,6 +104,33 @@ def test_a_worse_swap_is_never_accepted(experts_dir, tmp_path, monkeypatch):
     assert all(not r["changed_positions"] for r in _rows(tmp_path / "d"))
 
 
+def test_fixed_confirmation_draws_judge_every_proposal_alike(experts_dir, tmp_path):
+    """search.confirm_draws: the current set's loss on the fixed draws changes only when a swap was accepted
+    (the same draws judge every proposal), an accepted proposal lowered their mean, and resuming mid-run (the
+    cache of the current set's unrolls is rebuilt) gives the uninterrupted run's tokens."""
+    search = TokenSearchSettings(top_k=16, candidates=4, confirm_draws=2)
+    config = dataclasses.replace(FAST, iterations=6, search=search, lr_lr=0.0)   # a fixed lr, as on ARC-Easy
+    out = tmp_path / "fixed"
+    distill(experts=experts_dir, output=out, config=config, device="cpu", progress=False)
+    confirmed = [m for m in _metrics(out) if "confirm_current_loss" in m]
+    assert len(confirmed) >= 2, "too few proposals reached the confirmation to test it"
+    for m in confirmed:
+        assert m["accepted"] == (m["confirm_candidate_loss"] < m["confirm_current_loss"])
+    # every accepted proposal was confirmed, so between two confirmations only the first can have changed the set
+    for before, after in zip(confirmed, confirmed[1:]):
+        if before["accepted"]:   # the new set, unrolled in full, scores what the proposal scored from a snapshot
+            assert after["confirm_current_loss"] == pytest.approx(before["confirm_candidate_loss"], rel=1e-5)
+        else:                    # same set, same draws: the same number
+            assert after["confirm_current_loss"] == before["confirm_current_loss"]
+    half = tmp_path / "half"
+    distill(experts=experts_dir, output=half, config=dataclasses.replace(config, iterations=3), device="cpu",
+            progress=False)
+    distill(experts=experts_dir, output=half, config=config, resume=True, device="cpu", progress=False)
+    assert [r["prompt_token_ids"] for r in _rows(out)] == [r["prompt_token_ids"] for r in _rows(half)]
+    with pytest.raises(ConfigError, match="needs search.confirm"):
+        TokenSearchSettings(confirm=False, confirm_draws=2)
+
+
 def test_continuing_from_a_snapshot_equals_a_full_unroll(experts_dir, tiny_llama_dir):
     # _score_proposals scores a swap in sample i from i's first minibatch on; that must equal scoring from scratch
     from textdistill.instrument import Draw, SampleSet, Scorer, load_student_model, resolve_student

@@ -3,6 +3,7 @@ intervals, and a clear refusal of settings that cannot fit the trajectories."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 from textdistill.errors import ConfigError
-from textdistill.instrument import (Draw, InstrumentConfig, ResolvedStudent, SampleSet, Scorer, StudentSettings,
-                                    heldout_report, make_draws, paired_difference, resolve_student)
+from textdistill.instrument import (Draw, InstrumentConfig, ResolvedStudent, SampleSet, ScoreCache, Scorer,
+                                    StudentSettings, heldout_report, make_draws, paired_difference, resolve_student)
 
 STUDENT = ResolvedStudent(steps=3, batch_size=2, span=1, lr=0.1, min_start=0, max_start=2)
 
@@ -45,8 +46,8 @@ def test_paired_difference_is_a_t_interval():
 class _RecordingScorer(Scorer):
     """Deterministic fake losses that record which set was scored on which draw."""
 
-    def __init__(self):
-        self.student, self.calls = STUDENT, []
+    def __init__(self, lr=None):
+        self.student, self.calls = (STUDENT if lr is None else dataclasses.replace(STUDENT, lr=lr)), []
 
     def loss(self, samples, draw, *, lr=None):
         self.calls.append((id(samples), draw))
@@ -122,3 +123,38 @@ def test_identical_sets_are_scored_once():
     assert len(scorer.calls) == 3 * len(draws)   # {init = projected = match}, less, the random subset
     assert report["projected"] == report["init"] == report["compare"]["match"]
     assert report["projected_minus_init"]["mean"] == 0.0
+
+
+def test_score_cache_reuses_losses_only_for_the_same_set_draws_lr_and_scope(tmp_path):
+    draws = make_draws([0], STUDENT, 3, 4, seed=0)
+    sets = {"init": _set(0.0), "projected": _set(0.1)}
+    null = [_set(0.3), _set(0.4)]
+    first = _RecordingScorer()
+    cold = heldout_report(first, draws, sets, null, pool=[], embed_matrix=torch.zeros(1),
+                          cache=ScoreCache(tmp_path, {"scope": 1}), progress=False)
+    assert cold["cached_sets"] == 0 and len(first.calls) == 4 * len(draws)
+    second = _RecordingScorer()
+    warm = heldout_report(second, draws, sets, null, pool=[], embed_matrix=torch.zeros(1),
+                          cache=ScoreCache(tmp_path, {"scope": 1}), progress=False)
+    assert second.calls == [] and warm["cached_sets"] == 5   # 4 sets and the floor
+    assert {k: v for k, v in warm.items() if k != "cached_sets"} == {k: v for k, v in cold.items()
+                                                                     if k != "cached_sets"}
+    # another set, other draws, another lr or another scope (other experts, student...) are computed afresh
+    for scorer, kwargs in ((_RecordingScorer(), {"sets": {"init": _set(0.2)}}),
+                           (_RecordingScorer(), {"draws": make_draws([0], STUDENT, 3, 4, seed=1)}),
+                           (_RecordingScorer(lr=0.2), {}),
+                           (_RecordingScorer(), {"scope": 2})):
+        heldout_report(scorer, kwargs.get("draws", draws), kwargs.get("sets", {"init": sets["init"]}), [], pool=None,
+                       cache=ScoreCache(tmp_path, {"scope": kwargs.get("scope", 1)}), progress=False)
+        assert len(scorer.calls) == len(draws), kwargs
+
+
+def test_score_cache_in_a_folder_that_cannot_be_written_warns_and_scores(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    scorer = _RecordingScorer()
+    draws = make_draws([0], STUDENT, 3, 2, seed=0)
+    with pytest.warns(UserWarning, match="cannot be written"):
+        report = heldout_report(scorer, draws, {"init": _set(0.0)}, [], pool=None,
+                                cache=ScoreCache(blocker / "cache", {}), progress=False)
+    assert report["init"]["draws"] == [float(d.start) for d in draws] and len(scorer.calls) == 2

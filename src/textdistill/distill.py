@@ -52,8 +52,9 @@ from .artifacts import (atomic_write_json, atomic_write_text, load_tensors, read
                         write_jsonl, write_run_info)
 from .data import Example, TokenizedExample, scaffold_mask, stable_token_ids, uses_bos
 from .errors import ConfigError, TrainingError
-from .instrument import (Draw, InstrumentConfig, SampleSet, Scorer, StudentSettings, heldout_report, load_pool,
-                         load_student_model, make_draws, resolve_student, sample_minibatches, tokenize_for_experts)
+from .instrument import (Draw, InstrumentConfig, SampleSet, ScoreCache, Scorer, StudentSettings, heldout_report,
+                         load_pool, load_student_model, make_draws, resolve_student, sample_minibatches,
+                         tokenize_for_experts)
 from .models import autocast_context, resolve_device, resolve_dtype, resolve_precision
 from .projection import (input_embedding_matrix, nearest_tokens, neighbour_regularizer, straight_through,
                          vector_distance)
@@ -63,6 +64,7 @@ from .unroll import SyntheticBatch, matching_loss, unroll
 #: The distillation's own random streams: its starting samples and its null subsets must not coincide with
 #: ``select --method random --seed S``, the baseline they are compared against.
 INIT_SEED_OFFSET = 1_000_003
+CONFIRM_SEED_OFFSET = 2_000_003   # the fixed confirmation draws of search.confirm_draws
 NULL_SEED_OFFSET = 2_000_003
 #: Training draws on which the student lr is line-searched (``student.lr_grid``), and their seed offset.
 LR_SEARCH_DRAWS = 4
@@ -95,14 +97,21 @@ class TokenSearchSettings:
     candidates: int = 8  # single-token swaps scored exactly per iteration
     combine: int = 4  # the best improving swaps (at most this many) are also tried together
     confirm: bool = True  # keep a proposal only if it also lowers the loss on a second, independent draw
+    # None: the second draw is a fresh one per proposal; K: the proposal must lower the mean loss over K training
+    # draws fixed for the whole run (paired: the same draws judge every proposal, so draw noise cannot accept one)
+    confirm_draws: int | None = None
     fluent_top_k: int | None = None  # only tokens among the model's own top-k next tokens there (readable text)
 
     def __post_init__(self) -> None:
         for name in ("top_k", "candidates", "combine"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"search.{name} must be positive, got {getattr(self, name)}")
-        if self.fluent_top_k is not None and self.fluent_top_k <= 0:
-            raise ConfigError(f"search.fluent_top_k must be positive, got {self.fluent_top_k}")
+        for name in ("fluent_top_k", "confirm_draws"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"search.{name} must be positive, got {getattr(self, name)}")
+        if self.confirm_draws is not None and not self.confirm:
+            raise ConfigError("search.confirm_draws sets the draws of the confirmation; it needs search.confirm: "
+                              "true")
 
 
 @dataclass(frozen=True)
@@ -353,6 +362,9 @@ class _Loop:
     lr_optimizer: torch.optim.Optimizer
     generator: torch.Generator
     iteration: int = 0
+    # search.confirm_draws: the current set's (loss, parameter snapshots) on each fixed confirmation draw at the
+    # student lr of the key; a cache, emptied whenever a swap is accepted (never saved: recomputed after a resume)
+    confirm_bases: dict[tuple[int, float], tuple[float, list[dict[str, Tensor]]]] = field(default_factory=dict)
 
 
 def _save_checkpoint(run_dir: Path, loop: _Loop, fingerprint: str) -> None:
@@ -414,6 +426,7 @@ class _Context:
     special: list[int]
     train_experts: list[int]
     autocast: Any
+    confirm_draws: list[Draw] = field(default_factory=list)   # search.confirm_draws fixed training draws
 
 
 def _draw(context: _Context, count: int, generator: torch.Generator, include: Sequence[int] = ()) -> Draw:
@@ -576,11 +589,15 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
             proposal, proposal_loss = combined, together
     record["proposal_loss"] = proposal_loss
     if search.confirm:
-        second = _draw(context, count, loop.generator, include=[w.sample for w in proposal])
-        confirm_base, (confirm_loss,), _ = _score_proposals(context, synthetic, second, [proposal], step_lr)
+        if context.confirm_draws:
+            confirm_base, confirm_loss = _score_on_fixed_draws(context, loop, proposal, step_lr)
+        else:
+            second = _draw(context, count, loop.generator, include=[w.sample for w in proposal])
+            confirm_base, (confirm_loss,), _ = _score_proposals(context, synthetic, second, [proposal], step_lr)
         record.update({"confirm_current_loss": confirm_base, "confirm_candidate_loss": confirm_loss})
         if confirm_loss >= confirm_base:
             return record
+    loop.confirm_bases.clear()   # the set changes: its losses on the fixed draws are stale
     record.update({"accepted": True, "swaps": []})
     for swap in proposal:
         old = int(synthetic.token_ids[swap.sample, swap.position])
@@ -591,6 +608,21 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
                                 "from": context.tokenizer.decode([old]),
                                 "to": context.tokenizer.decode([swap.token])})
     return record
+
+
+def _score_on_fixed_draws(context: _Context, loop: _Loop, proposal: Sequence[Swap], lr: float) -> tuple[float, float]:
+    """Mean matching loss of the current set and of ``proposal`` over the fixed confirmation draws. A draw that
+    never uses the proposal's samples scores it as the current set (the swap changes nothing there)."""
+    current, candidate = [], []
+    if any(key[1] != lr for key in loop.confirm_bases):   # a learned lr moved: the cached unrolls are stale
+        loop.confirm_bases.clear()
+    for index, draw in enumerate(context.confirm_draws):
+        base = loop.confirm_bases.get((index, lr))
+        base_loss, (loss,), base = _score_proposals(context, loop.synthetic, draw, [proposal], lr, base=base)
+        loop.confirm_bases[(index, lr)] = base
+        current.append(base_loss)
+        candidate.append(base_loss if math.isinf(loss) else loss)
+    return sum(current) / len(current), sum(candidate) / len(candidate)
 
 
 def _score_proposals(context: _Context, synthetic: SyntheticSet, draw: Draw, proposals: Sequence[Sequence[Swap]],
@@ -702,10 +734,17 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
     context = _Context(model=model, tokenizer=tokenizer, config=config, scorer=scorer, embed_matrix=embed_matrix,
                        allowed=allowed, special=special, train_experts=train_experts,
                        autocast=autocast_context(precision, embed_matrix.device))
+    if config.mode == "gcg" and config.search.confirm_draws:
+        # from their own generator, so that they are the same on resume and do not shift the search's draws
+        fixed = torch.Generator().manual_seed(config.seed + CONFIRM_SEED_OFFSET)
+        context.confirm_draws = [_draw(context, count, fixed) for _ in range(config.search.confirm_draws)]
     output.mkdir(parents=True, exist_ok=True)
-    fingerprint = sha256_json({"config": {k: v for k, v in dataclasses.asdict(config).items()
-                                          if k not in ("iterations", "checkpoint_every", "sample_every",
-                                                       "rerank_top_k", "projection_metric", "instrument")},
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in ("iterations", "checkpoint_every", "sample_every", "rerank_top_k", "projection_metric",
+                             "instrument")}
+    if settings["search"]["confirm_draws"] is None:   # added later: runs made before it resume as they were
+        del settings["search"]["confirm_draws"]
+    fingerprint = sha256_json({"config": settings,
                                "chosen": chosen, "experts": manifest.get("experts"), "pool": manifest["pool_sha256"],
                                "precision": precision})
     if resume:
@@ -776,7 +815,12 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
                                                                        config.seed + NULL_SEED_OFFSET + r)],
                                      embed_matrix) for r in range(config.instrument.random_subsets)]
     draws = make_draws(heldout_experts, student, count, config.instrument.draws, config.instrument.seed)
-    report = heldout_report(scorer, draws, sets, null, pool=pool, embed_matrix=embed_matrix, progress=progress)
+    # runs sharing these experts (an ablation, a rerun) reuse each other's random subsets, floor and starting samples
+    cache = ScoreCache(Path(experts) / "instrument_cache",
+                       {"manifest": manifest, "student": dataclasses.asdict(student), "dtype": str(scorer.dtype),
+                        "device": scorer.device.type})
+    report = heldout_report(scorer, draws, sets, null, pool=pool, embed_matrix=embed_matrix, cache=cache,
+                            progress=progress)
     report.update({"heldout_experts": heldout_experts, "student": dataclasses.asdict(student),
                    "seconds": round(time.time() - heldout_start, 1)})
     atomic_write_json(output / "heldout.json", report)

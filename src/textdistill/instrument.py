@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -40,6 +42,7 @@ __all__ = [
     "ResolvedStudent",
     "SampleSet",
     "Scorer",
+    "ScoreCache",
     "heldout_report",
     "load_pool",
     "StudentSettings",
@@ -291,6 +294,50 @@ class Scorer:
         return self.loss(samples, replay)
 
 
+class ScoreCache:
+    """Held-out losses already computed, so that runs sharing experts (an ablation, a rerun) do not score the same
+    random subsets and floor again: one small JSON per (set, draws, lr) in ``folder`` (by default
+    ``<experts>/instrument_cache/``), written atomically, so concurrent runs at worst compute a value twice.
+
+    ``scope`` names everything else a loss depends on (the experts' manifest, the student, dtype, device type, the
+    cache format); a key hashes it with the set's content, the draws and the lr. A folder that cannot be written
+    turns the cache off with one warning (scores are then computed as without it)."""
+
+    VERSION = 1   # bump when the scoring itself changes, so that older values are not reused
+
+    def __init__(self, folder: str | Path, scope: Mapping[str, Any]):
+        self.folder = Path(folder)
+        self.scope = sha256_json({"version": self.VERSION, **to_jsonable(dict(scope))})
+        self.hits = 0
+        self._writable = True
+
+    def _path(self, kind: str, content: str, draws: Sequence[Draw], lr: float) -> Path:
+        key = sha256_json([self.scope, kind, content, [d.to_json() for d in draws], float(lr)])
+        return self.folder / f"{kind}-{key[:24]}.json"
+
+    def get(self, kind: str, content: str, draws: Sequence[Draw], lr: float) -> list[float] | None:
+        path = self._path(kind, content, draws, lr)
+        try:
+            losses = json.loads(path.read_text())["losses"]
+        except (OSError, ValueError, KeyError):
+            return None
+        if len(losses) != len(draws):
+            return None
+        self.hits += 1
+        return [float(x) for x in losses]
+
+    def put(self, kind: str, content: str, draws: Sequence[Draw], lr: float, losses: Sequence[float]) -> None:
+        if not self._writable:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self._path(kind, content, draws, lr), {"losses": list(losses)})
+        except OSError as error:
+            self._writable = False
+            warnings.warn(f"the instrument's score cache in {self.folder} cannot be written ({error}); "
+                          f"scores are computed without it", stacklevel=2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Paired statistics
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,40 +413,60 @@ def load_pool(tokenizer: Any, manifest: dict[str, Any]) -> tuple[list[Any], list
 
 def heldout_report(scorer: Scorer, draws: Sequence[Draw], sets: Mapping[str, SampleSet | None],
                    null: Sequence[SampleSet], *, pool: Sequence[Any] | None = None, embed_matrix: Tensor | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   cache: ScoreCache | None = None, progress: bool = True) -> dict[str, Any]:
     """Score named sets, a null distribution of random subsets and the floor on the same draws.
 
     ``sets`` may hold ``init`` (the starting samples), ``continuous`` (learned vectors), ``projected`` (the text)
     and any other named set (reported under ``compare``); ``None`` values are skipped. The floor needs the
     tokenized ``pool`` and ``embed_matrix``. Paired differences (mean, 95% interval) compare the text and the
-    vectors with the starting samples, and the floor with the mean random subset.
+    vectors with the starting samples, and the floor with the mean random subset. With a ``cache``, losses an
+    earlier run computed for the same set, draws and lr are read instead of recomputed (``cached_sets`` counts
+    them).
     """
     from tqdm.auto import tqdm
 
     named = {name: s for name, s in sets.items() if s is not None}
+    lr = scorer.student.lr
     # identical sets (e.g. a distillation that changed nothing, next to its starting samples) are scored once
     scored: dict[str, list[float]] = {}
     distinct = {s.fingerprint() for s in [*named.values(), *null]}
     bar = tqdm(total=(len(distinct) + 1) * len(draws), desc="held-out instrument", disable=not progress,
                dynamic_ncols=True)
+    hits_before = cache.hits if cache is not None else 0
 
     def score(samples: SampleSet) -> list[float]:
         key = samples.fingerprint()
         if key not in scored:
-            scored[key] = []
-            for draw in draws:
-                scored[key].append(scorer.loss(samples, draw))
-                bar.update(1)
+            stored = cache.get("set", key, draws, lr) if cache is not None else None
+            if stored is not None:
+                bar.update(len(draws))
+            else:
+                stored = []
+                for draw in draws:
+                    stored.append(scorer.loss(samples, draw))
+                    bar.update(1)
+                if cache is not None:
+                    cache.put("set", key, draws, lr, stored)
+            scored[key] = stored
         return list(scored[key])
 
     losses = {name: score(s) for name, s in named.items()}
     random_losses = [score(s) for s in null]
-    floors: list[float | None] = []
-    for draw in draws:
-        floors.append(scorer.floor_loss(pool, draw, embed_matrix) if pool is not None else None)
-        bar.update(1)
+    floors: list[float | None] | None = None
+    if pool is not None and cache is not None:
+        floors = cache.get("floor", "", draws, lr)
+    if floors is not None:
+        bar.update(len(draws))
+    else:
+        floors = []
+        for draw in draws:
+            floors.append(scorer.floor_loss(pool, draw, embed_matrix) if pool is not None else None)
+            bar.update(1)
+        if cache is not None and pool is not None and all(f is not None for f in floors):
+            cache.put("floor", "", draws, lr, floors)
     bar.close()
-    report: dict[str, Any] = {"lr": scorer.student.lr, "draws": [d.to_json() for d in draws]}
+    report: dict[str, Any] = {"lr": lr, "draws": [d.to_json() for d in draws],
+                              "cached_sets": (cache.hits - hits_before) if cache is not None else 0}
     for name in ("init", "continuous", "projected"):
         report[name] = summarize_losses(losses[name]) if name in losses else None
     report["compare"] = {name: summarize_losses(v) for name, v in losses.items()
