@@ -13,7 +13,7 @@ from textdistill.artifacts import load_tensors, read_json
 from textdistill.config import DataSettings, LoraSettings, TrainConfig
 from textdistill.distill import (DistillConfig, RegularizerSettings, Swap, TokenSearchSettings, distill,
                                  sample_swaps, top_k_swaps)
-from textdistill.errors import ConfigError, TrajectoryError
+from textdistill.errors import ConfigError, TrainingError, TrajectoryError
 from textdistill.experts import ExpertsConfig, load_experts, make_experts
 from textdistill.instrument import InstrumentConfig, StudentSettings
 
@@ -129,6 +129,54 @@ def test_fixed_confirmation_draws_judge_every_proposal_alike(experts_dir, tmp_pa
     assert [r["prompt_token_ids"] for r in _rows(out)] == [r["prompt_token_ids"] for r in _rows(half)]
     with pytest.raises(ConfigError, match="needs search.confirm"):
         TokenSearchSettings(confirm=False, confirm_draws=2)
+
+
+@pytest.mark.parametrize("mode", ["gcg", "continuous"])
+def test_a_nan_in_the_inner_loop_skips_that_iteration_and_changes_nothing(experts_dir, tmp_path, monkeypatch, mode):
+    import textdistill.distill as module
+
+    real, calls = module._meta_loss, []
+
+    def nan_at_second(context, synthetic, prompts, draw, lr):
+        calls.append(1)
+        loss = real(context, synthetic, prompts, draw, lr)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(module, "_meta_loss", nan_at_second)
+    config = dataclasses.replace(FAST, mode=mode, iterations=3, checkpoint_every=1, sample_every=1,
+                                 regularizer=RegularizerSettings(refresh_every=1))
+    out = tmp_path / mode
+    with pytest.warns(UserWarning, match="iteration 2 skipped: non-finite"):
+        summary = distill(experts=experts_dir, output=out, config=config, device="cpu", progress=False)
+    metrics = _metrics(out)
+    assert [("fault" in m) for m in metrics] == [False, True, False]
+    assert metrics[1]["matching_loss"] is None and not metrics[1]["accepted"]
+    assert metrics[1]["tokens_changed_fraction"] == metrics[0]["tokens_changed_fraction"]
+    assert summary["iterations_skipped_for_faults"] == 1
+    assert all(torch.isfinite(t).all() for t in load_tensors(out / "state.safetensors").values()
+               if t.is_floating_point())
+
+
+def test_repeated_faults_stop_the_run_with_the_last_checkpoint_intact(experts_dir, tmp_path, monkeypatch):
+    import textdistill.distill as module
+
+    real, calls = module._meta_loss, []
+
+    def nan_from_third(context, synthetic, prompts, draw, lr):
+        calls.append(1)
+        loss = real(context, synthetic, prompts, draw, lr)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(module, "_meta_loss", nan_from_third)
+    config = dataclasses.replace(FAST, mode="continuous", iterations=8, checkpoint_every=2)
+    out = tmp_path / "stops"
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match="3 iterations in a row .* checkpoint of "
+                                                                       "iteration 4 is intact"):
+        distill(experts=experts_dir, output=out, config=config, device="cpu", progress=False)
+    state = load_tensors(out / "state.safetensors")
+    assert read_json(out / "state.json")["iteration"] == 4 and torch.isfinite(state["prompt_embeds"]).all()
+    assert [("fault" in m) for m in _metrics(out)] == [False, False, True, True, True]
+    assert not (out / "summary.json").exists()
 
 
 def test_continuing_from_a_snapshot_equals_a_full_unroll(experts_dir, tiny_llama_dir):

@@ -67,14 +67,44 @@ def test_lora_training_changes_only_lora_tensors_and_lowers_the_loss(tiny_llama_
         assert changed == ("lora_B" in name or "lora_A" in name), name
 
 
-def test_nan_loss_stops_with_a_clear_error(tiny_llama_dir):
+def test_nan_loss_every_step_stops_with_a_clear_error(tiny_llama_dir):
     tok = load_tokenizer(str(tiny_llama_dir))
     model = add_lora(load_model(str(tiny_llama_dir), device="cpu"), LoraSettings(r=4, alpha=8))
     with torch.no_grad():
         model.get_base_model().model.norm.weight.fill_(float("nan"))
-    with pytest.raises(TrainingError, match="loss became nan at step 1"):
-        train_model(model, tokenize_examples(tok, _examples(), max_length=64), TrainConfig(max_steps=2),
-                    pad_id=tok.pad_token_id, progress=False)
+    rows = tokenize_examples(tok, _examples(), max_length=64)
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match=r"loss became nan at step 3 \(3 faulty"):
+        train_model(model, rows, TrainConfig(max_steps=5), pad_id=tok.pad_token_id, progress=False)
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match="every one of the 2 training steps"):
+        train_model(model, rows, TrainConfig(max_steps=2), pad_id=tok.pad_token_id, progress=False)
+    assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_a_nan_step_is_skipped_and_training_goes_on(tiny_llama_dir, monkeypatch):
+    import textdistill.training as module
+
+    tok = load_tokenizer(str(tiny_llama_dir))
+    model = add_lora(load_model(str(tiny_llama_dir), device="cpu"), LoraSettings(r=4, alpha=8))
+    real, calls, seen = module.response_loss, [], {}
+
+    def nan_at_second_step(model, batch):
+        calls.append(1)
+        loss, extra = real(model, batch)
+        return (loss * float("nan") if len(calls) == 2 else loss), extra
+
+    def snapshot(step, model, optimizer):
+        seen[step] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    monkeypatch.setattr(module, "response_loss", nan_at_second_step)
+    log: list[dict] = []
+    with pytest.warns(UserWarning, match="training step 2 skipped: loss became nan"):
+        result = train_model(model, tokenize_examples(tok, _examples(), max_length=64),
+                             TrainConfig(lr=1e-2, max_steps=4, batch_size=4, warmup_ratio=0.0, schedule="constant"),
+                             pad_id=tok.pad_token_id, progress=False, on_step=snapshot, metrics_log=log)
+    assert [("skipped" in r) for r in log] == [False, True, False, False] and log[1]["loss"] is None
+    assert math.isnan(result.losses[1]) and all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 1)
+    assert all(torch.equal(seen[1][n], seen[2][n]) for n in seen[1])          # the faulty step changed nothing
+    assert not all(torch.equal(seen[2][n], seen[3][n]) for n in seen[2])      # the next one trained
 
 
 def test_schedules():

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -65,6 +66,7 @@ from .unroll import SyntheticBatch, matching_loss, unroll
 #: ``select --method random --seed S``, the baseline they are compared against.
 INIT_SEED_OFFSET = 1_000_003
 CONFIRM_SEED_OFFSET = 2_000_003   # the fixed confirmation draws of search.confirm_draws
+MAX_FAULTS_IN_A_ROW = 3            # consecutive iterations skipped for NaN/inf before the run stops
 NULL_SEED_OFFSET = 2_000_003
 #: Training draws on which the student lr is line-searched (``student.lr_grid``), and their seed offset.
 LR_SEARCH_DRAWS = 4
@@ -460,10 +462,16 @@ def _meta_loss(context: _Context, synthetic: SyntheticSet, prompts: Tensor, draw
     return matching_loss(student, start, target)
 
 
-def _check_finite(value: Tensor, what: str, iteration: int) -> None:
-    if not torch.isfinite(value):
-        raise TrainingError(f"the {what} became {value.item()} at iteration {iteration}; the last good state is "
-                            f"saved (lower lr_embeddings / lr_lr, or use --resume)")
+def _finite(*values: Tensor | None) -> bool:
+    """Whether every given tensor (None: absent, fine) holds only finite numbers."""
+    return all(v is None or bool(torch.isfinite(v).all()) for v in values)
+
+
+def _fault(reason: str, draw: Draw, lr: Tensor) -> dict[str, Any]:
+    """The record of an iteration skipped for a numerical fault: nothing was changed by it (``matching_loss`` is
+    None, so that metrics.jsonl stays strict JSON)."""
+    return {"matching_loss": None, "lr": lr.item(), "expert": draw.expert, "start": draw.start, "fault": reason,
+            "accepted": False}
 
 
 def _gradient_iteration(context: _Context, loop: _Loop, iteration: int, nearest: dict[str, Tensor]) -> dict[str, Any]:
@@ -489,10 +497,15 @@ def _gradient_iteration(context: _Context, loop: _Loop, iteration: int, nearest:
         reg_value = neighbour_regularizer(prompts[learnable], context.embed_matrix, metric=reg.metric,
                                           nearest_ids=nearest_ids[learnable])
         loss = loss + reg.weight * reg_value
-    _check_finite(loss, "distillation loss", iteration)
     loop.embed_optimizer.zero_grad(set_to_none=True)
     loop.lr_optimizer.zero_grad(set_to_none=True)
+    if not _finite(loss):
+        return _fault(f"non-finite distillation loss ({loss.item()})", draw, lr)
     loss.backward()
+    if not _finite(synthetic.prompt_embeds.grad, loop.log_lr.grad):   # a finite loss can still have NaN gradients
+        loop.embed_optimizer.zero_grad(set_to_none=True)
+        loop.lr_optimizer.zero_grad(set_to_none=True)
+        return _fault("non-finite meta-gradient", draw, lr)
     with torch.no_grad():
         synthetic.prompt_embeds.grad.mul_(synthetic.trainable_mask())   # BOS, scaffolding and padding stay fixed
     loop.embed_optimizer.step()
@@ -535,9 +548,13 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
     ids = synthetic.token_ids
     exact = (context.embed_matrix[ids.clamp_min(0)] * (ids >= 0).unsqueeze(-1)).detach().requires_grad_(True)
     match = _meta_loss(context, synthetic, exact, draw, lr)
-    _check_finite(match, "matching loss", iteration)
     loop.lr_optimizer.zero_grad(set_to_none=True)
+    if not _finite(match):
+        return _fault(f"non-finite matching loss ({match.item()})", draw, lr)
     match.backward()
+    if not _finite(exact.grad, loop.log_lr.grad):
+        loop.lr_optimizer.zero_grad(set_to_none=True)
+        return _fault("non-finite meta-gradient", draw, lr)
     if config.lr_lr > 0:
         loop.lr_optimizer.step()
     grads = exact.grad.detach()
@@ -573,6 +590,9 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
         return record
     step_lr = float(lr.detach())
     base_loss, losses, base = _score_proposals(context, synthetic, draw, [[swap] for swap in swaps], step_lr)
+    if not math.isfinite(base_loss):
+        return {**record, **_fault(f"non-finite loss of the current set ({base_loss})", draw, lr)}
+    losses = [loss if math.isfinite(loss) else math.inf for loss in losses]   # a diverged candidate never wins
     record["current_loss"] = base_loss
     ranked = sorted(zip(losses, range(len(swaps))))
     record["best_candidate_loss"] = ranked[0][0]
@@ -584,8 +604,8 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
     combined = list({(w.sample, w.position): w for w in reversed(improving[:search.combine])}.values())
     if len(combined) > 1:
         _, (together,), _ = _score_proposals(context, synthetic, draw, [combined], step_lr, base=base)
-        record["combined_loss"] = together
-        if together < proposal_loss:
+        record["combined_loss"] = together if math.isfinite(together) else None
+        if together < proposal_loss:   # False for NaN
             proposal, proposal_loss = combined, together
     record["proposal_loss"] = proposal_loss
     if search.confirm:
@@ -594,6 +614,8 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
         else:
             second = _draw(context, count, loop.generator, include=[w.sample for w in proposal])
             confirm_base, (confirm_loss,), _ = _score_proposals(context, synthetic, second, [proposal], step_lr)
+        if not (math.isfinite(confirm_base) and math.isfinite(confirm_loss)):
+            return {**record, **_fault("non-finite loss on the confirmation draws", draw, lr)}
         record.update({"confirm_current_loss": confirm_base, "confirm_candidate_loss": confirm_loss})
         if confirm_loss >= confirm_base:
             return record
@@ -766,6 +788,7 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
     start_time = time.time()
     bar = tqdm(total=config.iterations, initial=loop.iteration, desc=f"distill ({config.mode})",
                disable=not progress, dynamic_ncols=True)
+    faults_in_a_row = 0
     try:
         while loop.iteration < config.iterations:
             iteration = loop.iteration + 1
@@ -773,12 +796,23 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
                 record = _gcg_iteration(context, loop, iteration)
             else:
                 record = _gradient_iteration(context, loop, iteration, nearest)
+            # a faulty iteration changed nothing and is logged; only a run of them stops the distillation
+            faults_in_a_row = faults_in_a_row + 1 if "fault" in record else 0
+            if faults_in_a_row >= MAX_FAULTS_IN_A_ROW:
+                metrics.append({"iteration": iteration, **record})
+                last = int(read_json(output / "state.json")["iteration"]) if (output / "state.json").is_file() else 0
+                raise TrainingError(f"{MAX_FAULTS_IN_A_ROW} iterations in a row ended in a numerical fault (last: "
+                                    f"{record['fault']} at iteration {iteration}); the checkpoint of iteration "
+                                    f"{last} is intact: lower the student lr, lr_lr or lr_embeddings and --resume")
+            if "fault" in record:
+                warnings.warn(f"distill iteration {iteration} skipped: {record['fault']}", stacklevel=2)
             loop.iteration = iteration
             changed = int(((synthetic.token_ids != synthetic.init_token_ids) & synthetic.learnable).sum())
             record = {"iteration": iteration, **record, "tokens_changed_fraction": changed / learnable_count,
                       "seconds": round(time.time() - start_time, 2)}
             metrics.append(record)
-            bar.set_postfix(match=f"{record['matching_loss']:.4f}", lr=f"{record['lr']:.2e}",
+            shown = math.nan if record["matching_loss"] is None else record["matching_loss"]
+            bar.set_postfix(match=f"{shown:.4f}", lr=f"{record['lr']:.2e}",
                             changed=f"{record['tokens_changed_fraction']:.3f}")
             bar.update(1)
             if iteration % config.sample_every == 0 or iteration == config.iterations:
@@ -920,6 +954,7 @@ def _summary(synthetic: SyntheticSet, lr: float, metrics: list[dict[str, Any]], 
         "prompts_changed": sum(bool(r["changed_positions"]) for r in rows),
         "retokenize_exact_fraction": sum(r["retokenizes_exactly"] for r in rows) / max(1, len(rows)),
         "distill_seconds": round(seconds, 1),
+        "iterations_skipped_for_faults": sum("fault" in m for m in metrics),
         "heldout": {key: report[key] for key in ("init", "continuous", "projected", "random", "floor",
                                                  "projected_minus_init", "continuous_minus_init",
                                                  "projected_rank_among_random", "compare", "draws", "lr")

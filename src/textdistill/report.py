@@ -192,6 +192,7 @@ def plot_matching_loss(runs: dict[str, list[dict[str, Any]]]) -> bytes:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, metrics in runs.items():
+        metrics = [m for m in metrics if m["matching_loss"] is not None]   # iterations skipped for a fault
         xs, ys = [m["iteration"] for m in metrics], [m["matching_loss"] for m in metrics]
         line, = ax.plot(xs, ys, linewidth=0.8, alpha=0.45)
         # the per-iteration loss swings with the sampled expert segment: a trailing mean shows the trend

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,6 +22,9 @@ from .config import TrainConfig
 from .data import TokenizedExample, load_examples, tokenize_examples
 from .errors import ConfigError, TrainingError
 from .models import add_lora, autocast_context, load_model, load_tokenizer, output_head_only_at, resolve_precision
+from .selection import apply_selection
+
+MAX_FAULTS_IN_A_ROW = 3   # NaN/inf steps skipped in a row before training stops
 
 
 def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -122,8 +126,9 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
     ``batch_loss(indices)`` then returns the mean loss of those examples and the number of tokens it processed.
 
     ``on_step(step, model, optimizer)`` runs after every optimizer step (step counts from 1) and once before the
-    first with step 0 (the expert runs save their snapshots there). Raises TrainingError on a NaN/inf loss, naming
-    the step, before the bad update is applied.
+    first with step 0 (the expert runs save their snapshots there). A step whose loss or gradients are NaN/inf is
+    skipped (no update; the schedule and the step count go on, and its metrics record says ``skipped``);
+    MAX_FAULTS_IN_A_ROW such steps in a row raise TrainingError, naming the step, before any bad update is applied.
     """
     if not examples:
         raise TrainingError("no training examples")
@@ -148,10 +153,11 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
     start = time.time()
     micro = config.batch_size
     epoch, cursor, order = 0, 0, epoch_order(len(examples), config.seed, 0)
+    faults_in_a_row = 0
     bar = tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True)
     for step in range(1, total + 1):
         optimizer.zero_grad(set_to_none=True)
-        step_loss, step_tokens = 0.0, 0
+        step_loss, step_tokens, fault = 0.0, 0, None
         batch_indices.append([])
         for _ in range(config.grad_accum):
             if cursor >= len(order):
@@ -167,21 +173,33 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
                     batch = collate([examples[i] for i in indices], pad_id, device)
                     loss, _ = response_loss(model, batch)
                     count = int(batch["attention_mask"].sum())
+            step_tokens += count
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at step {step} (lr {scheduler.get_last_lr()[0]:.3g}); "
-                                    f"lower the learning rate or use fp32")
+                fault = f"loss became {loss.item()}"
+                continue   # the rest of the step's data is still read, so the data order stays as planned
             (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
-            step_tokens += count
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
+        if fault is None and not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+            fault = "a gradient became NaN/inf"
+        faults_in_a_row = faults_in_a_row + 1 if fault else 0
+        if faults_in_a_row >= MAX_FAULTS_IN_A_ROW:
+            raise TrainingError(f"{fault} at step {step} ({MAX_FAULTS_IN_A_ROW} faulty steps in a row, lr "
+                                f"{scheduler.get_last_lr()[0]:.3g}); lower the learning rate or use fp32")
+        if fault:
+            warnings.warn(f"training step {step} skipped: {fault}", stacklevel=2)
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
         scheduler.step()
-        losses.append(step_loss)
+        losses.append(math.nan if fault else step_loss)
         tokens += step_tokens
         elapsed = time.time() - start
-        record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, "epoch": epoch, "loss": None if fault else step_loss, "lr": scheduler.get_last_lr()[0],
                   "tokens": tokens, "seconds": round(elapsed, 3)}
+        if fault:
+            record["skipped"] = fault
         if metrics_log is not None:
             metrics_log.append(record)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
@@ -189,6 +207,9 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
         if on_step is not None:
             on_step(step, model, optimizer)
     bar.close()
+    if all(math.isnan(x) for x in losses):
+        raise TrainingError(f"every one of the {total} training steps was skipped for NaN/inf ({fault}); lower the "
+                            f"learning rate or use fp32")
     model.eval()
     return TrainResult(steps=total, tokens=tokens, seconds=time.time() - start, losses=losses, precision=precision,
                        batch_indices=batch_indices, examples=len(examples))
@@ -271,8 +292,6 @@ def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     examples = load_examples(data, config.data, tokenizer=tokenizer)
     if selection is not None:
-        from .selection import apply_selection
-
         examples = apply_selection(examples, selection)
     output.mkdir(parents=True, exist_ok=True)
     write_run_info(output, command="train", config=config, seeds={"seed": config.seed},
