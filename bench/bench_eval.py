@@ -75,7 +75,7 @@ def naive_scores(model, tokenizer, requests) -> list:
                 greedy.append(bool((logp.argmax(-1) == target).all()))
             results.append(ChoiceScores(loglik=tuple(loglik), is_greedy=tuple(greedy),
                                         num_tokens=tuple(len(c) for c in encoded.continuation_ids),
-                                        num_chars=tuple(len(c) for c in request.continuations)))
+                                        num_chars=request.choice_lengths))
     return results
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real tokenizers (from the converted asset cache) and tiny model folders built from a config.
+"""Shared fixtures: the real tokenizers (from the converted asset cache), tiny model folders built from a config, and
+small multiple-choice files for tasks read from a file.
 
 Tests that need the real assets skip with a clear reason when `textdistill assets install` has not run; CI runs it.
 """
@@ -6,6 +7,7 @@ Tests that need the real assets skip with a clear reason when `textdistill asset
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import sys
 
@@ -71,3 +73,20 @@ def tiny_gemma_dir(tmp_path_factory, gemma_tokenizer) -> pathlib.Path:
     """A tiny random Gemma-3 with the real Gemma tokenizer (262k vocabulary), saved as a local model folder."""
     model = make_tiny_gemma(len(gemma_tokenizer), hidden_size=32)
     return _save_tiny(tmp_path_factory.mktemp("tiny-gemma"), model, gemma_tokenizer)
+
+
+def mc_rows(n: int = 10, answer_as: str = "index") -> list[dict]:
+    """``n`` multiple-choice rows (3 or 4 choices) with the answer as a 0-based index, a letter or the choice's text."""
+    colours = ["red", "green", "blue", "yellow"]
+    rows = []
+    for i in range(n):
+        choices = [f"{c} {['ball', 'hat', 'cup'][i % 3]}" for c in colours[: 3 + i % 2]]
+        gold = (i * 7) % len(choices)
+        answer = {"index": gold, "letter": "ABCD"[gold], "text": choices[gold]}[answer_as]
+        rows.append({"question": f"Which thing did child number {i} pick?", "choices": choices, "answer": answer})
+    return rows
+
+
+def write_jsonl(path: pathlib.Path, rows: list) -> pathlib.Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

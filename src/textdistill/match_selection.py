@@ -7,7 +7,7 @@ maximise the mean over segments of ``cos(-sum_{i in S} g_i, D)``, over a few seg
 distillation may use (never the held-out ones), as SELECT does in "Approximating language model training data
 from weights" (Morris et al., 2025). It is a baseline arm of its own and the distillation's initialiser.
 
-Per-example LoRA gradients (``selection.per_example_grads``) are compressed with a count sketch (each coordinate
+Per-example LoRA gradients (``less.per_example_grads``) are compressed with a count sketch (each coordinate
 hashed to one of ``sketch_dim`` buckets with a random sign): inner products are preserved in expectation, it costs
 O(parameters) per vector and needs no projection matrix.
 
@@ -123,7 +123,8 @@ def select_by_matching(*, experts: str | Path, budget: str | int, output: str | 
 
     from .experts import load_experts
     from .instrument import load_pool, load_student_model
-    from .selection import flatten_grads, per_example_grads, resolve_budget, write_selection
+    from .less import flatten_grads, per_example_grads
+    from .selection import resolve_budget, write_selection
     from .training import collate
 
     started = time.time()

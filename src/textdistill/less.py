@@ -1,0 +1,643 @@
+"""LESS (Xia et al., 2024), "Selecting Influential Data for Targeted Instruction Tuning", and :func:`select`, the entry
+of ``textdistill select`` for random rows and LESS.
+
+1. *Warm-up*: a fresh LoRA adapter is trained with AdamW (:func:`textdistill.training.train_model`) on a seeded
+   random ``warmup_fraction`` of the pool for ``warmup_epochs`` epochs. After every epoch a
+   :class:`WarmupCheckpoint` keeps the LoRA tensors, AdamW's ``exp_avg``/``exp_avg_sq`` and step, and the average
+   learning rate of that epoch's optimizer steps.
+2. *Gradient features* at each checkpoint: per-example gradients of the LoRA tensors (response-only loss, mean
+   over the example's response tokens), computed batched with ``torch.func.vmap(torch.func.grad(...))`` over
+   ``torch.func.functional_call`` (:func:`per_example_grads`). Pool gradients g become the Adam update direction
+   (:func:`adam_direction`)::
+
+       m' = b1 * exp_avg + (1 - b1) * g,   v' = b2 * exp_avg_sq + (1 - b2) * g**2,   G = m' / (sqrt(v') + eps)
+
+   with the checkpoint's own betas/eps and *no bias correction* by default (``bias_correction=True`` divides m'
+   and v' by ``1 - b**(step + 1)``; with cosine similarity this only changes how much eps matters). Target
+   validation examples keep their plain gradients.
+3. Both are projected to ``projection_dim`` by a seeded random matrix (:class:`RandomProjection`: Rademacher
+   +-1/sqrt(d) or Gaussian, generated block by block, never whole) and L2-normalised.
+4. ``score(pool example) = sum over checkpoints of lr_c * mean over validation examples of cos(G, g_val)``; the
+   ``budget`` highest scores are selected (ties go to the lower index) and written in rank order with their
+   scores; ``extra`` metadata records the target, projection, seed and checkpoints, and ``all_scores`` holds the
+   score of every pool row (so a smaller budget can be cut from the same run).
+
+Pool rows whose prompt equals the prompt of an evaluation item of the target task (its validation/test splits,
+MMLU dev too, a file target's rows; rendered with the rc and mc templates, and with the configured template) are
+never selected; they are listed under ``excluded_eval_overlap`` (ARC-Easy's train split shares a few prompts with
+its own validation/test splits).
+
+The options are one :class:`LessConfig`; the model, the pool and the warm-up recipe come with the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .artifacts import load_tensors, save_tensors
+from .config import DataSettings, TaskFields, TrainConfig
+from .data import (TASKS, Example, TokenizedExample, get_task, item_to_example, load_examples, load_task,
+                   normalize_split, rows_to_examples, tokenize_examples)
+from .errors import ConfigError, DataError
+from .models import add_lora, load_model, load_tokenizer, resolve_device, resolve_model_path
+from .selection import random_indices, reselect, resolve_budget, top_indices, write_selection
+from .training import collate, planned_steps, train_model
+
+IGNORE_INDEX = -100
+METHODS = ("random", "less")
+PROJECTIONS = ("rademacher", "gaussian")
+#: Rows of the random projection generated from one seed (part of the matrix's definition: changing it changes
+#: the matrix). 1024 rows x 8192 columns is 32 MiB in float32.
+PROJECTION_BLOCK_ROWS = 1024
+#: The warm-up set has at least this many rows (or the whole pool when it is smaller).
+MIN_WARMUP_ROWS = 4
+
+
+@dataclass(frozen=True)
+class LessConfig:
+    """LESS's options; the gradient model, the pool and the warm-up recipe are given to :func:`select`."""
+
+    target: str | None = None          # the task split to select for: "arc-easy:validation", "mmlu:dev", a file
+    target_fields: TaskFields | None = None  # a file target's field names (None: question, choices, answer)
+    warmup_fraction: float = 0.05      # share of the pool the warm-up trains on
+    warmup_epochs: int = 4             # warm-up epochs, one checkpoint each
+    projection_dim: int = 8192         # dimension of the random projection
+    max_val_examples: int | None = 64  # target validation examples used (None: all)
+    projection: str = "rademacher"     # or "gaussian"
+    bias_correction: bool = False      # Adam bias correction of the pool's update directions
+    batch_size: int = 8                # examples per batched gradient pass
+    buffer_size: int = 512             # raw gradient rows held before they are projected
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.warmup_fraction, (int, float)) or not 0 < self.warmup_fraction <= 1:
+            raise ConfigError(f"warmup_fraction must be in (0, 1], got {self.warmup_fraction}")
+        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 1:
+            raise ConfigError(f"warmup_epochs must be a positive whole number, got {self.warmup_epochs}")
+        if (isinstance(self.projection_dim, bool) or not isinstance(self.projection_dim, int)
+                or self.projection_dim < 1):
+            raise ConfigError(f"projection_dim must be a positive integer, got {self.projection_dim}")
+        if self.projection not in PROJECTIONS:
+            raise ConfigError(f"unknown projection '{self.projection}'; use {' or '.join(PROJECTIONS)}")
+        if self.max_val_examples is not None and (not isinstance(self.max_val_examples, int)
+                                                  or self.max_val_examples < 1):
+            raise ConfigError(f"max_val_examples must be a positive integer or None (all), got "
+                              f"{self.max_val_examples}")
+        if self.batch_size < 1 or self.buffer_size < 1:
+            raise ConfigError(f"batch_size and buffer_size must be positive, got {self.batch_size} and "
+                              f"{self.buffer_size}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets and decontamination
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_target(target: str | None) -> tuple[str, str]:
+    """``"arc-easy:validation"`` / ``"mmlu:dev"`` / ``"questions.jsonl"`` -> (task, canonical split).
+
+    A named task must name its split; a file is its own split (a ``datasets`` folder of several splits takes
+    ``folder:split``, by default ``test``). ConfigError when no target or no split is given; DataError for an
+    unknown task, a missing file or a split the task lacks.
+    """
+    if not target or not isinstance(target, str):
+        raise ConfigError("LESS needs a target task split, e.g. target='arc-easy:validation', 'mmlu:dev' or a "
+                          "multiple-choice file")
+    task, _, split = target.strip().partition(":")
+    if task not in TASKS:
+        return task, normalize_split(task, split or "test")
+    if not split:
+        raise ConfigError(f"LESS target '{target}' names no split; use e.g. '{task}:{TASKS[task].splits[1]}' "
+                          f"(splits: {', '.join(TASKS[task].splits)})")
+    return task, normalize_split(task, split)
+
+
+def _render(items: Sequence[Any], template: str, tokenizer: Any | None) -> list[Example]:
+    """Benchmark items as examples with ``template`` (rc / mc, or chat through ``tokenizer``'s chat template)."""
+    examples = [item_to_example(it, template if template in ("rc", "mc") else "rc") for it in items]
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError("template 'chat' needs a tokenizer with a chat template (this model has none)")
+        examples = rows_to_examples([{"prompt": e.prompt, "response": e.response, "id": e.id} for e in examples],
+                                    chat_tokenizer=tokenizer, origin="target")
+    return examples
+
+
+def target_examples(task: str, split: str, *, template: str = "rc", max_examples: int | None = 64, seed: int = 0,
+                    tokenizer: Any | None = None, fields: TaskFields | None = None) -> list[Example]:
+    """The target's validation examples: every item of ``task:split``, or a seeded sample of ``max_examples``
+    of them (kept in file order) when the split is larger. ``fields`` names a file task's fields."""
+    items = load_task(task, split, fields=fields)
+    if max_examples is not None and len(items) > max_examples:
+        keep = sorted(random.Random(seed).sample(range(len(items)), max_examples))
+        items = [items[i] for i in keep]
+    return _render(items, template, tokenizer)
+
+
+def target_eval_prompts(task: str, split: str, *, template: str = "rc", tokenizer: Any | None = None,
+                        fields: TaskFields | None = None) -> set[str]:
+    """Stripped prompts of every evaluation item of ``task`` (validation/test, MMLU dev, and ``split`` itself; a
+    file's rows), rendered with the rc and mc templates and with ``template``."""
+    prompts: set[str] = set()
+    for name in dict.fromkeys([s for s in get_task(task, fields).splits if s != "train"] + [split]):
+        items = load_task(task, name, fields=fields)
+        for tmpl in dict.fromkeys(("rc", "mc", template)):
+            prompts.update(e.prompt.strip() for e in _render(items, tmpl, tokenizer))
+    return prompts
+
+
+def eval_overlap(pool: Sequence[Example], prompts: set[str]) -> list[int]:
+    """Indices of pool rows whose stripped prompt is one of ``prompts``."""
+    return [i for i, e in enumerate(pool) if e.prompt.strip() in prompts]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeded random projection
+# ----------------------------------------------------------------------------------------------------------------
+
+def _block_seed(seed: int, block: int) -> int:
+    digest = hashlib.blake2b(f"textdistill-less-projection:{seed}:{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class RandomProjection:
+    """A seeded ``in_dim x out_dim`` random matrix R, applied as ``x @ R``, never held whole.
+
+    Rows are generated in blocks of ``block_rows``; block b comes from a ``torch.Generator`` on ``device`` seeded
+    with a hash of (``seed``, b). Any row range is therefore reproducible on its own, and how a caller chunks the
+    rows does not change the matrix. Entries are +-1/sqrt(out_dim) (``kind="rademacher"``) or
+    N(0, 1/out_dim) (``"gaussian"``), so E[<xR, yR>] = <x, y>. The same seed gives the same matrix on the same kind
+    of device (CPU and CUDA generators differ).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, seed: int = 0, kind: str = "rademacher",
+                 device: str | torch.device = "cpu", block_rows: int = PROJECTION_BLOCK_ROWS):
+        if in_dim < 1 or out_dim < 1:
+            raise ConfigError(f"projection dimensions must be positive, got {in_dim} -> {out_dim}")
+        if kind not in PROJECTIONS:
+            raise ConfigError(f"unknown projection '{kind}'; use {' or '.join(PROJECTIONS)}")
+        if block_rows < 1:
+            raise ConfigError(f"block_rows must be positive, got {block_rows}")
+        self.in_dim, self.out_dim, self.seed, self.kind = int(in_dim), int(out_dim), int(seed), kind
+        self.device = torch.device(device)
+        self.block_rows = int(block_rows)
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.in_dim / self.block_rows)
+
+    def block(self, index: int) -> Tensor:
+        """Rows ``[index * block_rows, min(in_dim, (index + 1) * block_rows))`` of R, float32 on ``device``."""
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(f"block {index} outside [0, {self.num_blocks})")
+        rows = min(self.block_rows, self.in_dim - index * self.block_rows)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(_block_seed(self.seed, index))
+        scale = 1.0 / math.sqrt(self.out_dim)
+        if self.kind == "gaussian":
+            return torch.randn((rows, self.out_dim), generator=generator, device=self.device).mul_(scale)
+        bits = torch.randint(0, 2, (rows, self.out_dim), generator=generator, device=self.device, dtype=torch.int8)
+        return bits.to(torch.float32).mul_(2.0 * scale).sub_(scale)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows ``[start, stop)`` of R (generates only the blocks they touch)."""
+        stop = self.in_dim if stop is None else stop
+        if not 0 <= start <= stop <= self.in_dim:
+            raise IndexError(f"row range [{start}, {stop}) outside [0, {self.in_dim}]")
+        parts = []
+        for b in range(start // self.block_rows, math.ceil(stop / self.block_rows)):
+            lo = b * self.block_rows
+            block = self.block(b)
+            parts.append(block[max(start, lo) - lo: min(stop, lo + block.shape[0]) - lo])
+        if not parts:
+            return torch.zeros((0, self.out_dim), device=self.device)
+        return torch.cat(parts)
+
+    def project(self, x: Tensor) -> Tensor:
+        """(n, in_dim) -> (n, out_dim) float32 on ``device``, one block of R at a time."""
+        if x.dim() != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"expected (n, {self.in_dim}) vectors, got {tuple(x.shape)}")
+        x = x.to(device=self.device, dtype=torch.float32)
+        out = torch.zeros((x.shape[0], self.out_dim), device=self.device)
+        for b in range(self.num_blocks):
+            lo = b * self.block_rows
+            block = self.block(b)
+            out.addmm_(x[:, lo: lo + block.shape[0]], block)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-example gradients and the Adam direction
+# ----------------------------------------------------------------------------------------------------------------
+
+def flatten_grads(grads: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
+    """Per-example gradients {name: (B, *shape)} -> (B, P), concatenated in ``names`` order."""
+    return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1)
+
+
+def _first_target_position(labels: Tensor) -> int:
+    """The earliest position (over the batch) whose label is learned."""
+    learned = labels != IGNORE_INDEX                                           # (B, T)
+    return int(learned.to(torch.int8).argmax(dim=1).min())
+
+
+def example_loss(model: torch.nn.Module, params: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor,
+                 labels: Tensor, keep: int | None = None) -> Tensor:
+    """Mean next-token cross-entropy over the response tokens of ONE example (1-D ``input_ids``, ``attention_mask``,
+    ``labels`` of length T, labels -100 on prompt and padding), with the LoRA tensors replaced by ``params``.
+
+    ``keep`` (a Python int, the same for a whole batch) computes logits for the last ``keep`` positions only; it
+    must cover every position that predicts a response token. Written without data-dependent Python control flow
+    so that it runs under ``torch.func.vmap``.
+    """
+    length = input_ids.shape[0]
+    keep = length if keep is None else max(1, min(int(keep), length))
+    out = torch.func.functional_call(
+        model, dict(params), (),
+        {"input_ids": input_ids.unsqueeze(0), "attention_mask": attention_mask.unsqueeze(0), "use_cache": False,
+         "logits_to_keep": keep},
+        strict=False)
+    logits = out.logits[0, :-1]                                               # (keep-1, V): positions T-keep..T-2
+    targets = labels[length - keep + 1:]                                      # (keep-1,)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    learned = targets != IGNORE_INDEX
+    losses = F.cross_entropy(logits, targets.clamp_min(0), reduction="none")  # (keep-1,)
+    return (losses * learned).sum() / learned.sum()
+
+
+def per_example_grads(model: torch.nn.Module, params: Mapping[str, Tensor],
+                      batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Gradients of :func:`example_loss` w.r.t. ``params`` for every example of a right-padded batch (from
+    :func:`textdistill.training.collate`): {name: (B, *shape)}, computed with ``vmap(grad(...))`` in one batched
+    pass. The model should be in eval mode; every example needs at least one learned label."""
+    labels = batch["labels"]
+    learned = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    if bool((learned == 0).any()):
+        bad = (learned == 0).nonzero().flatten().tolist()
+        raise DataError(f"batch rows {bad} have no response token to learn (empty prompt and a one-token response)")
+    # every learned label sits at position >= first, so it is predicted from position >= first - 1
+    keep = labels.shape[1] - max(1, _first_target_position(labels)) + 1
+
+    def loss(p: Mapping[str, Tensor], ids: Tensor, mask: Tensor, lab: Tensor) -> Tensor:
+        return example_loss(model, p, ids, mask, lab, keep)
+
+    return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(
+        dict(params), batch["input_ids"], batch["attention_mask"], labels)
+
+
+def adam_direction(grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, betas: tuple[float, float] = (0.9, 0.999),
+                   eps: float = 1e-8, step: int | None = None, bias_correction: bool = False) -> Tensor:
+    """The Adam update direction for per-example gradients (B, P) from the optimizer moments (P,):
+    ``m' / (sqrt(v') + eps)`` with ``m' = b1 m + (1 - b1) g`` and ``v' = b2 v + (1 - b2) g^2``; with
+    ``bias_correction`` m' and v' are first divided by ``1 - b**(step + 1)`` (``step`` = steps taken so far)."""
+    beta1, beta2 = betas
+    m = exp_avg.unsqueeze(0) * beta1 + grads * (1.0 - beta1)
+    v = exp_avg_sq.unsqueeze(0) * beta2 + grads.square() * (1.0 - beta2)
+    if bias_correction:
+        if step is None:
+            raise ValueError("bias_correction needs the optimizer step")
+        m = m / (1.0 - beta1 ** (step + 1))
+        v = v / (1.0 - beta2 ** (step + 1))
+    return m / (v.sqrt() + eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Warm-up checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class WarmupCheckpoint:
+    """The LoRA tensors and AdamW state at the end of one warm-up epoch, and that epoch's average learning rate."""
+
+    epoch: int
+    step: int
+    lr: float
+    params: dict[str, Tensor]
+    exp_avg: dict[str, Tensor]
+    exp_avg_sq: dict[str, Tensor]
+    adam_step: int
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.params)
+
+    def flat_moments(self, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """exp_avg and exp_avg_sq flattened (P,) in :attr:`names` order."""
+        cat = lambda d: torch.cat([d[n].reshape(-1) for n in self.names]).to(device)  # noqa: E731
+        return cat(self.exp_avg), cat(self.exp_avg_sq)
+
+    def save(self, path: str | Path) -> Path:
+        """safetensors file: ``param/``, ``exp_avg/``, ``exp_avg_sq/`` tensors; scalars in the metadata."""
+        tensors = {f"{kind}/{n}": t for kind, d in (("param", self.params), ("exp_avg", self.exp_avg),
+                                                    ("exp_avg_sq", self.exp_avg_sq)) for n, t in d.items()}
+        meta = {"epoch": self.epoch, "step": self.step, "lr": self.lr, "adam_step": self.adam_step,
+                "betas": list(self.betas), "eps": self.eps, "names": self.names}
+        return save_tensors(path, tensors, metadata={"less_checkpoint": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WarmupCheckpoint":
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {}).get("less_checkpoint", "null") or "null")
+        if not meta:
+            raise DataError(f"{path} is not a LESS warm-up checkpoint")
+        tensors = load_tensors(path)
+        pick = lambda kind: {n: tensors[f"{kind}/{n}"] for n in meta["names"]}  # noqa: E731
+        return cls(epoch=meta["epoch"], step=meta["step"], lr=meta["lr"], params=pick("param"),
+                   exp_avg=pick("exp_avg"), exp_avg_sq=pick("exp_avg_sq"), adam_step=meta["adam_step"],
+                   betas=tuple(meta["betas"]), eps=meta["eps"])
+
+
+def warmup_config(base: TrainConfig | None, *, epochs: int, seed: int, data: DataSettings | None = None) -> TrainConfig:
+    """The warm-up recipe: ``base`` (default :class:`TrainConfig`) with ``epochs`` whole epochs and ``seed``.
+    Must be LoRA with AdamW and no ``max_steps`` (checkpoints fall at epoch ends)."""
+    config = base or TrainConfig()
+    if config.method != "lora":
+        raise ConfigError(f"the LESS warm-up trains LoRA; got method '{config.method}'")
+    if config.optimizer != "adamw":
+        raise ConfigError(f"the LESS warm-up needs AdamW (its moments shape the gradients); got '{config.optimizer}'")
+    if config.max_steps is not None:
+        raise ConfigError("the LESS warm-up runs whole epochs; leave max_steps unset")
+    changes: dict[str, Any] = {"epochs": float(epochs), "seed": seed}
+    if data is not None:
+        changes["data"] = data
+    return dataclasses.replace(config, **changes)
+
+
+def steps_per_epoch(num_examples: int, config: TrainConfig) -> int:
+    """Optimizer steps in one epoch of ``num_examples`` (the checkpoint spacing of the warm-up)."""
+    return planned_steps(num_examples, dataclasses.replace(config, epochs=1.0, max_steps=None))
+
+
+def run_warmup(model: torch.nn.Module, examples: Sequence[TokenizedExample], config: TrainConfig, *, pad_id: int,
+               progress: bool = False) -> list[WarmupCheckpoint]:
+    """Train ``model``'s LoRA tensors on ``examples`` with ``config`` (AdamW) and return one checkpoint per epoch.
+
+    The checkpoint's ``lr`` is the mean learning rate of the optimizer steps of its epoch (the scheduler value each
+    step used).
+    """
+    if config.optimizer != "adamw":
+        raise ConfigError("the LESS warm-up needs AdamW")
+    per_epoch = steps_per_epoch(len(examples), config)
+    checkpoints: list[WarmupCheckpoint] = []
+    epoch_lrs: list[float] = []
+    next_lr: list[float] = []
+
+    def on_step(step: int, net: Any, optimizer: torch.optim.Optimizer) -> None:
+        if step > 0:
+            epoch_lrs.append(next_lr[-1])          # the lr this step used (read after the previous step)
+        next_lr.append(float(optimizer.param_groups[0]["lr"]))
+        if step == 0 or step % per_epoch:
+            return
+        params, avg, avg_sq, adam_step = {}, {}, {}, 0
+        for name, p in net.named_parameters():
+            if not p.requires_grad:
+                continue
+            state = optimizer.state.get(p, {})
+            params[name] = p.detach().clone()
+            avg[name] = state["exp_avg"].detach().clone() if "exp_avg" in state else torch.zeros_like(params[name])
+            avg_sq[name] = (state["exp_avg_sq"].detach().clone() if "exp_avg_sq" in state
+                            else torch.zeros_like(params[name]))
+            adam_step = int(state["step"]) if "step" in state else adam_step
+        group = optimizer.param_groups[0]
+        checkpoints.append(WarmupCheckpoint(
+            epoch=step // per_epoch, step=step, lr=sum(epoch_lrs) / len(epoch_lrs), params=params, exp_avg=avg,
+            exp_avg_sq=avg_sq, adam_step=adam_step, betas=tuple(map(float, group["betas"])), eps=float(group["eps"])))
+        epoch_lrs.clear()
+
+    train_model(model, examples, config, pad_id=pad_id, on_step=on_step, progress=progress)
+    return checkpoints
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Features and scores
+# ----------------------------------------------------------------------------------------------------------------
+
+def gradient_features(model: torch.nn.Module, examples: Sequence[TokenizedExample], params: Mapping[str, Tensor],
+                      projection: RandomProjection, *, pad_id: int, checkpoint: WarmupCheckpoint | None = None,
+                      bias_correction: bool = False, batch_size: int = 8, buffer_size: int = 128,
+                      progress: bool = False, desc: str = "gradients") -> Tensor:
+    """L2-normalised projected per-example gradients (N, d) of ``examples`` at LoRA tensors ``params``.
+
+    With ``checkpoint`` the gradients are first turned into the Adam direction with its moments (pool side of
+    LESS); without, they stay plain gradients (validation side). Examples are batched by length (batches of
+    ``batch_size``, right padding); at most ``buffer_size`` raw gradient rows are held before they are projected.
+    """
+    if batch_size < 1 or buffer_size < 1:
+        raise ConfigError("batch_size and buffer_size must be positive")
+    names = list(params)
+    device = next(model.parameters()).device
+    params = {n: t.to(device) for n, t in params.items()}
+    moments = checkpoint.flat_moments(device) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.names != names:
+        raise ValueError("the checkpoint's tensors do not match the parameters")
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out = torch.zeros((len(examples), projection.out_dim), device=projection.device)
+    pending_rows: list[Tensor] = []
+    pending_index: list[int] = []
+
+    def flush() -> None:
+        if not pending_rows:
+            return
+        feats = F.normalize(projection.project(torch.cat(pending_rows)), dim=1)
+        out[torch.tensor(pending_index, device=out.device)] = feats
+        pending_rows.clear()
+        pending_index.clear()
+
+    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    for chunk in tqdm(batches, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        batch = collate([examples[i] for i in chunk], pad_id, device)
+        grads = flatten_grads(per_example_grads(model, params, batch), names).detach()      # (B, P)
+        if moments is not None:
+            grads = adam_direction(grads, *moments, betas=checkpoint.betas, eps=checkpoint.eps,
+                                   step=checkpoint.adam_step, bias_correction=bias_correction)
+        pending_rows.append(grads)
+        pending_index.extend(chunk)
+        if sum(r.shape[0] for r in pending_rows) >= buffer_size:
+            flush()
+    flush()
+    return out
+
+
+@dataclass
+class LessScores:
+    """Scores of a pool: ``scores`` (N,) = sum_c ``lrs[c]`` * ``per_checkpoint[c]``; ``per_checkpoint`` (C, N) holds
+    the mean cosine similarity to the validation gradients at each checkpoint."""
+
+    scores: Tensor
+    per_checkpoint: Tensor
+    lrs: list[float]
+
+
+def less_scores(model: torch.nn.Module, pool: Sequence[TokenizedExample], validation: Sequence[TokenizedExample],
+                checkpoints: Sequence[WarmupCheckpoint], projection: RandomProjection, *, pad_id: int,
+                bias_correction: bool = False, batch_size: int = 8, buffer_size: int = 128,
+                progress: bool = False) -> LessScores:
+    """LESS scores of every pool example against the validation examples over the warm-up checkpoints."""
+    if not checkpoints:
+        raise ValueError("LESS needs at least one warm-up checkpoint")
+    if not validation or not pool:
+        raise ValueError("LESS needs pool and validation examples")
+    model.eval()
+    rows = []
+    for c, checkpoint in enumerate(checkpoints, 1):
+        kwargs = dict(pad_id=pad_id, batch_size=batch_size, buffer_size=buffer_size, progress=progress)
+        val = gradient_features(model, validation, checkpoint.params, projection,
+                                desc=f"LESS val grads {c}/{len(checkpoints)}", **kwargs)
+        target = val.mean(dim=0)                                                  # (d,)
+        feats = gradient_features(model, pool, checkpoint.params, projection, checkpoint=checkpoint,
+                                  bias_correction=bias_correction, desc=f"LESS pool grads {c}/{len(checkpoints)}",
+                                  **kwargs)
+        rows.append((feats @ target).cpu())                                       # (N,) mean cosine
+        del feats
+    per_checkpoint = torch.stack(rows)                                            # (C, N)
+    lrs = [float(c.lr) for c in checkpoints]
+    scores = (torch.tensor(lrs, dtype=per_checkpoint.dtype).unsqueeze(1) * per_checkpoint).sum(dim=0)
+    return LessScores(scores=scores, per_checkpoint=per_checkpoint, lrs=lrs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+def warmup_indices(pool_size: int, fraction: float, seed: int) -> list[int]:
+    """The seeded random warm-up rows: ``ceil(fraction * pool_size)`` of them, at least MIN_WARMUP_ROWS (or the whole
+    pool when smaller), sorted."""
+    count = min(pool_size, max(MIN_WARMUP_ROWS, math.ceil(fraction * pool_size)))
+    return sorted(random.Random(seed).sample(range(pool_size), count))
+
+
+def select(*, method: str, data: str, budget: str | int, output: str | Path, seed: int = 0,
+           examples: Sequence[Example] | None = None, model: str | None = None, config: LessConfig | None = None,
+           data_settings: DataSettings | None = None, max_length: int | None = None,
+           train_config: TrainConfig | None = None, device: str = "auto", save_checkpoints: bool = False,
+           trust_remote_code: bool = False, progress: bool = True,
+           scores_from: str | Path | None = None) -> dict[str, Any]:
+    """Entry of ``textdistill select``: choose ``budget`` rows of ``data`` by ``method`` and write a selection file.
+
+    ``examples`` (optional) are the already loaded rows of ``data``; otherwise ``data`` is loaded with
+    ``data_settings`` (``max_length`` overrides its token limit). ``random`` uses only ``seed``. ``less`` (see the
+    module docstring) also needs ``model`` and ``config`` (a :class:`LessConfig` naming its ``target``, e.g.
+    ``"arc-easy:validation"``, ``"mmlu:dev"`` or a multiple-choice file); ``seed`` drives the warm-up rows, the LoRA
+    init and warm-up order, the validation sample and the projection. ``train_config`` is the warm-up recipe (LoRA +
+    AdamW; epochs and seed are replaced). ``save_checkpoints`` keeps the warm-up checkpoints as safetensors in
+    ``<output stem>.less/`` beside the output file. ``scores_from`` (LESS only) cuts the budget from the
+    ``all_scores`` of an earlier LESS selection file of the same data (no model work).
+
+    The pool, the budget, the model and the target are checked before a model is loaded (ConfigError / DataError /
+    ModelError; ``config`` checks its own options when it is made). Returns ``{"count", "indices", "scores"}`` (and
+    LESS details).
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown selection method '{method}'; use {' or '.join(METHODS)}")
+    config = config or LessConfig()
+    settings = data_settings or (train_config.data if train_config is not None else DataSettings())
+    if max_length is not None:
+        settings = dataclasses.replace(settings, max_length=max_length)
+    task = split = None
+    tokenizer = None
+    if scores_from is not None:
+        if method != "less":
+            raise ConfigError("scores_from reuses LESS scores; it only applies to method 'less'")
+        pool = list(examples) if examples is not None else load_examples(data, settings)
+        return reselect(scores_from, budget, output, pool)
+    if method == "less":
+        if not model:
+            raise ConfigError("LESS needs a model for its gradients (model='smollm2-135m', a folder or a hub id)")
+        task, split = parse_target(config.target)
+        resolve_model_path(model)                       # ModelError for a missing folder / unknown name
+        load_task(task, split, limit=1, fields=config.target_fields)   # the target's files exist and read
+        warmup_config(train_config, epochs=config.warmup_epochs, seed=seed)
+    if examples is None and settings.template == "chat" and method == "less":
+        tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    pool = list(examples) if examples is not None else load_examples(data, settings, tokenizer=tokenizer)
+    if not pool:
+        raise DataError(f"dataset '{data}' is empty")
+    count = resolve_budget(budget, len(pool))
+    if method == "random":
+        indices = random_indices(len(pool), count, seed)
+        write_selection(output, method=method, data=data, budget=budget, seed=seed, examples=pool, indices=indices)
+        return {"count": count, "indices": indices, "scores": None}
+    return _select_less(pool=pool, count=count, data=data, budget=budget, output=Path(output), seed=seed,
+                        model_name=model, task=task, split=split, settings=settings, tokenizer=tokenizer,
+                        config=config, train_config=train_config, device=device, save_checkpoints=save_checkpoints,
+                        trust_remote_code=trust_remote_code, progress=progress)
+
+
+def _select_less(*, pool: list[Example], count: int, data: str, budget: str | int, output: Path, seed: int,
+                 model_name: str, task: str, split: str, settings: DataSettings, tokenizer: Any | None,
+                 config: LessConfig, train_config: TrainConfig | None, device: str, save_checkpoints: bool,
+                 trust_remote_code: bool, progress: bool) -> dict[str, Any]:
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    validation = target_examples(task, split, template=settings.template, max_examples=config.max_val_examples,
+                                 seed=seed, tokenizer=tokenizer, fields=config.target_fields)
+    overlap = eval_overlap(pool, target_eval_prompts(task, split, template=settings.template, tokenizer=tokenizer,
+                                                     fields=config.target_fields))
+    if len(pool) - len(overlap) < count:
+        raise ConfigError(f"budget {budget} ({count} rows) is larger than the {len(pool) - len(overlap)} pool rows "
+                          f"left after removing {len(overlap)} that repeat {task} evaluation prompts")
+    if overlap:
+        warnings.warn(f"{len(overlap)} pool rows repeat a {task} evaluation prompt; LESS will not select them",
+                      stacklevel=3)
+    tokenize = lambda rows: tokenize_examples(tokenizer, rows, max_length=settings.max_length,  # noqa: E731
+                                              append_eos=settings.append_eos)
+    pool_tok, val_tok = tokenize(pool), tokenize(validation)
+    for name, rows in (("pool", pool_tok), ("target", val_tok)):
+        for row in rows:
+            if not row.prompt_ids and len(row.response_ids) < 2:   # nothing precedes the only response token
+                raise DataError(f"{name} example {row.id or '?'} has no predicted response token")
+    recipe = warmup_config(train_config, epochs=config.warmup_epochs, seed=seed, data=settings)
+    warm_rows = warmup_indices(len(pool), config.warmup_fraction, seed)
+
+    # --- model work starts here
+    target_device = resolve_device(device)
+    base = load_model(model_name, dtype="fp32", device=target_device, attn_implementation="eager",
+                      trust_remote_code=trust_remote_code)
+    torch.manual_seed(seed)
+    net = add_lora(base, recipe.lora)
+    pad_id = tokenizer.pad_token_id
+    checkpoints = run_warmup(net, [pool_tok[i] for i in warm_rows], recipe, pad_id=pad_id, progress=progress)
+    checkpoint_dir = None
+    if save_checkpoints:
+        checkpoint_dir = output.parent / f"{output.stem}.less"
+        for ck in checkpoints:
+            ck.save(checkpoint_dir / f"warmup-epoch{ck.epoch}.safetensors")
+    num_params = sum(t.numel() for t in checkpoints[0].params.values())
+    proj = RandomProjection(num_params, config.projection_dim, seed=seed, kind=config.projection, device=target_device)
+    result = less_scores(net, pool_tok, val_tok, checkpoints, proj, pad_id=pad_id,
+                         bias_correction=config.bias_correction, batch_size=config.batch_size,
+                         buffer_size=config.buffer_size, progress=progress)
+    indices = top_indices(result.scores, count, exclude=overlap)
+    eval_prompts = {e.prompt.strip() for e in validation}
+    chosen_overlap = [i for i in indices if i in set(overlap) or pool[i].prompt.strip() in eval_prompts]
+    if chosen_overlap:  # cannot happen: top_indices excludes them; kept as a guard against future edits
+        raise DataError(f"LESS selected rows that repeat {task} evaluation prompts: {chosen_overlap[:5]}")
+    all_scores = result.scores.tolist()
+    extra = {"model": model_name, "target": f"{task}:{split}", "projection": config.projection,
+             "projection_dim": config.projection_dim, "projection_seed": seed, "num_checkpoints": len(checkpoints),
+             "checkpoint_lrs": result.lrs, "checkpoint_steps": [c.step for c in checkpoints],
+             "num_lora_params": num_params, "warmup_rows": len(warm_rows), "warmup_fraction": config.warmup_fraction,
+             "warmup_epochs": config.warmup_epochs, "val_examples": len(val_tok),
+             "adam_bias_correction": config.bias_correction, "max_length": settings.max_length,
+             "template": settings.template, "excluded_eval_overlap": [pool[i].id for i in overlap],
+             "order": "score descending", "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
+             "all_scores": all_scores}
+    write_selection(output, method="less", data=data, budget=budget, seed=seed, examples=pool, indices=indices,
+                    scores=[all_scores[i] for i in indices], extra=extra)
+    return {"count": count, "indices": indices, "scores": [all_scores[i] for i in indices],
+            "all_scores": all_scores, "checkpoint_lrs": result.lrs, "excluded": overlap,
+            "checkpoint_dir": checkpoint_dir}
