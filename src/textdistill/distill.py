@@ -380,12 +380,12 @@ def _save_checkpoint(run_dir: Path, loop: _Loop, fingerprint: str) -> None:
     atomic_write_json(run_dir / "state.json", {"iteration": loop.iteration, "fingerprint": fingerprint})
 
 
-def _load_checkpoint(run_dir: Path, loop: _Loop, fingerprint: str) -> None:
+def _load_checkpoint(run_dir: Path, loop: _Loop, fingerprints: Sequence[str]) -> None:
     from safetensors import safe_open
 
     with safe_open(str(run_dir / "state.safetensors"), framework="pt") as handle:
         meta = handle.metadata() or {}
-    if meta.get("fingerprint") != fingerprint:
+    if meta.get("fingerprint") not in fingerprints:
         raise ConfigError(f"--resume: the run in {run_dir} was made with other settings or samples (seed, budget, "
                           f"mode, init, selection, learning rates, student, search); only 'iterations' and "
                           f"logging options may change on resume")
@@ -766,11 +766,15 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
                              "instrument")}
     if settings["search"]["confirm_draws"] is None:   # added later: runs made before it resume as they were
         del settings["search"]["confirm_draws"]
-    fingerprint = sha256_json({"config": settings,
-                               "chosen": chosen, "experts": manifest.get("experts"), "pool": manifest["pool_sha256"],
-                               "precision": precision})
+    identity = {"chosen": chosen, "experts": manifest.get("experts"), "pool": manifest["pool_sha256"],
+                "precision": precision}
+    # runs checkpointed before the selection's path left the fingerprint resume when given the same path
+    legacy_fingerprint = sha256_json({"config": settings, **identity})
+    # the selection's rows are fingerprinted ("chosen"), not how its path was written (relative, absolute, moved)
+    settings.pop("selection")
+    fingerprint = sha256_json({"config": settings, **identity})
     if resume:
-        _load_checkpoint(output, loop, fingerprint)
+        _load_checkpoint(output, loop, (fingerprint, legacy_fingerprint))
     else:
         write_run_info(output, command="distill", config=config, seeds={"seed": config.seed},
                        extra={"experts": str(experts), "model": manifest["model"]["name"], "budget_count": count,
@@ -785,7 +789,8 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
     samples = _read_jsonl(output / "samples.jsonl", loop.iteration)
     learnable_count = int(synthetic.learnable.sum())
     nearest: dict[str, Tensor] = {}
-    start_time = time.time()
+    # seconds count on from a resumed run's last record, so that distill_seconds is the search's whole time
+    start_time = time.time() - (metrics[-1]["seconds"] if metrics else 0.0)
     bar = tqdm(total=config.iterations, initial=loop.iteration, desc=f"distill ({config.mode})",
                disable=not progress, dynamic_ncols=True)
     faults_in_a_row = 0
@@ -972,10 +977,44 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _card_metadata(summary: dict[str, Any], config: DistillConfig, manifest: dict[str, Any]) -> tuple[str, str]:
+    """The dataset card's Hugging Face YAML front matter, and its licence line: the pool's licence when it is known
+    (the prompts are edited pool rows and the responses are the pool's), else ``other`` with what applies."""
+    import yaml
+
+    arc = (["allenai/ai2_arc"], "cc-by-sa-4.0")
+    known = {"arc-easy": arc, "arc-challenge": arc, "mmlu": (["cais/mmlu"], "mit"),
+             # the nine sources of mcqa-pool come under different licences
+             "mcqa-pool": (["allenai/ai2_arc", "allenai/openbookqa", "tau/commonsense_qa", "allenai/social_i_qa",
+                            "ybisk/piqa", "Rowan/hellaswag", "allenai/winogrande", "google/boolq"], None)}
+    data = manifest["data"]
+    head, _, rest = data.partition(":")
+    sources, licence = ([rest.partition(":")[0]], None) if head == "hub" else known.get(head, ([], None))
+    count = summary["samples"]
+    size = next(name for limit, name in ((1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"))
+                if count < limit)
+    meta: dict[str, Any] = {
+        "license": licence or "other", "language": ["en"], "size_categories": [size],
+        "task_categories": ["text-generation"], "source_datasets": sources,
+        "tags": ["dataset-distillation", "trajectory-matching"],
+        "pretty_name": f"{data} distilled to {count} samples ({manifest['model']['name']}, {config.mode})",
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "distilled.jsonl"}]}],
+    }
+    if not sources:   # a local file: nothing public to name
+        del meta["source_datasets"]
+    if licence:
+        note = f"Licence: {licence}, that of `{data}`: the prompts are edited from its rows, the responses are its own."
+    else:
+        note = (f"Licence: other. The prompts are edited from the rows of `{data}`, the responses are its own: its "
+                "licence applies" + (" (each source dataset's to its rows)." if head == "mcqa-pool" else "."))
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n", note
+
+
 def _dataset_card(summary: dict[str, Any], config: DistillConfig, manifest: dict[str, Any], experts: str,
                   rows: list[dict[str, Any]]) -> str:
     heldout = summary["heldout"]
     diff = heldout.get("projected_minus_init") or {}
+    front_matter, licence = _card_metadata(summary, config, manifest)
     lines = [
         "# Distilled dataset (textdistill)", "",
         f"{summary['samples']} samples distilled from `{manifest['data']}` ({manifest['pool_size']} rows) by "
@@ -1016,5 +1055,5 @@ def _dataset_card(summary: dict[str, Any], config: DistillConfig, manifest: dict
     for row in rows[:3]:
         lines += [f"- prompt: `{row['prompt'][:300]!r}`", f"  started from: `{row['init_prompt'][:300]!r}`",
                   f"  response: `{row['response'][:120]!r}`"]
-    lines += ["", "Licence: the responses come from the source dataset; its licence applies."]
-    return "\n".join(lines) + "\n"
+    lines += ["", licence]
+    return front_matter + "\n".join(lines) + "\n"

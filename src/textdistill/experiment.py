@@ -13,7 +13,8 @@ Methods:
   distilling model only (another tokenizer cannot read vectors).
 
 Every stage's output is kept under the run folder and every finished cell writes ``cells/.../result.json``, so a
-rerun skips what is done. Results: ``results.csv``/``results.json``, ``report.md`` and PNG plots.
+rerun skips what is done; a trained LoRA cell also keeps its adapter in ``cells/.../adapter/`` (its row's ``adapter``
+names it, relative to the run folder). Results: ``results.csv``/``results.json``, ``report.md`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,17 +353,19 @@ def training_data_key(examples: list[Example]) -> str:
 
 
 #: Fields of a result row that describe its training run and scores (copied when two cells train on the same data).
-_RUN_FIELDS = ("train_steps", "train_seconds", "train_last_loss", "acc", "acc_norm", "n", "eval_seconds")
+_RUN_FIELDS = ("train_steps", "train_seconds", "train_last_loss", "acc", "acc_norm", "n", "eval_seconds", "adapter")
 
 
 def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method: str, budget: str,
-             seed: int | None, progress: bool, same_data: dict[tuple, dict[str, Any]] | None = None) -> dict[str, Any]:
+             seed: int | None, progress: bool, same_data: dict[tuple, dict[str, Any]] | None = None,
+             adapter: Path | None = None) -> dict[str, Any]:
     """Train (unless ``base``) and evaluate one cell; returns its result row.
 
     ``same_data`` maps ``(model, seed, training_data_key)`` to finished rows: a cell whose training data is exactly
     that of a finished cell (e.g. a distillation that changed no token, next to its starting samples) would repeat
-    the same deterministic run, so its scores are copied and the row says ``same_data_as``."""
-    from .models import load_model, load_tokenizer
+    the same deterministic run, so its scores and its ``adapter`` are copied and the row says ``same_data_as``.
+    ``adapter``: the folder (under ``stages.root``) where the cell's trained LoRA adapter is saved."""
+    from .models import load_model, load_tokenizer, save_adapter
     from .training import train_on_embeddings, train_on_examples
 
     row: dict[str, Any] = {"model": model_name, "method": method, "budget": budget if method not in ("base",) else "",
@@ -391,6 +395,8 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
         twin = (same_data or {}).get((model_name, seed, row["data_key"]))
         if twin is not None:
             row.update({k: twin[k] for k in _RUN_FIELDS if k in twin})
+            if adapter is not None:   # an adapter this cell trained under other settings is not its run any more
+                shutil.rmtree(adapter, ignore_errors=True)
             row.update({"train_examples": len(examples), "cell_seconds": round(time.time() - start, 1),
                         "same_data_as": f"{twin['method']} {twin['budget']} seed {twin['seed']}"})
             if method == "distilled":
@@ -403,6 +409,9 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
                     "train_seconds": round(result.seconds, 1), "train_last_loss": round(result.losses[-1], 4)})
         if method == "distilled":
             row["prompt_tokens_mean"] = _prompt_tokens_mean(tokenizer, examples)
+    if adapter is not None and method != "base" and config.recipe.method == "lora":   # full fine-tuning: no adapter
+        save_adapter(model, tokenizer, adapter, model_name)
+        row["adapter"] = str(adapter.relative_to(stages.root))
     from .evaluation import evaluate_model
 
     metrics = evaluate_model(model, tokenizer, config.target, progress=progress)
@@ -491,7 +500,7 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
                     continue
                 log(f"{label}{': made with other settings, redone' if previous is not None else ''}")
                 row = run_cell(config, stages, model_name, method, budget, seed, progress,
-                               same_data=_finished_by_data(root, every_key))
+                               same_data=_finished_by_data(root, every_key), adapter=folder / "adapter")
                 row["config_key"] = keys[method]
                 atomic_write_json(folder / "result.json", row)
             finally:

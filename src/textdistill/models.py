@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,36 @@ def load_adapter(model: Any, adapter: str | Path, *, trainable: bool = False) ->
     if not (adapter / "adapter_config.json").is_file():
         raise ModelError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+
+
+def base_model_id(name_or_path: str) -> str:
+    """What an adapter names as its base model: a named model's public hub id, a local folder's absolute path (so
+    that it means the same from any working directory), else the hub id as given."""
+    if name_or_path in NAMED_MODELS:
+        return NAMED_MODELS[name_or_path].hub_id
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def save_adapter(model: Any, tokenizer: Any, folder: str | Path, model_name: str) -> Path:
+    """Save a peft model's LoRA adapter into ``folder`` (safetensors, replacing an earlier one) so that
+    ``PeftModel.from_pretrained`` reloads it: ``adapter_config.json`` names the base as :func:`base_model_id` does,
+    and ``base_model.json`` records the base's identity, including the local folder that was actually loaded."""
+    from .artifacts import atomic_write_json, read_json
+
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".partial")   # a killed save never leaves a half adapter in place
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    config = read_json(staging / "adapter_config.json")
+    config["base_model_name_or_path"] = base_model_id(model_name)
+    atomic_write_json(staging / "adapter_config.json", config)
+    # peft's README is an unfilled template whose base_model is the local folder, not the base named above
+    (staging / "README.md").unlink(missing_ok=True)
+    atomic_write_json(staging / "base_model.json", model_identity(model_name, model, tokenizer))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
 
 
 def add_lora(model: Any, settings: LoraSettings) -> Any:
