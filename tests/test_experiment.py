@@ -313,3 +313,14 @@ def test_a_lock_dies_with_its_process(tmp_path):
     lock = experiment.try_lock(target)
     assert lock is not None
     lock.release()
+
+
+def test_distillation_folders_leave_out_the_lock_files_beside_them(tmp_path):
+    from textdistill.experiment import try_lock
+    from textdistill.report import distillation_folders
+
+    run = tmp_path / "distill" / "1pct-seed0-abc"
+    run.mkdir(parents=True)
+    try_lock(run).release()                              # leaves distill/1pct-seed0-abc.lock behind
+    assert (tmp_path / "distill" / "1pct-seed0-abc.lock").exists()
+    assert distillation_folders(tmp_path) == [run] and distillation_folders(tmp_path / "none") == []

@@ -242,7 +242,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from . import assets
     from .experiment import load_experiment_config, run_experiment
-    from .report import comparison_table, distillation_summary
+    from .report import comparison_table, distillation_folders, distillation_summary
 
     for name in ("smollm2-135m", "gemma3-270m"):
         if not assets.is_converted(name):
@@ -259,7 +259,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"Output: {args.output}", flush=True)
     rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress)
     print(comparison_table(rows))
-    for folder in sorted((Path(args.output) / "distill").glob("*")):
+    for folder in distillation_folders(Path(args.output)):
         print("\n".join(["", "What distillation did:", *distillation_summary(folder)]))
     print(f"results: {args.output}/results.csv, report: {args.output}/report.md")
     return 0

@@ -97,6 +97,12 @@ def _loss(value: Any) -> str:
     return "-" if not value else f"{value['loss']:.4f}"
 
 
+def distillation_folders(root: Path) -> list[Path]:
+    """The distillation run folders of an experiment's run folder ``root`` (the lock files beside them left out)."""
+    folder = root / "distill"
+    return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
 def distillation_summary(folder: Path, samples: int = 3) -> list[str]:
     """Markdown lines describing one distillation run: what changed, the held-out instrument's paired numbers,
     and a few prompts before and after (changed tokens shown as ``[old->new]``)."""
@@ -243,7 +249,7 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
         atomic_write_bytes(root / "accuracy_vs_budget.png", plot_accuracy_vs_budget(rows))
     runs = {}
     distances: list[float] = []
-    for folder in sorted((root / "distill").glob("*")) if (root / "distill").is_dir() else []:
+    for folder in distillation_folders(root):
         metrics_file = folder / "metrics.jsonl"
         if metrics_file.is_file():
             runs[folder.name] = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
@@ -254,7 +260,7 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
     if runs:
         atomic_write_bytes(root / "matching_loss.png", plot_matching_loss(runs))
         lines += ["## Distillation", ""]
-        for folder in sorted((root / "distill").glob("*")):
+        for folder in distillation_folders(root):
             lines += distillation_summary(folder)
         lines += ["![matching loss](matching_loss.png)", ""]
     if distances:
