@@ -104,6 +104,18 @@ def test_a_worse_swap_is_never_accepted(experts_dir, tmp_path, monkeypatch):
     assert all(not r["changed_positions"] for r in _rows(tmp_path / "d"))
 
 
+def test_a_fresh_confirmation_draw_per_proposal_keeps_only_what_it_confirms(experts_dir, tmp_path):
+    """search.confirm_draws: null (the runs made before the paired default): each proposal is judged on a fresh
+    draw that uses its samples."""
+    config = dataclasses.replace(FAST, iterations=4, search=TokenSearchSettings(top_k=16, candidates=4,
+                                                                                  confirm_draws=None))
+    distill(experts=experts_dir, output=tmp_path / "fresh", config=config, device="cpu", progress=False)
+    confirmed = [m for m in _metrics(tmp_path / "fresh") if "confirm_current_loss" in m]
+    assert confirmed
+    for m in confirmed:
+        assert m["accepted"] == (m["confirm_candidate_loss"] < m["confirm_current_loss"])
+
+
 def test_fixed_confirmation_draws_judge_every_proposal_alike(experts_dir, tmp_path):
     """search.confirm_draws: the current set's loss on the fixed draws changes only when a swap was accepted
     (the same draws judge every proposal), an accepted proposal lowered their mean, and resuming mid-run (the

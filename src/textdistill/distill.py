@@ -99,9 +99,10 @@ class TokenSearchSettings:
     candidates: int = 8  # single-token swaps scored exactly per iteration
     combine: int = 4  # the best improving swaps (at most this many) are also tried together
     confirm: bool = True  # keep a proposal only if it also lowers the loss on a second, independent draw
-    # None: the second draw is a fresh one per proposal; K: the proposal must lower the mean loss over K training
-    # draws fixed for the whole run (paired: the same draws judge every proposal, so draw noise cannot accept one)
-    confirm_draws: int | None = None
+    # K: the proposal must lower the mean loss over K training draws fixed for the whole run (paired: the same draws
+    # judge every proposal, so draw noise cannot accept one; the best mode on the held-out instrument, results/README
+    # section 7.4); None: one fresh draw per proposal (the runs made before it)
+    confirm_draws: int | None = 6
     fluent_top_k: int | None = None  # only tokens among the model's own top-k next tokens there (readable text)
 
     def __post_init__(self) -> None:
