@@ -65,7 +65,9 @@ from .unroll import SyntheticBatch, matching_loss, unroll
 #: The distillation's own random streams: its starting samples and its null subsets must not coincide with
 #: ``select --method random --seed S``, the baseline they are compared against.
 INIT_SEED_OFFSET = 1_000_003
-CONFIRM_SEED_OFFSET = 2_000_003   # the fixed confirmation draws of search.confirm_draws
+# the fixed confirmation draws of search.confirm_draws (the same number as NULL_SEED_OFFSET, but it seeds another
+# generator: a torch.Generator of draws, not the random subsets' indices; kept, so committed runs replay exactly)
+CONFIRM_SEED_OFFSET = 2_000_003
 MAX_FAULTS_IN_A_ROW = 3            # consecutive iterations skipped for NaN/inf before the run stops
 NULL_SEED_OFFSET = 2_000_003
 #: Training draws on which the student lr is line-searched (``student.lr_grid``), and their seed offset.
