@@ -203,3 +203,84 @@ def test_training_on_vectors_of_another_width_is_refused(tiny_llama_dir, tmp_pat
     with pytest.raises(ConfigError, match="only fit the model they were learned with"):
         train_on_embeddings(model_name=str(tiny_llama_dir), embeddings=tmp_path / "e.safetensors",
                             config=TrainConfig(max_steps=1), device="cpu", progress=False)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _resumable_run(tiny_llama_dir, checkpointer=None, crash_at=None, optimizer="adamw"):
+    """A LoRA run whose every source of randomness matters: dropout (torch RNG), AdamW moments, warm-up + linear
+    schedule, several epochs (data order). ``crash_at``: raise after that optimizer step."""
+    tok = load_tokenizer(str(tiny_llama_dir))
+    tokenized = tokenize_examples(tok, _examples()[:10], max_length=64)
+    torch.manual_seed(0)
+    model = add_lora(load_model(str(tiny_llama_dir), device="cpu"),
+                     LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=("q_proj", "v_proj")))
+    config = TrainConfig(lr=5e-3, optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else 0.0, batch_size=4,
+                         epochs=3, warmup_ratio=0.2, schedule="linear", seed=3)
+
+    def on_step(step, net, opt):
+        if step == crash_at:
+            raise _Crash
+
+    log = []
+    result = train_model(model, tokenized, config, pad_id=tok.pad_token_id, progress=False, metrics_log=log,
+                         on_step=on_step, checkpointer=checkpointer)
+    return model, result, log
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_llama_dir, tmp_path, optimizer):
+    from textdistill.checkpoint import TrainCheckpointer
+
+    reference, expected, expected_log = _resumable_run(tiny_llama_dir, optimizer=optimizer)
+    assert expected.steps == 9
+    make = lambda: TrainCheckpointer(tmp_path / "ckpt", fingerprint={"run": 1}, every_steps=2, every_seconds=None)
+    with pytest.raises(_Crash):   # crashes after step 5: the checkpoint of step 4 is on disk, step 5 is lost
+        _resumable_run(tiny_llama_dir, make(), crash_at=5, optimizer=optimizer)
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["position"]["step"] == 4
+    assert [p.name for p in (tmp_path / "ckpt").glob("step_*.safetensors")] == ["step_000004.safetensors"]
+    resumed, result, log = _resumable_run(tiny_llama_dir, make(), optimizer=optimizer)
+    params = dict(resumed.named_parameters())
+    for name, p in reference.named_parameters():
+        assert torch.equal(p, params[name]), name
+    assert result.losses == expected.losses and result.batch_indices == expected.batch_indices
+    assert [r["step"] for r in log] == list(range(1, 10))
+    assert [r["loss"] for r in log] == [r["loss"] for r in expected_log]
+    # the lr schedule went on from where it was
+    assert [r["lr"] for r in log] == [r["lr"] for r in expected_log]
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tiny_llama_dir, tmp_path):
+    from textdistill.checkpoint import TrainCheckpointer
+    from textdistill.errors import ConfigError
+
+    with pytest.raises(_Crash):
+        _resumable_run(tiny_llama_dir, TrainCheckpointer(tmp_path, fingerprint={"lr": 1}, every_steps=1,
+                                                         every_seconds=None), crash_at=2)
+    with pytest.raises(ConfigError, match="other settings"):
+        _resumable_run(tiny_llama_dir, TrainCheckpointer(tmp_path, fingerprint={"lr": 2}, every_steps=1,
+                                                         every_seconds=None))
+
+
+def test_train_resume_refusals_and_a_finished_run(tiny_llama_dir, tmp_path):
+    from textdistill.errors import ConfigError
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in _examples()))
+    config = TrainConfig(lr=1e-3, max_steps=3, batch_size=4, warmup_ratio=0.0)
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.json").write_text("{}")
+    with pytest.raises(ConfigError, match="interrupted.*--resume"):
+        train(model_name=str(tiny_llama_dir), data=str(data), output=out, config=config, progress=False)
+    (out / "checkpoint" / "state.json").unlink()
+    summary = train(model_name=str(tiny_llama_dir), data=str(data), output=out, config=config, progress=False,
+                    resume=True, checkpoint_every=1)   # nothing to resume: starts from the beginning
+    assert summary["steps"] == 3 and not (out / "checkpoint").exists()   # removed once summary.json is written
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.warns(UserWarning, match="finished"):
+        again = train(model_name=str(tiny_llama_dir), data=str(data), output=out, config=config, progress=False,
+                      resume=True)
+    assert again == summary and (out / "adapter_model.safetensors").read_bytes() == before

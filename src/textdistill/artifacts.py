@@ -7,6 +7,7 @@ run never leaves a half-written file where a finished one is expected.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -17,20 +18,55 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .errors import OutputError
+
+
+def output_error(path: str | os.PathLike, exc: OSError) -> OutputError:
+    """An :class:`~textdistill.errors.OutputError` for a failed write of ``path``: what the system said and the fix
+    (a full disk, a read-only folder, a file or folder in the way)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        hint = "free some disk space or choose another output folder"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "the folder is read-only: fix its permissions or choose another output folder"
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        hint = "a file stands where a folder is needed: move it or choose another output folder"
+    elif exc.errno == errno.EISDIR:
+        hint = "a folder has that name: move it or choose another output"
+    else:
+        hint = "choose another output folder"
+    return OutputError(f"cannot write {path}: {reason}; {hint} (files already there are unchanged)")
+
+
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """Create ``path``'s folder and a temporary file in it (OutputError when the folder cannot be written)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
+
+    A failed write (full disk, read-only folder) raises :class:`~textdistill.errors.OutputError` and leaves an
+    earlier file at ``path`` as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise output_error(path, exc) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -74,13 +110,20 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> Path:
     """Save tensors as safetensors atomically (contiguous CPU copies; never pickles)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary_beside(path)
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
                   metadata=dict(metadata) if metadata else None)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise output_error(path, exc) from exc
+    except SafetensorError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if "os error" not in str(exc).lower() and "ioerror" not in str(exc).lower():
+            raise
+        raise output_error(path, OSError(str(exc))) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -94,7 +137,11 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"tensor file not found: {path}")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise DataError(f"{path} is not a complete safetensors file ({exc}); it was cut short or damaged "
+                        f"(a full disk, an interrupted copy): make it again") from exc
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -107,7 +154,10 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+        raise DataError(f"{path} is not valid JSON: {exc}; fix it, or make it again if it was cut short") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                        f"{exc.start}); save it as UTF-8") from exc
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

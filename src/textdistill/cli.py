@@ -17,6 +17,16 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _add_checkpointing(p: argparse.ArgumentParser, note: str) -> None:
+    """--checkpoint-every / --checkpoint-seconds: when a training loop writes its full state (for resuming)."""
+    group = p.add_argument_group("checkpointing", note or None)
+    group.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                       help="also write the full training state every STEPS optimizer steps (default: by time only)")
+    group.add_argument("--checkpoint-seconds", type=float, default=300.0, metavar="S",
+                       help="write the full training state when S seconds have passed since the last one "
+                            "(default: %(default)s)")
+
+
 def _add_common(p: argparse.ArgumentParser, remote_code: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -80,7 +90,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     evaluate_on = [tuple(s.split(":", 1)) if ":" in s else (s, "test") for s in (args.eval or [])]
     summary = train(model_name=args.model, data=args.data, output=args.output, config=config, device=args.device,
                     selection=args.selection, evaluate_on=evaluate_on, eval_limit=args.eval_limit,
-                    trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+                    trust_remote_code=args.trust_remote_code, progress=not args.no_progress, resume=args.resume,
+                    checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -113,7 +124,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
             "target_fields.answer": args.answer_field})
     result = select(method=args.method, data=args.data, budget=args.budget, output=args.output, seed=args.seed,
                     model=args.model, config=config, device=args.device, trust_remote_code=args.trust_remote_code,
-                    scores_from=args.scores, progress=not args.no_progress)
+                    scores_from=args.scores, progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
+                    checkpoint_seconds=args.checkpoint_seconds)
     print(f"selected {result['count']} rows -> {args.output}")
     return 0
 
@@ -129,7 +141,8 @@ def _cmd_experts(args: argparse.Namespace) -> int:
         "train.data.max_length": args.max_length, "train.data.template": args.template,
         "train.data.prompt_field": args.prompt_field, "train.data.response_field": args.response_field})
     result = make_experts(model_name=args.model, data=args.data, output=args.output, config=config,
-                          device=args.device, trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+                          device=args.device, trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
+                          checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds)
     print(f"{len(result.snapshots)} expert trajectories x {result.num_snapshots} snapshots -> {args.output}")
     return 0
 
@@ -216,7 +229,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
     config = load_experiment_config(args.config, overrides={"target.limit": args.limit}, sets=_parse_sets(args.set))
     rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress,
-                          report_only=args.report_only)
+                          report_only=args.report_only, trust_remote_code=args.trust_remote_code,
+                          checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds)
     print(comparison_table(rows))
     print(f"results: {args.output}/results.csv, report: {args.output}/report.md")
     return 0
@@ -265,9 +279,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the command's --help (not the whole usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"textdistill: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``textdistill`` argument parser."""
-    parser = argparse.ArgumentParser(prog="textdistill", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser = _OneLineParser(prog="textdistill", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"textdistill {__import__('textdistill').__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -326,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-field")
     p.add_argument("--eval", nargs="*", help="evaluate after training on TASK[:SPLIT] ...")
     p.add_argument("--eval-limit", type=int)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --output from its checkpoint (exactly); a finished run is "
+                        "left as it is")
+    _add_checkpointing(p, "")
     _add_common(p)
     p.set_defaults(func=_cmd_train)
 
@@ -347,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", choices=["rc", "mc", "chat"])
     p.add_argument("--prompt-field")
     p.add_argument("--response-field")
+    _add_checkpointing(p, "a rerun on the same --output skips finished experts and resumes an interrupted one "
+                          "exactly")
     _add_common(p)
     p.set_defaults(func=_cmd_experts)
 
@@ -411,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, YAML syntax, repeatable: --set seeds=[0] --set models=[gemma3-270m]")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing; write results and report from the cells already finished with these settings")
-    _add_common(p, remote_code=False)
+    _add_checkpointing(p, "a rerun on the same --output skips finished stages and cells and resumes interrupted "
+                          "ones exactly")
+    _add_common(p)
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("export", help="merge a LoRA adapter into its base model, or save a distilled dataset, "
@@ -450,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-val-examples", type=int, help="LESS: target validation examples used")
     p.add_argument("--scores", metavar="FILE", help="LESS: cut the budget from the scores of an earlier LESS "
                    "selection file of the same data (scores do not depend on the budget; no model work)")
+    _add_checkpointing(p, "LESS: a rerun with the same settings continues unfinished work (kept beside --output)")
     _add_common(p)
     p.set_defaults(func=_cmd_select)
     return parser
@@ -464,6 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except TextDistillError as exc:
         print(f"textdistill: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:   # a folder that cannot be made, a file that vanished: what the system said, on one line
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"textdistill: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("textdistill: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ run writes the resolved config into its run folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class DataSettings:
         if self.sample is not None and (isinstance(self.sample, bool) or not isinstance(self.sample, int)
                                         or self.sample < 1):
             raise ConfigError(f"data.sample must be a positive number of rows, got {self.sample}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit must be a positive number of rows, got {self.limit}; leave it unset to "
+                              f"use every row")
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class TrainConfig:
             raise ConfigError("set epochs > 0 or max_steps")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"max_steps must be positive, got {self.max_steps}; leave it unset to train for "
+                              f"epochs")
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,8 @@ class EvalConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.num_fewshot < 0:
             raise ConfigError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
+        if self.max_length < 1:
+            raise ConfigError(f"max_length must be a positive number of tokens, got {self.max_length}")
 
 
 def _resolve_type(tp: Any) -> Any:
@@ -192,9 +201,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -248,12 +260,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        raise ConfigError(f"{where}: not valid YAML ({f'{context}: ' if context else ''}{problem}); fix that line "
+                          f"(quote values that hold ': ' or ' #')") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: expected a mapping at the top level (key: value lines), got a "
+                          f"{type(data).__name__}")
     return data
 
 
@@ -283,7 +304,16 @@ def load_config(cls: type[T], *, path: str | Path | None = None, section: str | 
         values = read_yaml(path)
         if section is not None and section in values and isinstance(values[section], dict):
             values = values[section]
-    return build_dataclass(cls, apply_overrides(values, overrides), cls.__name__)
+        elif (section is not None and section in values
+              and section not in {f.name for f in dataclasses.fields(cls)}):  # type: ignore[arg-type]
+            raise ConfigError(f"{path}: section '{section}' must be a mapping of settings (indented key: value "
+                              f"lines), got {values[section]!r}")
+    try:
+        return build_dataclass(cls, apply_overrides(values, overrides), cls.__name__)
+    except ConfigError as exc:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def apply_overrides(values: dict[str, Any], overrides: dict[str, Any] | None, *,

@@ -254,7 +254,7 @@ def _row_to_item(row: Any, index: int, origin: str, fields: TaskFields) -> Multi
         if row.get(name) is None:
             raise DataError(f"{where}: missing field '{name}' (fields present: {', '.join(map(str, row)) or 'none'}; "
                             f"name it with --{flag}-field, or {flag}: under fields (eval, target) or target_fields "
-                            f"(less) in a config)")
+                            f"(less) in a config)" + _bom_hint(row))
     choices = row[fields.choices]
     if isinstance(choices, str):  # a CSV cell holds text: the choices as a JSON list
         try:
@@ -452,13 +452,53 @@ def build_context(item: MultipleChoiceItem, template: str, shots: Sequence[Multi
 # User datasets and dataset specs
 # ----------------------------------------------------------------------------------------------------------------
 
+def _read_text(path: Path, *, drop_bom: bool = True) -> str:
+    """A file's text as UTF-8 (a leading byte-order mark dropped with ``drop_bom``); DataError naming the line of a
+    byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig" if drop_bom else "utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start:exc.start + 1]!r} at offset "
+                        f"{exc.start}); save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT") from None
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV file with a header line; a row with more or fewer cells than the header is refused."""
+    import io
+
+    # a byte-order mark stays part of the first column's name, as csv.DictReader on the file always read it
+    reader = csv.reader(io.StringIO(_read_text(path, drop_bom=False), newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        rows = []
+        for cells in reader:
+            if not cells:
+                continue  # a blank line
+            if len(cells) != len(header):
+                raise DataError(f"{path}:{reader.line_num}: row {len(rows)} has {len(cells)} cell(s), the header "
+                                f"names {len(header)} ({', '.join(header)}); quote cells that hold a comma "
+                                f"(\"a, b\") and give every row one cell per column")
+            rows.append(dict(zip(header, cells)))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc}); fix the quoting of that line") from None
+    return rows
+
+
 def _read_rows(path: Path, split: str = "train") -> list[dict[str, Any]]:
     """Rows of a file, or of a ``datasets`` folder (its ``split`` when it holds a ``DatasetDict``)."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json") and path.is_file():
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         if suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{exc.lineno}: malformed JSON at column {exc.colno} ({exc.msg}); fix the "
+                                f"file, or write one object per line as .jsonl") from None
         else:
             rows = []
             for lineno, line in enumerate(text.splitlines(), 1):
@@ -467,22 +507,27 @@ def _read_rows(path: Path, split: str = "train") -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from None
+                    raise DataError(f"{path}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno}); "
+                                    f"write one complete JSON object per line") from None
         return rows
     if suffix == ".csv" and path.is_file():
-        with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+        return _read_csv(path)
     if suffix == ".parquet" and path.is_file():
         import datasets
 
-        return list(datasets.Dataset.from_parquet(str(path)))
+        try:
+            return list(datasets.Dataset.from_parquet(str(path)))
+        except Exception as exc:  # pyarrow's errors (ArrowInvalid ...): a damaged or non-parquet file
+            raise DataError(f"{path} is not a readable parquet file ({type(exc).__name__}: {exc}); write it again, "
+                            f"e.g. with pandas' DataFrame.to_parquet or datasets' Dataset.to_parquet") from exc
     if path.is_dir():
         import datasets
 
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as exc:  # not a save_to_disk folder
-            raise DataError(f"{path} is not a datasets folder saved with save_to_disk: {exc}") from exc
+            raise DataError(f"{path} is not a datasets folder saved with save_to_disk ({exc}); save it with "
+                            f"Dataset.save_to_disk or give a .jsonl/.json/.csv/.parquet file") from exc
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise DataError(f"{path} holds splits {list(loaded)} but no '{split}'; save the split to use with "
@@ -490,6 +535,14 @@ def _read_rows(path: Path, split: str = "train") -> list[dict[str, Any]]:
             loaded = loaded[split]
         return list(loaded)
     raise DataError(f"unsupported dataset file {path} (use .jsonl, .json, .csv, .parquet or a datasets folder)")
+
+
+def _bom_hint(row: dict[str, Any]) -> str:
+    """A hint for a missing field when a column name starts with a byte-order mark (a CSV saved as "UTF-8 with
+    BOM")."""
+    if any(str(name).startswith("\ufeff") for name in row):
+        return "; the file starts with a byte-order mark: save it as UTF-8 without BOM"
+    return ""
 
 
 def rows_to_examples(rows: Iterable[dict[str, Any]], *, prompt_field: str = "prompt", response_field: str = "response",
@@ -502,7 +555,8 @@ def rows_to_examples(rows: Iterable[dict[str, Any]], *, prompt_field: str = "pro
     examples = []
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataError(f"{origin} row {index}: expected an object, got {type(row).__name__}")
+            raise DataError(f"{origin} row {index}: expected an object, got {type(row).__name__}; write each row "
+                            f"as an object with {prompt_field} and {response_field} (or {messages_field})")
         row_id = str(row.get("id", index))
         if messages_field in row and row[messages_field] is not None:
             messages = row[messages_field]
@@ -512,6 +566,9 @@ def rows_to_examples(rows: Iterable[dict[str, Any]], *, prompt_field: str = "pro
             if messages[-1]["role"] != "assistant":
                 raise DataError(f"{origin} row {index}: the last message must be the assistant's response")
             history, response = messages[:-1], str(messages[-1]["content"])
+            if not response.strip():
+                raise DataError(f"{origin} row {index}: the assistant's response (last message of "
+                                f"'{messages_field}') is empty; give every row a response (or drop the row)")
             if chat_tokenizer is not None:
                 prompt = chat_tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
             else:
@@ -523,10 +580,18 @@ def rows_to_examples(rows: Iterable[dict[str, Any]], *, prompt_field: str = "pro
         if missing:
             raise DataError(f"{origin} row {index}: missing field(s) {', '.join(missing)} "
                             f"(fields present: {', '.join(map(str, row)) or 'none'}; "
-                            f"set --prompt-field/--response-field or provide '{messages_field}')")
+                            f"set --prompt-field/--response-field or provide '{messages_field}')"
+                            + _bom_hint(row))
+        for name in (prompt_field, response_field):
+            if isinstance(row[name], (dict, list, tuple)):
+                raise DataError(f"{origin} row {index}: field '{name}' must be text, got a "
+                                f"{type(row[name]).__name__}; write it as a string (a chat goes in "
+                                f"'{messages_field}')")
         prompt, response = str(row[prompt_field]), str(row[response_field])
-        if not response.strip():
-            raise DataError(f"{origin} row {index}: empty response")
+        for name, text in ((prompt_field, prompt), (response_field, response)):
+            if not text.strip():
+                raise DataError(f"{origin} row {index}: field '{name}' is empty; give every row a {name} "
+                                f"(or drop the row)")
         if chat_tokenizer is not None:
             prompt = chat_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                         add_generation_prompt=True)
@@ -570,12 +635,17 @@ def load_examples(spec: str, settings: Any | None = None, *, tokenizer: Any | No
     template = settings.template if settings.template in ("rc", "mc") else "rc"
     chat = tokenizer if settings.template == "chat" else None
     if settings.template == "chat" and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
-        raise DataError("template 'chat' needs a tokenizer with a chat template (this model has none)")
+        raise DataError("template 'chat' needs a tokenizer with a chat template (this model has none); use "
+                        "template rc or mc")
     if parsed.kind == "task":
         items = load_task(parsed.name, parsed.split or "train")
         if settings.decontaminate:
             banned = eval_question_keys()
+            loaded = len(items)
             items = [it for it in items if _question_key(it.question) not in banned]
+            if loaded and not items:
+                raise DataError(f"dataset '{spec}': data.decontaminate removed all {loaded} rows (every question is "
+                                f"in an evaluation split); use another split or set data.decontaminate: false")
         examples = [item_to_example(it, template) for it in items]
         if chat is not None:
             examples = rows_to_examples([{"prompt": e.prompt, "response": e.response, "id": e.id} for e in examples],
@@ -602,15 +672,18 @@ def load_examples(spec: str, settings: Any | None = None, *, tokenizer: Any | No
         examples = rows_to_examples(_read_rows(path), prompt_field=settings.prompt_field,
                                     response_field=settings.response_field, messages_field=settings.messages_field,
                                     origin=str(path), chat_tokenizer=chat)
+    if not examples:
+        raise DataError(f"dataset '{spec}' is empty (no rows); give a dataset with at least one row")
     if settings.sample is not None:
         if settings.sample > len(examples):
-            raise DataError(f"data.sample asks for {settings.sample} rows, dataset '{spec}' has {len(examples)}")
+            raise DataError(f"data.sample asks for {settings.sample} rows, dataset '{spec}' has {len(examples)}; "
+                            f"ask for at most {len(examples)}")
         keep = sorted(random.Random(settings.sample_seed).sample(range(len(examples)), settings.sample))
         examples = [examples[i] for i in keep]
     if settings.limit is not None:
         examples = examples[: settings.limit]
     if not examples:
-        raise DataError(f"dataset '{spec}' is empty")
+        raise DataError(f"dataset '{spec}' has no rows left after data.limit={settings.limit}; give a positive limit")
     return examples
 
 
@@ -636,7 +709,8 @@ def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, appen
     prompt_ids = list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
     response_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
     if not response_ids:
-        raise DataError(f"example {example.id or '?'}: the response tokenizes to nothing")
+        raise DataError(f"example {example.id or '?'}: the response {example.response!r} tokenizes to nothing; "
+                        f"give it a response with visible text")
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and uses_bos(tokenizer):
         prompt_ids = [bos] + prompt_ids

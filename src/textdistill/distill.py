@@ -386,13 +386,13 @@ def _save_checkpoint(run_dir: Path, loop: _Loop, fingerprint: str) -> None:
 def _load_checkpoint(run_dir: Path, loop: _Loop, fingerprints: Sequence[str]) -> None:
     from safetensors import safe_open
 
+    tensors = load_tensors(run_dir / "state.safetensors")   # DataError naming the file when it is damaged
     with safe_open(str(run_dir / "state.safetensors"), framework="pt") as handle:
         meta = handle.metadata() or {}
     if meta.get("fingerprint") not in fingerprints:
         raise ConfigError(f"--resume: the run in {run_dir} was made with other settings or samples (seed, budget, "
                           f"mode, init, selection, learning rates, student, search); only 'iterations' and "
                           f"logging options may change on resume")
-    tensors = load_tensors(run_dir / "state.safetensors")
     if tensors["prompt_embeds"].shape != loop.synthetic.prompt_embeds.shape:
         raise ConfigError(f"the checkpoint in {run_dir} has embeddings of shape "
                           f"{tuple(tensors['prompt_embeds'].shape)}, this run expects "

@@ -46,7 +46,7 @@ from .artifacts import (atomic_write_json, environment_versions, machine_descrip
 from .config import TaskFields
 from .data import (TARGET_DELIMITER, TASKS, Task, build_context, fewshot_examples, get_task, item_continuations,
                    load_task, normalize_split, uses_bos, with_task_template)
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .models import autocast_context, load_model, load_tokenizer, output_head_only_at, resolve_device
 
 __all__ = [
@@ -171,7 +171,8 @@ def encode_request(tokenizer: Any, request: ChoiceRequest, *, add_bos: bool | No
             # the last context token swallowed the continuation; fall back to tokenizing it on its own
             cont_ids = _ids(tokenizer, cont_text)
         if not cont_ids:
-            raise ValueError(f"request {request.item_id!r}: continuation {continuation!r} has no tokens")
+            raise DataError(f"item {request.item_id!r}: the choice {continuation!r} has no tokens; give every "
+                            f"choice visible text")
         conts.append(tuple(cont_ids))
 
     if add_bos:
@@ -185,8 +186,10 @@ def encode_request(tokenizer: Any, request: ChoiceRequest, *, add_bos: bool | No
     if max_length is not None:
         room = max_length - (max(len(c) for c in conts) - 1)
         if room < 1:
-            raise ValueError(f"request {request.item_id!r}: a continuation of {max(len(c) for c in conts)} tokens "
-                             f"does not fit max_length={max_length}")
+            longest = max(len(c) for c in conts)
+            raise DataError(f"item {request.item_id!r}: a choice of {longest} tokens does not fit "
+                            f"max_length={max_length}; raise max_length to at least {longest} or shorten the "
+                            f"choice")
         context_ids = context_ids[-room:]
     return EncodedRequest(tuple(context_ids), tuple(conts))
 

@@ -177,9 +177,13 @@ class _Stages:
     """Produces (and caches on disk) the training data of each (method, budget, seed)."""
 
     def __init__(self, config: ExperimentConfig, root: Path, pool: list[Example], device: str, progress: bool,
-                 log=print):
+                 log=print, trust_remote_code: bool = False, checkpoint_every: int | None = None,
+                 checkpoint_seconds: float | None = 300.0):
         self.config, self.root, self.pool, self.device, self.progress = config, root, pool, device, progress
         self.log = log
+        self.trust_remote_code = trust_remote_code
+        # when the training loops of experts and cells write their full state (for resuming after a kill)
+        self.checkpoint_every, self.checkpoint_seconds = checkpoint_every, checkpoint_seconds
         self.seconds: dict[str, float] = {}
 
     def _timed(self, key: str, fn):
@@ -205,7 +209,10 @@ class _Stages:
                 self.config.experts.train, data=_pool_settings(self.config)))
             self._timed("experts", lambda: make_experts(model_name=self.config.distill_model, data=self.config.pool,
                                                         output=folder, config=experts_config, device=self.device,
-                                                        progress=self.progress))
+                                                        progress=self.progress,
+                                                        trust_remote_code=self.trust_remote_code,
+                                                        checkpoint_every=self.checkpoint_every,
+                                                        checkpoint_seconds=self.checkpoint_seconds))
         return folder
 
     def _experts_done(self, folder: Path) -> bool:
@@ -253,7 +260,7 @@ class _Stages:
                 experts = self.experts_dir()
                 self._timed("select-match", lambda: select_by_matching(
                     experts=experts, budget=largest, output=source, config=self.config.match, device=self.device,
-                    progress=self.progress))
+                    progress=self.progress, trust_remote_code=self.trust_remote_code))
 
             if source == path:
                 make_source()
@@ -268,7 +275,7 @@ class _Stages:
             self._timed("select-less", lambda: select(
                 method="less", data=self.config.pool, budget=budget, output=path, seed=0, examples=self.pool,
                 model=self.config.distill_model, config=self.config.less, device=self.device, progress=self.progress,
-                data_settings=_pool_settings(self.config)))
+                data_settings=_pool_settings(self.config), trust_remote_code=self.trust_remote_code))
 
     def distilled(self, budget: str, seed: int) -> Path:
         """The distillation run folder of a (budget, seed); made (once, under a lock) if missing. The LESS and
@@ -292,7 +299,8 @@ class _Stages:
                 resume = (folder / "state.json").is_file()   # an interrupted run continues exactly
                 self._timed("distill", lambda: distill(experts=experts, output=folder, config=distill_config,
                                                        resume=resume, compare=compare, device=self.device,
-                                                       progress=self.progress))
+                                                       progress=self.progress,
+                                                       trust_remote_code=self.trust_remote_code))
         return folder
 
     def examples(self, method: str, budget: str, seed: int) -> tuple[list[Example], dict[str, Any]]:
@@ -358,22 +366,34 @@ _RUN_FIELDS = ("train_steps", "train_seconds", "train_last_loss", "acc", "acc_no
 
 def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method: str, budget: str,
              seed: int | None, progress: bool, same_data: dict[tuple, dict[str, Any]] | None = None,
-             adapter: Path | None = None) -> dict[str, Any]:
+             adapter: Path | None = None, checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Train (unless ``base``) and evaluate one cell; returns its result row.
 
     ``same_data`` maps ``(model, seed, training_data_key)`` to finished rows: a cell whose training data is exactly
     that of a finished cell (e.g. a distillation that changed no token, next to its starting samples) would repeat
     the same deterministic run, so its scores and its ``adapter`` are copied and the row says ``same_data_as``.
-    ``adapter``: the folder (under ``stages.root``) where the cell's trained LoRA adapter is saved."""
+    ``adapter``: the folder (under ``stages.root``) where the cell's trained LoRA adapter is saved.
+    ``checkpoint_dir``: where the cell's training writes its full state every few minutes; an interrupted cell
+    continues from it exactly (the caller removes it once the cell's result is written)."""
+    from .checkpoint import TrainCheckpointer
     from .models import load_model, load_tokenizer, save_adapter
     from .training import train_on_embeddings, train_on_examples
+
+    def checkpointer(data_key: str) -> TrainCheckpointer | None:
+        if checkpoint_dir is None:
+            return None
+        return TrainCheckpointer(checkpoint_dir, every_seconds=stages.checkpoint_seconds,
+                                 every_steps=stages.checkpoint_every,
+                                 fingerprint={"cell": cell_key(config, method), "model": model_name, "seed": seed,
+                                              "data": data_key})
 
     row: dict[str, Any] = {"model": model_name, "method": method, "budget": budget if method not in ("base",) else "",
                            "seed": seed if seed is not None else "", "task": f"{config.target.task}:{config.target.split}"}
     start = time.time()
     if method == "base":
-        tokenizer = load_tokenizer(model_name)
-        model = load_model(model_name, device=stages.device, attn_implementation="sdpa")
+        tokenizer = load_tokenizer(model_name, trust_remote_code=stages.trust_remote_code)
+        model = load_model(model_name, device=stages.device, attn_implementation="sdpa",
+                           trust_remote_code=stages.trust_remote_code)
         row.update({"train_examples": 0, "train_seconds": 0.0, "data_seconds": 0.0})
     elif method == "continuous":
         from .artifacts import sha256_file
@@ -383,7 +403,8 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
         row.update({"distill_run": str(folder), "data_key": sha256_file(embeddings)[:16]})
         model, tokenizer, result = train_on_embeddings(
             model_name=model_name, embeddings=embeddings, config=dataclasses.replace(config.recipe, seed=seed),
-            device=stages.device, progress=progress)
+            device=stages.device, progress=progress, checkpointer=checkpointer(row["data_key"]),
+            trust_remote_code=stages.trust_remote_code)
         row.update({"train_examples": result.examples, "train_steps": result.steps,
                     "train_seconds": round(result.seconds, 1), "train_last_loss": round(result.losses[-1], 4)})
     else:
@@ -400,11 +421,14 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
             row.update({"train_examples": len(examples), "cell_seconds": round(time.time() - start, 1),
                         "same_data_as": f"{twin['method']} {twin['budget']} seed {twin['seed']}"})
             if method == "distilled":
-                row["prompt_tokens_mean"] = _prompt_tokens_mean(load_tokenizer(model_name), examples)
+                row["prompt_tokens_mean"] = _prompt_tokens_mean(
+                    load_tokenizer(model_name, trust_remote_code=stages.trust_remote_code), examples)
             return row
         recipe = dataclasses.replace(config.recipe, seed=seed)
         model, tokenizer, result = train_on_examples(model_name=model_name, examples=examples, config=recipe,
-                                                     device=stages.device, progress=progress)
+                                                     device=stages.device, progress=progress,
+                                                     checkpointer=checkpointer(row["data_key"]),
+                                                     trust_remote_code=stages.trust_remote_code)
         row.update({"train_examples": len(examples), "train_steps": result.steps,
                     "train_seconds": round(result.seconds, 1), "train_last_loss": round(result.losses[-1], 4)})
         if method == "distilled":
@@ -442,10 +466,16 @@ def _finished_by_data(root: Path, keys: dict[str, str]) -> dict[tuple, dict[str,
 
 
 def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str = "auto",
-                   progress: bool = True, log=print, report_only: bool = False) -> list[dict[str, Any]]:
+                   progress: bool = True, log=print, report_only: bool = False, trust_remote_code: bool = False,
+                   checkpoint_every: int | None = None, checkpoint_seconds: float | None = 300.0
+                   ) -> list[dict[str, Any]]:
     """Entry of ``textdistill experiment``: run every cell not finished yet and write the results and report.
 
-    ``report_only`` runs nothing: the report covers the cells already finished with these settings."""
+    ``report_only`` runs nothing: the report covers the cells already finished with these settings.
+    A rerun after a crash continues: finished stages and cells are skipped, and an interrupted expert run, LESS
+    warm-up, distillation or cell training resumes from its checkpoint (``checkpoint_every`` steps /
+    ``checkpoint_seconds`` seconds apart). ``trust_remote_code`` lets models with custom code load (off unless
+    asked)."""
     from .report import write_report
 
     root = Path(output)
@@ -453,7 +483,8 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
     pool = validate(config)  # fails before any model is loaded
     root.mkdir(parents=True, exist_ok=True)
     write_run_info(root, command="experiment", config=config, seeds={"seeds": list(config.seeds)})
-    stages = _Stages(config, root, pool, device, progress, log=log)
+    stages = _Stages(config, root, pool, device, progress, log=log, trust_remote_code=trust_remote_code,
+                     checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds)
     cells: list[tuple[str, str, int | None, str]] = []
     for method in config.methods:
         # learned vectors only fit the model that learned them
@@ -499,10 +530,14 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
                     rows.append(previous)
                     continue
                 log(f"{label}{': made with other settings, redone' if previous is not None else ''}")
+                if (folder / "checkpoint" / "state.json").is_file():
+                    log("    its training was interrupted: continuing from its checkpoint")
                 row = run_cell(config, stages, model_name, method, budget, seed, progress,
-                               same_data=_finished_by_data(root, every_key), adapter=folder / "adapter")
+                               same_data=_finished_by_data(root, every_key), adapter=folder / "adapter",
+                               checkpoint_dir=folder / "checkpoint")
                 row["config_key"] = keys[method]
                 atomic_write_json(folder / "result.json", row)
+                shutil.rmtree(folder / "checkpoint", ignore_errors=True)   # the result is the cell's completion mark
             finally:
                 lock.release()
             rows.append(row)

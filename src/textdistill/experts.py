@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .artifacts import atomic_write_json, to_jsonable, load_tensors, read_json, save_tensors, sha256_json, write_run_info
+from .checkpoint import TrainCheckpointer
 from .config import TrainConfig
 from .data import load_examples, tokenize_examples
 from .errors import ConfigError, TrajectoryError
@@ -104,13 +105,23 @@ class ExpertTrajectories:
         return {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in tensors.items()}
 
 
+#: Manifest entries a rerun on an existing experts folder must agree with (what the trajectories depend on).
+_RESUME_KEYS = ("model", "lora", "pool_sha256", "snapshot_steps", "optimizer", "lr", "batch_size", "recipe",
+                "base_seed", "data_settings")
+
+
 def snapshot_name(step: int) -> str:
     return f"step_{step:06d}.safetensors"
 
 
 def make_experts(*, model_name: str, data: str, output: str | Path, config: ExpertsConfig, device: str = "auto",
-                 trust_remote_code: bool = False, progress: bool = True) -> ExpertTrajectories:
-    """Entry of ``textdistill experts``: train ``config.num_experts`` LoRA runs over ``data`` and save snapshots."""
+                 trust_remote_code: bool = False, progress: bool = True, checkpoint_every: int | None = None,
+                 checkpoint_seconds: float | None = 300.0) -> ExpertTrajectories:
+    """Entry of ``textdistill experts``: train ``config.num_experts`` LoRA runs over ``data`` and save snapshots.
+
+    A rerun on the same folder continues: finished experts are skipped, and an interrupted one resumes exactly from
+    its ``expert_NN/checkpoint/`` (the full training state, written every ``checkpoint_every`` steps and every
+    ``checkpoint_seconds`` seconds), so its snapshots are bit-identical on CPU to an uninterrupted run's."""
     output = Path(output)
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     recipe = config.train
@@ -143,8 +154,7 @@ def make_experts(*, model_name: str, data: str, output: str | Path, config: Expe
     manifest = to_jsonable(manifest)  # tuples -> lists, so it compares equal to a manifest read back from disk
     if manifest_path.is_file():
         previous = read_json(manifest_path)
-        for key in ("model", "lora", "pool_sha256", "snapshot_steps", "optimizer", "lr", "batch_size", "recipe",
-                    "base_seed", "data_settings"):
+        for key in _RESUME_KEYS:
             if previous.get(key) != manifest.get(key):
                 raise TrajectoryError(f"{output} holds experts made with a different '{key}'; "
                                       f"use another --output or delete it")
@@ -155,8 +165,8 @@ def make_experts(*, model_name: str, data: str, output: str | Path, config: Expe
     initial_state = {k: v.clone() for k, v in base.state_dict().items()}
     for expert in range(config.num_experts):
         folder = output / f"expert_{expert:02d}"
-        if (folder / snapshot_name(steps[-1])).is_file():
-            continue  # finished on an earlier run
+        if (folder / snapshot_name(steps[-1])).is_file() and not (folder / "checkpoint").is_dir():
+            continue  # finished on an earlier run (its checkpoint is removed last, after data order and manifest)
         base.load_state_dict(initial_state)
         torch.manual_seed(recipe.seed + expert)  # LoRA A initialisation differs per expert
         model = add_lora(base, recipe.lora)
@@ -166,15 +176,21 @@ def make_experts(*, model_name: str, data: str, output: str | Path, config: Expe
             if step in wanted:
                 save_tensors(folder / snapshot_name(step), lora_parameters(model), metadata={"step": str(step)})
 
+        checkpointer = TrainCheckpointer(folder / "checkpoint", every_steps=checkpoint_every,
+                                         every_seconds=checkpoint_seconds,
+                                         fingerprint={"manifest": {k: manifest[k] for k in _RESUME_KEYS},
+                                                      "expert": expert})
         start = time.time()
         result = train_model(model, tokenized, dataclasses.replace(recipe, seed=recipe.seed + expert),
-                             pad_id=tokenizer.pad_token_id, on_step=save_snapshot, progress=progress)
+                             pad_id=tokenizer.pad_token_id, on_step=save_snapshot, progress=progress,
+                             checkpointer=checkpointer)
         atomic_write_json(folder / DATA_ORDER, {"batch_indices": result.batch_indices})
         manifest["experts"] = [e for e in manifest["experts"] if e["index"] != expert] + [{
             "index": expert, "seed": recipe.seed + expert, "folder": folder.name, "seconds": round(time.time() - start, 1),
             "first_loss": result.losses[0], "last_loss": result.losses[-1], "precision": result.precision}]
         base = model.unload()  # drop the LoRA layers: the next expert starts from the untouched base
         atomic_write_json(manifest_path, manifest)
+        checkpointer.remove()   # only now: the expert counts as finished once its last snapshot is written
     atomic_write_json(manifest_path, manifest)
     return load_experts(output)
 
@@ -237,12 +253,15 @@ def check_compatible(trajectories: ExpertTrajectories, identity: ModelIdentity, 
         if recorded.get(key) != getattr(identity, key):
             raise TrajectoryError(f"the expert trajectories in {trajectories.root} were made with another "
                                   f"{label} ({recorded.get('name')}: {recorded.get(key)} vs {identity.name}: "
-                                  f"{getattr(identity, key)})")
+                                  f"{getattr(identity, key)}); distil with the model they were made with "
+                                  f"({recorded.get('name')}) or make experts with this one (textdistill experts "
+                                  f"--model {identity.name})")
     snapshot = {k: tuple(v.shape) for k, v in load_tensors(trajectories.snapshots[0][0]).items()}
     expected = {k: tuple(v) for k, v in lora_names.items()}
     if snapshot != expected:
         missing = sorted(set(expected) - set(snapshot))[:3]
         extra = sorted(set(snapshot) - set(expected))[:3]
         shapes = [k for k in expected if k in snapshot and expected[k] != snapshot[k]][:3]
-        raise TrajectoryError(f"the expert LoRA tensors do not match this model's LoRA (missing {missing}, "
-                              f"unexpected {extra}, other shapes {shapes})")
+        raise TrajectoryError(f"the expert LoRA tensors in {trajectories.root} do not match this model's LoRA "
+                              f"(missing {missing}, unexpected {extra}, other shapes {shapes}); use the experts' "
+                              f"lora settings ({trajectories.manifest.get('lora')}) or make experts again")

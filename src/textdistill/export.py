@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .errors import ConfigError, DataError, ModelError, TextDistillError
+from .errors import ConfigError, DataError, ModelError, OutputError, TextDistillError
 
 
 def _check_output(output: Path) -> None:
@@ -22,18 +22,25 @@ def _check_output(output: Path) -> None:
 
 def _write_folder(output: Path, write: Callable[[Path], None]) -> Path:
     """Fill ``output`` (absent or empty) through ``write(staging)`` and an atomic rename."""
+    from .artifacts import output_error
+
     _check_output(output)
     staging = output.with_name(f".{output.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         write(staging)
+        if output.exists():
+            output.rmdir()
+        staging.rename(output)
+    except OSError as exc:   # a read-only or full folder
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OutputError):
+            raise
+        raise output_error(output, exc) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if output.exists():
-        output.rmdir()
-    staging.rename(output)
     return output
 
 
@@ -44,7 +51,13 @@ def _adapter_base(adapter: Path) -> str:
     config = adapter / "adapter_config.json"
     if not config.is_file():
         raise ModelError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    return str(json.loads(config.read_text()).get("base_model_name_or_path") or "")
+    try:
+        recorded = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError
+        raise ModelError(f"{config} is not valid JSON ({exc}); save the adapter again") from None
+    if not isinstance(recorded, dict):
+        raise ModelError(f"{config} is not an adapter config (a JSON object); save the adapter again")
+    return str(recorded.get("base_model_name_or_path") or "")
 
 
 def _is_base(recorded: str, model_name: str) -> bool:
@@ -101,5 +114,14 @@ def save_distilled_dataset(run_folder: str | Path, output: str | Path) -> Path:
     source = Path(run_folder) / "distilled.jsonl"
     if not source.is_file():
         raise DataError(f"{run_folder} has no distilled.jsonl: not a finished distillation run")
-    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    try:
+        for lineno, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                rows.append(json.loads(line))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{source}:{lineno}: malformed JSON line ({exc.msg}); the run's output was changed or cut "
+                        f"short: distil again") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{source} is not UTF-8 text (offset {exc.start}); distil again") from None
     return _write_folder(Path(output), lambda folder: Dataset.from_list(rows).save_to_disk(str(folder)))

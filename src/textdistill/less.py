@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +49,15 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .artifacts import load_tensors, save_tensors
+from .artifacts import atomic_write_json, load_tensors, read_json, save_tensors, sha256_json, to_jsonable
+from .checkpoint import TrainCheckpointer
 from .config import DataSettings, TaskFields, TrainConfig
 from .data import (TASKS, Example, TokenizedExample, get_task, item_to_example, load_examples, load_task,
                    normalize_split, rows_to_examples, tokenize_examples)
 from .errors import ConfigError, DataError
 from .models import add_lora, load_model, load_tokenizer, resolve_device, resolve_model_path
 from .selection import random_indices, reselect, resolve_budget, top_indices, write_selection
-from .training import collate, planned_steps, train_model
+from .training import collate, lr_multiplier, planned_steps, train_model
 
 IGNORE_INDEX = -100
 METHODS = ("random", "less")
@@ -350,11 +352,11 @@ class WarmupCheckpoint:
 
     @classmethod
     def load(cls, path: str | Path) -> "WarmupCheckpoint":
+        tensors = load_tensors(path)   # DataError naming the file when it is missing or damaged
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {}).get("less_checkpoint", "null") or "null")
         if not meta:
             raise DataError(f"{path} is not a LESS warm-up checkpoint")
-        tensors = load_tensors(path)
         pick = lambda kind: {n: tensors[f"{kind}/{n}"] for n in meta["names"]}  # noqa: E731
         return cls(epoch=meta["epoch"], step=meta["step"], lr=meta["lr"], params=pick("param"),
                    exp_avg=pick("exp_avg"), exp_avg_sq=pick("exp_avg_sq"), adam_step=meta["adam_step"],
@@ -383,25 +385,33 @@ def steps_per_epoch(num_examples: int, config: TrainConfig) -> int:
 
 
 def run_warmup(model: torch.nn.Module, examples: Sequence[TokenizedExample], config: TrainConfig, *, pad_id: int,
-               progress: bool = False) -> list[WarmupCheckpoint]:
+               progress: bool = False, work_dir: Path | None = None,
+               checkpointer: TrainCheckpointer | None = None) -> list[WarmupCheckpoint]:
     """Train ``model``'s LoRA tensors on ``examples`` with ``config`` (AdamW) and return one checkpoint per epoch.
 
     The checkpoint's ``lr`` is the mean learning rate of the optimizer steps of its epoch (the scheduler value each
-    step used).
+    step used). With ``work_dir``, each epoch's checkpoint is also written there as it is made
+    (``warmup-epochN.safetensors``), and a warm-up whose every epoch is there is not run again; ``checkpointer``
+    lets an interrupted warm-up continue exactly.
     """
     if config.optimizer != "adamw":
         raise ConfigError("the LESS warm-up needs AdamW")
     per_epoch = steps_per_epoch(len(examples), config)
+    total = planned_steps(len(examples), config)
+    warmup_steps = int(round(config.warmup_ratio * total))
+    epochs = total // per_epoch
+    saved = [work_dir / f"warmup-epoch{e}.safetensors" for e in range(1, epochs + 1)] if work_dir else []
+    if saved and all(path.is_file() for path in saved):
+        return [WarmupCheckpoint.load(path) for path in saved]
     checkpoints: list[WarmupCheckpoint] = []
-    epoch_lrs: list[float] = []
-    next_lr: list[float] = []
 
     def on_step(step: int, net: Any, optimizer: torch.optim.Optimizer) -> None:
-        if step > 0:
-            epoch_lrs.append(next_lr[-1])          # the lr this step used (read after the previous step)
-        next_lr.append(float(optimizer.param_groups[0]["lr"]))
         if step == 0 or step % per_epoch:
             return
+        # the lr each step of the epoch used, as the scheduler computes it (so that a resumed warm-up, which did not
+        # see the epoch's first steps, gets the same value)
+        epoch_lrs = [config.lr * lr_multiplier(s - 1, total, warmup_steps, config.schedule)
+                     for s in range(step - per_epoch + 1, step + 1)]
         params, avg, avg_sq, adam_step = {}, {}, {}, 0
         for name, p in net.named_parameters():
             if not p.requires_grad:
@@ -413,12 +423,16 @@ def run_warmup(model: torch.nn.Module, examples: Sequence[TokenizedExample], con
                             else torch.zeros_like(params[name]))
             adam_step = int(state["step"]) if "step" in state else adam_step
         group = optimizer.param_groups[0]
-        checkpoints.append(WarmupCheckpoint(
+        checkpoint = WarmupCheckpoint(
             epoch=step // per_epoch, step=step, lr=sum(epoch_lrs) / len(epoch_lrs), params=params, exp_avg=avg,
-            exp_avg_sq=avg_sq, adam_step=adam_step, betas=tuple(map(float, group["betas"])), eps=float(group["eps"])))
-        epoch_lrs.clear()
+            exp_avg_sq=avg_sq, adam_step=adam_step, betas=tuple(map(float, group["betas"])), eps=float(group["eps"]))
+        if work_dir is not None:
+            checkpoint.save(work_dir / f"warmup-epoch{checkpoint.epoch}.safetensors")
+        checkpoints.append(checkpoint)
 
-    train_model(model, examples, config, pad_id=pad_id, on_step=on_step, progress=progress)
+    train_model(model, examples, config, pad_id=pad_id, on_step=on_step, progress=progress, checkpointer=checkpointer)
+    if work_dir is not None:   # epochs finished before a resume are on disk only
+        return [WarmupCheckpoint.load(path) for path in saved]
     return checkpoints
 
 
@@ -485,8 +499,11 @@ class LessScores:
 def less_scores(model: torch.nn.Module, pool: Sequence[TokenizedExample], validation: Sequence[TokenizedExample],
                 checkpoints: Sequence[WarmupCheckpoint], projection: RandomProjection, *, pad_id: int,
                 bias_correction: bool = False, batch_size: int = 8, buffer_size: int = 128,
-                progress: bool = False) -> LessScores:
-    """LESS scores of every pool example against the validation examples over the warm-up checkpoints."""
+                progress: bool = False, row_dir: Path | None = None) -> LessScores:
+    """LESS scores of every pool example against the validation examples over the warm-up checkpoints.
+
+    With ``row_dir``, each checkpoint's row of mean cosines is written there when done (``scores-C.safetensors``)
+    and read back instead of recomputed, so an interrupted scoring loses at most one checkpoint's work."""
     if not checkpoints:
         raise ValueError("LESS needs at least one warm-up checkpoint")
     if not validation or not pool:
@@ -494,6 +511,9 @@ def less_scores(model: torch.nn.Module, pool: Sequence[TokenizedExample], valida
     model.eval()
     rows = []
     for c, checkpoint in enumerate(checkpoints, 1):
+        if row_dir is not None and (row_dir / f"scores-{c}.safetensors").is_file():
+            rows.append(load_tensors(row_dir / f"scores-{c}.safetensors")["mean_cosine"])
+            continue
         kwargs = dict(pad_id=pad_id, batch_size=batch_size, buffer_size=buffer_size, progress=progress)
         val = gradient_features(model, validation, checkpoint.params, projection,
                                 desc=f"LESS val grads {c}/{len(checkpoints)}", **kwargs)
@@ -502,6 +522,8 @@ def less_scores(model: torch.nn.Module, pool: Sequence[TokenizedExample], valida
                                   bias_correction=bias_correction, desc=f"LESS pool grads {c}/{len(checkpoints)}",
                                   **kwargs)
         rows.append((feats @ target).cpu())                                       # (N,) mean cosine
+        if row_dir is not None:
+            save_tensors(row_dir / f"scores-{c}.safetensors", {"mean_cosine": rows[-1]})
         del feats
     per_checkpoint = torch.stack(rows)                                            # (C, N)
     lrs = [float(c.lr) for c in checkpoints]
@@ -525,7 +547,8 @@ def select(*, method: str, data: str, budget: str | int, output: str | Path, see
            data_settings: DataSettings | None = None, max_length: int | None = None,
            train_config: TrainConfig | None = None, device: str = "auto", save_checkpoints: bool = False,
            trust_remote_code: bool = False, progress: bool = True,
-           scores_from: str | Path | None = None) -> dict[str, Any]:
+           scores_from: str | Path | None = None, checkpoint_every: int | None = None,
+           checkpoint_seconds: float | None = 300.0) -> dict[str, Any]:
     """Entry of ``textdistill select``: choose ``budget`` rows of ``data`` by ``method`` and write a selection file.
 
     ``examples`` (optional) are the already loaded rows of ``data``; otherwise ``data`` is loaded with
@@ -536,6 +559,10 @@ def select(*, method: str, data: str, budget: str | int, output: str | Path, see
     AdamW; epochs and seed are replaced). ``save_checkpoints`` keeps the warm-up checkpoints as safetensors in
     ``<output stem>.less/`` beside the output file. ``scores_from`` (LESS only) cuts the budget from the
     ``all_scores`` of an earlier LESS selection file of the same data (no model work).
+
+    LESS's unfinished work is kept in ``.<output name>.partial/`` beside the output (warm-up state every
+    ``checkpoint_every`` steps / ``checkpoint_seconds`` seconds, each warm-up epoch, each checkpoint's scores); a
+    rerun with the same settings continues it, and gives the same selection as an uninterrupted run.
 
     The pool, the budget, the model and the target are checked before a model is loaded (ConfigError / DataError /
     ModelError; ``config`` checks its own options when it is made). Returns ``{"count", "indices", "scores"}`` (and
@@ -574,13 +601,15 @@ def select(*, method: str, data: str, budget: str | int, output: str | Path, see
     return _select_less(pool=pool, count=count, data=data, budget=budget, output=Path(output), seed=seed,
                         model_name=model, task=task, split=split, settings=settings, tokenizer=tokenizer,
                         config=config, train_config=train_config, device=device, save_checkpoints=save_checkpoints,
-                        trust_remote_code=trust_remote_code, progress=progress)
+                        trust_remote_code=trust_remote_code, progress=progress, checkpoint_every=checkpoint_every,
+                        checkpoint_seconds=checkpoint_seconds)
 
 
 def _select_less(*, pool: list[Example], count: int, data: str, budget: str | int, output: Path, seed: int,
                  model_name: str, task: str, split: str, settings: DataSettings, tokenizer: Any | None,
                  config: LessConfig, train_config: TrainConfig | None, device: str, save_checkpoints: bool,
-                 trust_remote_code: bool, progress: bool) -> dict[str, Any]:
+                 trust_remote_code: bool, progress: bool, checkpoint_every: int | None = None,
+                 checkpoint_seconds: float | None = 300.0) -> dict[str, Any]:
     if tokenizer is None:
         tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     validation = target_examples(task, split, template=settings.template, max_examples=config.max_val_examples,
@@ -610,7 +639,21 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
     torch.manual_seed(seed)
     net = add_lora(base, recipe.lora)
     pad_id = tokenizer.pad_token_id
-    checkpoints = run_warmup(net, [pool_tok[i] for i in warm_rows], recipe, pad_id=pad_id, progress=progress)
+    # unfinished work lives beside the output until the selection file is written: a rerun with the same settings
+    # continues it (the warm-up exactly from its last checkpoint, the scores from the last finished checkpoint row)
+    work_dir = output.parent / f".{output.name}.partial"
+    fingerprint = {"model": model_name, "data": sha256_json([[e.prompt, e.response] for e in pool]), "seed": seed,
+                   "less": to_jsonable(config), "recipe": to_jsonable(recipe), "target": f"{task}:{split}"}
+    if (work_dir / "fingerprint.json").is_file() and read_json(work_dir / "fingerprint.json") != fingerprint:
+        warnings.warn(f"{work_dir} holds unfinished LESS work of other settings; starting over", stacklevel=3)
+        shutil.rmtree(work_dir)
+    elif (work_dir / "fingerprint.json").is_file():
+        warnings.warn(f"continuing the unfinished LESS work in {work_dir}", stacklevel=3)
+    atomic_write_json(work_dir / "fingerprint.json", fingerprint)
+    checkpoints = run_warmup(net, [pool_tok[i] for i in warm_rows], recipe, pad_id=pad_id, progress=progress,
+                             work_dir=work_dir, checkpointer=TrainCheckpointer(
+                                 work_dir / "warmup", fingerprint=fingerprint, every_steps=checkpoint_every,
+                                 every_seconds=checkpoint_seconds))
     checkpoint_dir = None
     if save_checkpoints:
         checkpoint_dir = output.parent / f"{output.stem}.less"
@@ -620,7 +663,7 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
     proj = RandomProjection(num_params, config.projection_dim, seed=seed, kind=config.projection, device=target_device)
     result = less_scores(net, pool_tok, val_tok, checkpoints, proj, pad_id=pad_id,
                          bias_correction=config.bias_correction, batch_size=config.batch_size,
-                         buffer_size=config.buffer_size, progress=progress)
+                         buffer_size=config.buffer_size, progress=progress, row_dir=work_dir)
     indices = top_indices(result.scores, count, exclude=overlap)
     eval_prompts = {e.prompt.strip() for e in validation}
     chosen_overlap = [i for i in indices if i in set(overlap) or pool[i].prompt.strip() in eval_prompts]
@@ -638,6 +681,7 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
              "all_scores": all_scores}
     write_selection(output, method="less", data=data, budget=budget, seed=seed, examples=pool, indices=indices,
                     scores=[all_scores[i] for i in indices], extra=extra)
+    shutil.rmtree(work_dir, ignore_errors=True)   # the selection file is written: nothing left to resume
     return {"count": count, "indices": indices, "scores": [all_scores[i] for i in indices],
             "all_scores": all_scores, "checkpoint_lrs": result.lrs, "excluded": overlap,
             "checkpoint_dir": checkpoint_dir}

@@ -18,7 +18,7 @@ import torch
 
 from .assets import NAMED_MODELS, named_model_path
 from .config import LoraSettings
-from .errors import ModelError
+from .errors import ModelError, OutputError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
@@ -115,14 +115,75 @@ def resolve_model_path(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path} exists but has no config.json: not a Hugging Face model folder")
+            raise ModelError(f"{path} exists but has no config.json: not a Hugging Face model folder; give a "
+                             f"folder saved with save_pretrained, a named model ({', '.join(NAMED_MODELS)}) or a "
+                             f"hub id")
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ModelError(f"model folder not found: {name_or_path}")
+        raise ModelError(f"model folder not found: {name_or_path}; check the path, or give a named model "
+                         f"({', '.join(NAMED_MODELS)})")
     if "/" not in name_or_path:
         raise ModelError(f"unknown model '{name_or_path}': not a named model ({', '.join(NAMED_MODELS)}), "
                          f"not a local folder, and not a hub id of the form owner/name")
     return name_or_path
+
+
+#: Files that hold a Hugging Face model's weights (a sharded model has an index beside its shards).
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _refetch_hint(name_or_path: str) -> str:
+    if name_or_path in NAMED_MODELS:
+        return "convert it again with `textdistill assets install --force`"
+    return "copy the model folder again, or save it with save_pretrained"
+
+
+def _model_problem(name_or_path: str, path: str, exc: Exception) -> str:
+    """What is wrong with a model that ``from_pretrained`` could not load: a local folder without weights or
+    with a damaged safetensors file is named; anything else quotes the library's first line."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    if folder.is_dir():
+        try:
+            json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except ValueError as damaged:  # JSONDecodeError, UnicodeDecodeError
+            return f"{folder / 'config.json'} is not valid JSON ({damaged}); {_refetch_hint(name_or_path)}"
+        if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+            return (f"{folder} has a config.json but no weights (model.safetensors or pytorch_model.bin); "
+                    f"{_refetch_hint(name_or_path)}")
+        for weights in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(str(weights), framework="pt"):
+                    pass
+            except Exception as damaged:  # SafetensorError: truncated or not safetensors at all
+                return (f"{weights} is truncated or damaged ({_first_line(str(damaged))}); "
+                        f"{_refetch_hint(name_or_path)}")
+    return (f"could not load model '{name_or_path}' ({path}): {type(exc).__name__}: "
+            f"{_first_line(str(exc)) or 'no details'}; {_refetch_hint(name_or_path)}")
+
+
+def _tokenizer_problem(name_or_path: str, path: str, exc: Exception) -> str:
+    """What is wrong with a tokenizer that ``from_pretrained`` could not load (a local folder: missing or damaged
+    tokenizer files)."""
+    folder = Path(path)
+    if folder.is_dir():
+        files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+        if not any((folder / name).is_file() for name in files):
+            fix = (_refetch_hint(name_or_path) if name_or_path in NAMED_MODELS
+                   else "save the tokenizer into the folder with tokenizer.save_pretrained")
+            return f"{folder} has no tokenizer files ({', '.join(files)}); {fix}"
+        if (folder / "tokenizer.json").is_file():
+            try:
+                json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+            except ValueError as damaged:  # JSONDecodeError, UnicodeDecodeError
+                return f"{folder / 'tokenizer.json'} is damaged ({damaged}); {_refetch_hint(name_or_path)}"
+    return (f"could not load a tokenizer for '{name_or_path}' ({path}): {type(exc).__name__}: "
+            f"{_first_line(str(exc)) or 'no details'}")
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
@@ -132,8 +193,8 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise ModelError(f"could not load a tokenizer for '{name_or_path}' ({path}): {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise ModelError(_tokenizer_problem(name_or_path, path, exc)) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -156,8 +217,8 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype = "fp32", device: 
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise ModelError(f"could not load model '{name_or_path}' ({path}): {exc}") from exc
+    except Exception as exc:  # OSError, a damaged safetensors file, an unknown architecture (ValueError) ...
+        raise ModelError(_model_problem(name_or_path, path, exc)) from exc
     model.to(resolve_device(device))
     if adapter is not None:
         model = load_adapter(model, adapter)
@@ -171,8 +232,21 @@ def load_adapter(model: Any, adapter: str | Path, *, trainable: bool = False) ->
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        raise ModelError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json); give the folder that "
+                         f"training wrote (its adapter/)")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    except Exception as exc:  # a size mismatch (another base model), missing or damaged adapter weights ...
+        try:
+            base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(
+                "base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+        text = str(exc)
+        detail = next((line.strip() for line in text.splitlines() if "size mismatch" in line),
+                      _first_line(text) or type(exc).__name__)
+        made_for = f"; it was made for '{base}': load it on that model" if base else ""
+        raise ModelError(f"the LoRA adapter {adapter} does not fit this model ({detail}){made_for}") from exc
 
 
 def base_model_id(name_or_path: str) -> str:
@@ -188,18 +262,24 @@ def save_adapter(model: Any, tokenizer: Any, folder: str | Path, model_name: str
     """Save a peft model's LoRA adapter into ``folder`` (safetensors, replacing an earlier one) so that
     ``PeftModel.from_pretrained`` reloads it: ``adapter_config.json`` names the base as :func:`base_model_id` does,
     and ``base_model.json`` records the base's identity, including the local folder that was actually loaded."""
-    from .artifacts import atomic_write_json, read_json
+    from .artifacts import atomic_write_json, output_error, read_json
 
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")   # a killed save never leaves a half adapter in place
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging), safe_serialization=True)
-    config = read_json(staging / "adapter_config.json")
-    config["base_model_name_or_path"] = base_model_id(model_name)
-    atomic_write_json(staging / "adapter_config.json", config)
-    # peft's README is an unfilled template whose base_model is the local folder, not the base named above
-    (staging / "README.md").unlink(missing_ok=True)
-    atomic_write_json(staging / "base_model.json", model_identity(model_name, model, tokenizer))
+    try:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        config = read_json(staging / "adapter_config.json")
+        config["base_model_name_or_path"] = base_model_id(model_name)
+        atomic_write_json(staging / "adapter_config.json", config)
+        # peft's README is an unfilled template whose base_model is the local folder, not the base named above
+        (staging / "README.md").unlink(missing_ok=True)
+        atomic_write_json(staging / "base_model.json", model_identity(model_name, model, tokenizer))
+    except OSError as exc:   # a read-only or full folder: an earlier adapter in `folder` stays as it was
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OutputError):
+            raise
+        raise output_error(folder, exc) from exc
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder

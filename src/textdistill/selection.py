@@ -33,22 +33,26 @@ def resolve_budget(budget: str | int | float, pool_size: int) -> int:
     try:
         value = float(text[:-1] if text.endswith("%") else text)
     except ValueError:
-        raise ConfigError(f"budget '{budget}' is neither a count nor a percentage like 5%") from None
+        raise ConfigError(f"budget '{budget}' is neither a count nor a percentage like 5%; give e.g. 113 or "
+                          f"5%") from None
     if not math.isfinite(value):
-        raise ConfigError(f"budget '{budget}' is neither a count nor a percentage like 5%")
+        raise ConfigError(f"budget '{budget}' is neither a count nor a percentage like 5%; give e.g. 113 or 5%")
     if text.endswith("%"):
         fraction = value / 100.0
         if not 0 < fraction <= 1:
-            raise ConfigError(f"budget {text} must be in (0%, 100%]")
+            raise ConfigError(f"budget {text} must be in (0%, 100%]; give a percentage such as 5%")
         count = max(1, int(round(fraction * pool_size)))
     else:
         if value != int(value):
-            raise ConfigError(f"budget {text} must be a whole count or a percentage like 5%")
+            raise ConfigError(f"budget {text} must be a whole count or a percentage like 5%; round it, e.g. "
+                              f"{max(1, round(value))}, or add %")
         count = int(value)
     if count <= 0:
-        raise ConfigError(f"budget must be positive, got {budget}")
+        raise ConfigError(f"budget must be positive, got {budget}; give a count of at least 1 or a percentage "
+                          f"like 5%")
     if count > pool_size:
-        raise ConfigError(f"budget {budget} ({count} samples) is larger than the pool ({pool_size} samples)")
+        raise ConfigError(f"budget {budget} ({count} samples) is larger than the pool ({pool_size} samples); give "
+                          f"at most {pool_size} or a percentage like 5%")
     return count
 
 
@@ -76,29 +80,49 @@ def write_selection(path: str | Path, *, method: str, data: str, budget: str | i
 
 
 def read_selection(path: str | Path) -> dict[str, Any]:
-    """Read and validate a selection file."""
+    """Read and validate a selection file: ``indices`` (distinct whole numbers) and ``ids`` of the same length."""
     record = read_json(path)
+    remake = "make it again with textdistill select"
+    if not isinstance(record, dict):
+        raise DataError(f"{path} is not a selection file (a JSON object with 'indices' and 'ids'); {remake}")
     for key in ("indices", "ids"):
         if key not in record or not isinstance(record[key], list):
-            raise DataError(f"{path} is not a selection file: missing '{key}'")
+            raise DataError(f"{path} is not a selection file: missing '{key}'; {remake}")
     if len(record["indices"]) != len(record["ids"]):
-        raise DataError(f"{path}: 'indices' and 'ids' have different lengths")
+        raise DataError(f"{path}: 'indices' and 'ids' have different lengths; {remake}")
+    first: dict[int, int] = {}
+    for position, index in enumerate(record["indices"]):
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise DataError(f"{path}: indices[{position}] is {index!r}, not a row number; {remake}")
+        if index in first:
+            raise DataError(f"{path}: index {index} is listed twice (indices[{first[index]}] and "
+                            f"indices[{position}]); a selection lists each row once: {remake}")
+        first[index] = position
     return record
 
 
 def apply_selection(examples: Sequence[Example], selection: str | Path) -> list[Example]:
-    """The examples a selection file lists, checking that its ids match this dataset."""
+    """The examples a selection file lists, checking that its ids match this dataset and, when the file records
+    them, that it was made on this very pool (its size and row ids)."""
     record = read_selection(selection)
     chosen = []
     for index, expected_id in zip(record["indices"], record["ids"]):
         if not 0 <= index < len(examples):
-            raise DataError(f"{selection}: index {index} is outside the dataset ({len(examples)} rows)")
+            raise DataError(f"{selection}: index {index} is outside the dataset ({len(examples)} rows; was it "
+                            f"made for another dataset?): select again on this one")
         if str(examples[index].id) != str(expected_id):
             raise DataError(f"{selection}: row {index} has id '{examples[index].id}', the selection expects "
-                            f"'{expected_id}' (was it made for another dataset?)")
+                            f"'{expected_id}' (was it made for another dataset?); select again on this one")
         chosen.append(examples[index])
     if not chosen:
-        raise DataError(f"{selection} selects no rows")
+        raise DataError(f"{selection} selects no rows; select again with a positive budget")
+    made_on = f"'{record['data']}'" if record.get("data") else "another pool"
+    if isinstance(record.get("pool_size"), int) and record["pool_size"] != len(examples):
+        raise DataError(f"{selection} was made on a pool of {record['pool_size']} rows ({made_on}), this dataset "
+                        f"has {len(examples)}: select again on this dataset, or use the data it was made on")
+    if isinstance(record.get("pool_ids_sha256"), str) and record["pool_ids_sha256"] != pool_ids_hash(examples):
+        raise DataError(f"{selection} was made on another pool of {len(examples)} rows ({made_on}; the row ids "
+                        f"differ): select again on this dataset, or use the data it was made on")
     return chosen
 
 

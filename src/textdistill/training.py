@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_write_json, write_jsonl, write_run_info
+from .artifacts import atomic_write_json, read_json, sha256_json, to_jsonable, write_jsonl, write_run_info
+from .checkpoint import STATE_FILE, LoopPosition, TrainCheckpointer
 from .config import TrainConfig
 from .data import TokenizedExample, load_examples, tokenize_examples
 from .errors import ConfigError, TrainingError
@@ -119,7 +120,8 @@ StepCallback = Callable[[int, Any, torch.optim.Optimizer], None]
 def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad_id: int,
                 on_step: StepCallback | None = None, progress: bool = True,
                 metrics_log: list[dict[str, Any]] | None = None,
-                batch_loss: Callable[[list[int]], tuple[torch.Tensor, int]] | None = None) -> TrainResult:
+                batch_loss: Callable[[list[int]], tuple[torch.Tensor, int]] | None = None,
+                checkpointer: TrainCheckpointer | None = None) -> TrainResult:
     """Train the model's trainable parameters on ``examples`` with ``config``'s recipe, in place.
 
     ``examples`` are :class:`TokenizedExample` rows, or, with ``batch_loss``, anything with a length:
@@ -129,6 +131,11 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
     first with step 0 (the expert runs save their snapshots there). A step whose loss or gradients are NaN/inf is
     skipped (no update; the schedule and the step count go on, and its metrics record says ``skipped``);
     MAX_FAULTS_IN_A_ROW such steps in a row raise TrainingError, naming the step, before any bad update is applied.
+
+    ``checkpointer`` saves the loop's full state (trainable parameters, optimizer, scheduler, RNGs, data position,
+    losses and metrics so far) when it is due; when it already holds a checkpoint the loop continues from there,
+    exactly (``on_step`` is then called for the remaining steps only). The caller removes it once its outputs are
+    written.
     """
     if not examples:
         raise TrainingError("no training examples")
@@ -145,17 +152,22 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
     precision = resolve_precision(config.precision, device)
     autocast = autocast_context(precision, device)
     model.train()
-    if on_step is not None:
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    position = LoopPosition()
+    if checkpointer is not None and checkpointer.exists:
+        position = checkpointer.restore(named, optimizer, scheduler)
+        if metrics_log is not None:
+            metrics_log[:] = position.records
+    elif on_step is not None:
         on_step(0, model, optimizer)
-    losses: list[float] = []
-    batch_indices: list[list[int]] = []
-    tokens = 0
-    start = time.time()
+    losses, batch_indices, tokens = position.losses, position.batch_indices, position.tokens
+    start = time.time() - position.seconds
     micro = config.batch_size
-    epoch, cursor, order = 0, 0, epoch_order(len(examples), config.seed, 0)
-    faults_in_a_row = 0
-    bar = tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True)
-    for step in range(1, total + 1):
+    epoch, cursor = position.epoch, position.cursor
+    order = epoch_order(len(examples), config.seed, epoch)
+    faults_in_a_row = position.faults_in_a_row
+    bar = tqdm(total=total, initial=position.step, desc="train", disable=not progress, dynamic_ncols=True)
+    for step in range(position.step + 1, total + 1):
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens, fault = 0.0, 0, None
         batch_indices.append([])
@@ -206,6 +218,11 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
         bar.update(1)
         if on_step is not None:
             on_step(step, model, optimizer)
+        if checkpointer is not None and step < total and checkpointer.due(step):
+            checkpointer.save(named, optimizer, scheduler, LoopPosition(
+                step=step, epoch=epoch, cursor=cursor, tokens=tokens, faults_in_a_row=faults_in_a_row,
+                seconds=time.time() - start, losses=losses, batch_indices=batch_indices,
+                records=metrics_log if metrics_log is not None else []))
     bar.close()
     if all(math.isnan(x) for x in losses):
         raise TrainingError(f"every one of the {total} training steps was skipped for NaN/inf ({fault}); lower the "
@@ -218,7 +235,8 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
 def train_on_examples(*, model_name: str, examples: Sequence[Any], config: TrainConfig, device: str = "auto",
                       trust_remote_code: bool = False, progress: bool = True,
                       metrics_log: list[dict[str, Any]] | None = None,
-                      tokenizer: Any | None = None) -> tuple[Any, Any, TrainResult]:
+                      tokenizer: Any | None = None,
+                      checkpointer: TrainCheckpointer | None = None) -> tuple[Any, Any, TrainResult]:
     """Load ``model_name``, add LoRA (or unfreeze everything for full fine-tuning) and train on ``examples``
     (prompt/response pairs, tokenized here with the model's own tokenizer, loaded unless given).
     Returns (model, tokenizer, result)."""
@@ -234,12 +252,13 @@ def train_on_examples(*, model_name: str, examples: Sequence[Any], config: Train
         for p in model.parameters():
             p.requires_grad_(True)
     result = train_model(model, tokenized, config, pad_id=tokenizer.pad_token_id, progress=progress,
-                         metrics_log=metrics_log)
+                         metrics_log=metrics_log, checkpointer=checkpointer)
     return model, tokenizer, result
 
 
 def train_on_embeddings(*, model_name: str, embeddings: str | Path, config: TrainConfig, device: str = "auto",
-                        trust_remote_code: bool = False, progress: bool = True) -> tuple[Any, Any, TrainResult]:
+                        trust_remote_code: bool = False, progress: bool = True,
+                        checkpointer: TrainCheckpointer | None = None) -> tuple[Any, Any, TrainResult]:
     """Fine-tune ``model_name`` (LoRA as the recipe says) on a distillation's learned prompt *vectors* followed by
     their response tokens (``embeddings.safetensors`` of a distill run): the continuous arm, which says whether the
     objective or the projection to text is what limits the distilled data. Returns (model, tokenizer, result);
@@ -272,38 +291,60 @@ def train_on_embeddings(*, model_name: str, embeddings: str | Path, config: Trai
         return student_loss(model, trainable, batch), int((lengths[index] + response_lengths[index]).sum())
 
     result = train_model(model, range(prompts.shape[0]), config, pad_id=tokenizer.pad_token_id, progress=progress,
-                         batch_loss=batch_loss)
+                         batch_loss=batch_loss, checkpointer=checkpointer)
     result.examples = prompts.shape[0]
     return model, tokenizer, result
 
 
 def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig, device: str = "auto",
           selection: str | Path | None = None, evaluate_on: Sequence[tuple[str, str]] = (), eval_limit: int | None = None,
-          trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
+          trust_remote_code: bool = False, progress: bool = True, resume: bool = False,
+          checkpoint_every: int | None = None, checkpoint_seconds: float | None = 300.0) -> dict[str, Any]:
     """Entry of ``textdistill train``: fine-tune ``model_name`` on dataset ``data`` and save into ``output``.
 
     ``output`` receives the adapter (LoRA) or the full model, ``run.json`` (resolved config, versions, seeds),
-    ``metrics.jsonl`` (one row per step) and ``summary.json``. ``selection`` restricts the data to the rows a
-    selection file lists. ``evaluate_on`` lists (task, split) pairs evaluated after training.
+    ``metrics.jsonl`` (one row per step) and, written last as the mark of a finished run, ``summary.json``.
+    ``selection`` restricts the data to the rows a selection file lists. ``evaluate_on`` lists (task, split) pairs
+    evaluated after training.
+
+    While it trains, ``output/checkpoint/`` holds the full training state, written every ``checkpoint_every`` steps
+    and every ``checkpoint_seconds`` seconds; ``resume=True`` continues from it exactly (bit-identical on CPU to an
+    uninterrupted run), starts over when there is none, and returns the summary unchanged when the run is finished.
     """
     output = Path(output)
-    if (output / "adapter_model.safetensors").exists() or (output / "model.safetensors").exists():
+    summary_path = output / "summary.json"
+    checkpoint_dir = output / "checkpoint"
+    if resume and summary_path.is_file():
+        warnings.warn(f"{output} holds a finished run; nothing to resume", stacklevel=2)
+        return read_json(summary_path)
+    if not resume and (checkpoint_dir / STATE_FILE).is_file():
+        raise ConfigError(f"{output} holds an interrupted training run; pass --resume to continue it or choose "
+                          f"another --output")
+    if not resume and ((output / "adapter_model.safetensors").exists() or (output / "model.safetensors").exists()):
         raise ConfigError(f"{output} already holds a trained model; choose another --output or delete it")
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     examples = load_examples(data, config.data, tokenizer=tokenizer)
     if selection is not None:
         examples = apply_selection(examples, selection)
     output.mkdir(parents=True, exist_ok=True)
+    checkpointer = TrainCheckpointer(
+        checkpoint_dir, every_steps=checkpoint_every, every_seconds=checkpoint_seconds,
+        fingerprint={"model": model_name, "config": to_jsonable(config),
+                     "data_sha256": sha256_json([[e.prompt, e.response] for e in examples])})
     write_run_info(output, command="train", config=config, seeds={"seed": config.seed},
                    extra={"model": model_name, "data": data, "num_examples": len(examples),
-                          "selection": str(selection) if selection else None})
+                          "selection": str(selection) if selection else None,
+                          "resumed_from_step": read_json(checkpoint_dir / STATE_FILE)["position"]["step"]
+                          if checkpointer.exists else None})
     log: list[dict[str, Any]] = []
     try:
         model, tokenizer, result = train_on_examples(model_name=model_name, examples=examples, config=config,
                                                      device=device, trust_remote_code=trust_remote_code,
-                                                     progress=progress, metrics_log=log, tokenizer=tokenizer)
+                                                     progress=progress, metrics_log=log, tokenizer=tokenizer,
+                                                     checkpointer=checkpointer)
     finally:
-        write_jsonl(output / "metrics.jsonl", log)
+        if log:
+            write_jsonl(output / "metrics.jsonl", log)
     model.save_pretrained(output, safe_serialization=True)
     if config.method == "full":
         tokenizer.save_pretrained(output)
@@ -320,5 +361,6 @@ def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig
             eval_config = EvalConfig(task=task, split=split, limit=eval_limit, template=config.data.template
                                      if config.data.template in ("rc", "mc") else "rc")
             summary["eval"][f"{task}:{split}"] = evaluate_model(model, tokenizer, eval_config, progress=progress)
-    atomic_write_json(output / "summary.json", summary)
+    atomic_write_json(summary_path, summary)
+    checkpointer.remove()
     return summary
