@@ -413,3 +413,13 @@ def test_distilled_set_exports_as_a_datasets_folder(gcg_run, tmp_path):
     table = datasets.load_from_disk(str(saved))
     assert table.to_list() == _rows(out)
     assert [e.prompt for e in load_examples(str(saved))] == [r["prompt"] for r in _rows(out)]
+
+
+def test_resuming_a_finished_run_changes_nothing_and_says_so(gcg_run, experts_dir):
+    out, summary = gcg_run
+    config = dataclasses.replace(FAST, iterations=6, search=TokenSearchSettings(top_k=16, candidates=4))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.warns(UserWarning, match="finished distillation of 6 iterations; nothing to resume"):
+        again = distill(experts=experts_dir, output=out, config=config, resume=True, device="cpu", progress=False)
+    assert again == json.loads((out / "summary.json").read_text())
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -365,3 +365,39 @@ def test_less_config_checks_itself_with_one_line_errors(options, message):
     with pytest.raises(ConfigError, match=message) as caught:
         LessConfig(**options)
     assert "\n" not in str(caught.value)
+
+
+def test_a_pool_row_with_nan_gradients_is_never_selected_and_the_file_stays_json(tiny_llama_dir, tmp_path,
+                                                                                   monkeypatch):
+    """A NaN in one pool row's gradient features (injected at the pool side of every checkpoint): the row gets no
+    score (null in all_scores, listed in gradient_faults), is not selected even with the budget of the whole clean
+    pool but one, and a cut to another budget keeps it out."""
+    import textdistill.less as less_module
+
+    target = write_jsonl(tmp_path / "target.jsonl", mc_rows(4))
+    data = _write_jsonl(tmp_path / "pool.jsonl", _rows(6))
+    real = less_module.per_example_grads
+
+    def poisoned(model, params, batch):
+        grads = real(model, params, batch)
+        if batch["input_ids"].shape[0] == 6:   # the pool's one batch (the target has 4 rows)
+            first = next(iter(grads))
+            grads[first][2] = float("nan")     # the row of the third example in the batch
+        return grads
+
+    monkeypatch.setattr(less_module, "per_example_grads", poisoned)
+    config = LessConfig(target=str(target), warmup_fraction=0.5, warmup_epochs=1, projection_dim=PROJ_DIM,
+                        max_val_examples=4, batch_size=8)
+    with pytest.warns(UserWarning, match="1 pool row.*NaN/inf LESS gradients"):
+        result = select(method="less", data=data, budget=5, output=tmp_path / "less.json", model=str(tiny_llama_dir),
+                        config=config, train_config=TrainConfig(batch_size=2), device="cpu", progress=False)
+    record = json.loads((tmp_path / "less.json").read_text())    # strict JSON: no NaN
+    assert len(record["gradient_faults"]) == 1
+    bad = [i for i, s in enumerate(record["all_scores"]) if s is None]
+    assert len(bad) == 1 and bad[0] not in result["indices"] and len(result["indices"]) == 5
+    from textdistill.data import load_examples
+
+    cut = reselect(tmp_path / "less.json", 5, tmp_path / "cut.json", load_examples(str(data)))
+    assert bad[0] not in cut["indices"]
+    with pytest.raises(ConfigError, match="5 pool rows left"):   # the unscored row is never a filler
+        reselect(tmp_path / "less.json", 6, tmp_path / "all.json", load_examples(str(data)))

@@ -284,3 +284,28 @@ def test_train_resume_refusals_and_a_finished_run(tiny_llama_dir, tmp_path):
         again = train(model_name=str(tiny_llama_dir), data=str(data), output=out, config=config, progress=False,
                       resume=True)
     assert again == summary and (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(tiny_llama_dir, tmp_path):
+    """While one run holds a folder's lock (an OS lock, as another process would), a second run into it stops with
+    a one-line error before writing anything."""
+    from filelock import FileLock
+
+    from textdistill.errors import ConfigError
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in _examples()))
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = FileLock(str(out / ".lock"), thread_local=False)
+    holder.acquire()
+    try:
+        with pytest.raises(ConfigError, match="being written by another textdistill process"):
+            train(model_name=str(tiny_llama_dir), data=str(data), output=out, progress=False,
+                  config=TrainConfig(max_steps=1, batch_size=4))
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    finally:
+        holder.release()
+    train(model_name=str(tiny_llama_dir), data=str(data), output=out, progress=False,
+          config=TrainConfig(max_steps=1, batch_size=4))   # free again
+    assert (out / "summary.json").is_file()

@@ -6,6 +6,7 @@ run never leaves a half-written file where a finished one is expected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -15,7 +16,7 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -216,3 +217,29 @@ def write_run_info(run_dir: str | os.PathLike, *, command: str, config: Any, see
     if extra:
         info.update(to_jsonable(dict(extra)))
     return atomic_write_json(Path(run_dir) / "run.json", info)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold the operating-system lock ``lock_path`` (``filelock``) while a command writes ``what``; another process
+    already holding it makes this one stop at once with a one-line error, so two runs never interleave their writes
+    into one output. The lock dies with its process (a killed run leaves no stale lock)."""
+    from filelock import FileLock, Timeout
+
+    from .errors import ConfigError
+
+    lock_path = Path(lock_path)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(lock_path.parent, exc) from exc
+    lock = FileLock(str(lock_path), thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"{what} is being written by another textdistill process; wait for it to finish or "
+                          f"choose another output") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -67,9 +67,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "task": task, "split": args.split, "limit": args.limit, "num_fewshot": args.num_fewshot,
         "template": args.template, "subjects": args.subjects, "precision": args.precision,
         "per_subject_limit": args.per_subject_limit, **(fields if task not in TASKS else {})}) for task in tasks]
+    scorer = None
+    if args.backend == "lm-eval":
+        from .harness import check_harness_config, evaluate_prepared, require_lm_eval
+
+        configs = [check_harness_config(c) for c in configs]   # rc only: refused before anything loads
+        require_lm_eval()
+        scorer = evaluate_prepared
     doc = evaluate(model_name=args.model, adapter=args.adapter, configs=configs, output=args.output,
                    log_samples=args.log_samples, device=args.device, trust_remote_code=args.trust_remote_code,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, backend=args.backend, scorer=scorer)
     if args.output is None:
         for config in configs:
             metrics = doc["results"][config.task]
@@ -323,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-samples", action="store_true",
                    help="also write samples_<task>.jsonl beside --output: each item's prompt, per-choice "
                         "log-likelihoods and token counts, predictions and gold")
+    p.add_argument("--backend", choices=["textdistill", "lm-eval"], default="textdistill",
+                   help="scorer: textdistill's own (default) or lm-evaluation-harness itself on a generated task "
+                        "YAML of the same items (rc template only; pip install 'textdistill[lm-eval]')")
     _add_common(p)
     p.set_defaults(func=_cmd_eval)
 

@@ -49,8 +49,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .artifacts import (atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, sha256_json,
-                        write_jsonl, write_run_info)
+from .artifacts import (atomic_write_json, atomic_write_text, exclusive, load_tensors, read_json, save_tensors,
+                        sha256_json, write_jsonl, write_run_info)
 from .data import Example, TokenizedExample, scaffold_mask, stable_token_ids, uses_bos
 from .errors import ConfigError, TrainingError
 from .instrument import (Draw, InstrumentConfig, SampleSet, ScoreCache, Scorer, StudentSettings, heldout_report,
@@ -695,6 +695,14 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
     ``compare`` names selection files (e.g. ``{"less": path}``) whose rows are scored on the same held-out draws.
     Returns the summary dict.
     """
+    with exclusive(Path(output) / ".lock", f"the distillation run {output}"):
+        return _distill(experts=experts, output=output, config=config, resume=resume, compare=compare, device=device,
+                        progress=progress, trust_remote_code=trust_remote_code)
+
+
+def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, resume: bool = False,
+             compare: Mapping[str, str | Path] | None = None, device: str = "auto", progress: bool = True,
+             trust_remote_code: bool = False) -> dict[str, Any]:
     from .experts import load_experts
 
     output = Path(output)
@@ -705,6 +713,11 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
                           f"another --output")
     if resume and not (output / "state.json").is_file():
         raise ConfigError(f"--resume: no checkpoint in {output}")
+    if (resume and (output / "summary.json").is_file()
+            and read_json(output / "state.json")["iteration"] >= config.iterations):
+        warnings.warn(f"{output} holds a finished distillation of {config.iterations} iterations; nothing to "
+                      f"resume (raise 'iterations' to continue its search)", stacklevel=3)
+        return read_json(output / "summary.json")
     student = resolve_student(config.student, trajectories)
     train_experts, heldout_experts = trajectories.split(config.instrument.heldout_experts)
     dtype = resolve_dtype(config.dtype)

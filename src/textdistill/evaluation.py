@@ -18,6 +18,10 @@ Definitions, as in lm-evaluation-harness:
   context, as the harness's ``process_results`` divides by ``len(choice)``, not by ``len(" " + choice)``. Ties go to
   the first choice (like ``numpy.argmax``).
 
+These definitions are checked against lm-evaluation-harness itself: ``textdistill eval --backend lm-eval``
+(:mod:`textdistill.harness`) scores the same items with the harness, and ``bench/lm_eval_agreement.py`` compares the
+two item by item (``results/lm_eval_agreement.md``).
+
 Scoring runs the context through the model once per question: the KV cache of the context is repeated across the
 choices and the right-padded continuations are run as one batch on top of it (``score_encoded``). Several questions
 share each forward (``score_requests``): their right-padded contexts go through together, then their multi-token
@@ -813,14 +817,24 @@ def _samples_path(output: str | Path, task: str) -> Path:
     return Path(output).parent / f"samples_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.jsonl"
 
 
+#: Scores prepared requests: ``(model, tokenizer, prepared, progress) -> (result, item records)``, as ``_evaluate``.
+Scorer = Callable[[torch.nn.Module, Any, _TaskRequests, bool], tuple[dict[str, Any], list[dict[str, Any]]]]
+
+
 def evaluate(*, model_name: str, configs: Sequence[Any], adapter: str | None = None, output: str | None = None,
              log_samples: bool = False, device: str = "auto", trust_remote_code: bool = False,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, backend: str = "textdistill", scorer: Scorer | None = None) -> dict[str, Any]:
     """Entry of ``textdistill eval``: load the model (plus a LoRA adapter or a fine-tuned folder), evaluate each
     task of ``configs`` (one :class:`~textdistill.config.EvalConfig` per task), print a table per task, and return
     the result document in lm-evaluation-harness's structure (``results[task]["acc,none"]`` ...), also written to
     ``output``. ``log_samples`` writes each task's item records to ``samples_<task>.jsonl`` beside it (a file task:
-    its file name without the suffix)."""
+    its file name without the suffix).
+
+    ``scorer`` replaces this module's scorer, and ``backend`` names it in the result: ``textdistill eval --backend
+    lm-eval`` passes :func:`textdistill.harness.evaluate_prepared` (lm-evaluation-harness itself; this module never
+    imports it). A scorer's result may carry an ``lm_eval`` entry, kept as ``lm_eval[task]``."""
+    if (scorer is None) != (backend == "textdistill"):
+        raise ValueError(f"backend {backend!r} needs its scorer, and only another backend takes one")
     tasks = [c.task for c in configs]
     if not tasks or len(set(tasks)) != len(tasks):
         raise ConfigError(f"name each task once, got {', '.join(tasks) or 'none'}")
@@ -835,15 +849,20 @@ def evaluate(*, model_name: str, configs: Sequence[Any], adapter: str | None = N
     model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa", adapter=adapter,
                        trust_remote_code=trust_remote_code)
     runs = []
+    harness_entries = {}
     for requests in prepared:
-        result, records = _evaluate(model, tokenizer, requests, progress)
+        result, records = (scorer or _evaluate)(model, tokenizer, requests, progress)
+        if "lm_eval" in result:
+            harness_entries[requests.config.task] = result["lm_eval"]
         print(format_table(result))
         runs.append((requests, records))
     # one command: every task shares the model settings and the limit
     run_config = {"model": model_name, "adapter": adapter, "model_dtype": to_jsonable(next(model.parameters()).dtype),
                   "device": device, "batch_size": SCORING_BATCH_SIZE, "limit": configs[0].limit,
-                  "precision": configs[0].precision}
+                  "precision": configs[0].precision, "backend": backend}
     doc = _harness_results(runs, run_config, seconds=time.time() - start)
+    if harness_entries:
+        doc["lm_eval"] = harness_entries      # the harness's version, generated task name and its own results
     if output:
         atomic_write_json(output, doc)
         if log_samples:

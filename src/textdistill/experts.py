@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .artifacts import atomic_write_json, to_jsonable, load_tensors, read_json, save_tensors, sha256_json, write_run_info
+from .artifacts import (atomic_write_json, exclusive, load_tensors, read_json, save_tensors, sha256_json, to_jsonable,
+                        write_run_info)
 from .checkpoint import TrainCheckpointer
 from .config import TrainConfig
 from .data import load_examples, tokenize_examples
@@ -110,6 +112,12 @@ _RESUME_KEYS = ("model", "lora", "pool_sha256", "snapshot_steps", "optimizer", "
                 "base_seed", "data_settings")
 
 
+def _finished(folder: Path, last_step: int) -> bool:
+    """Whether an expert run finished: its last snapshot exists and its checkpoint, removed last (after the data
+    order and the manifest), is gone."""
+    return (folder / snapshot_name(last_step)).is_file() and not (folder / "checkpoint").is_dir()
+
+
 def snapshot_name(step: int) -> str:
     return f"step_{step:06d}.safetensors"
 
@@ -122,6 +130,15 @@ def make_experts(*, model_name: str, data: str, output: str | Path, config: Expe
     A rerun on the same folder continues: finished experts are skipped, and an interrupted one resumes exactly from
     its ``expert_NN/checkpoint/`` (the full training state, written every ``checkpoint_every`` steps and every
     ``checkpoint_seconds`` seconds), so its snapshots are bit-identical on CPU to an uninterrupted run's."""
+    with exclusive(Path(output) / ".lock", f"the experts folder {output}"):
+        return _make_experts(model_name=model_name, data=data, output=output, config=config, device=device,
+                             trust_remote_code=trust_remote_code, progress=progress,
+                             checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds)
+
+
+def _make_experts(*, model_name: str, data: str, output: str | Path, config: ExpertsConfig, device: str = "auto",
+                  trust_remote_code: bool = False, progress: bool = True, checkpoint_every: int | None = None,
+                  checkpoint_seconds: float | None = 300.0) -> ExpertTrajectories:
     output = Path(output)
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     recipe = config.train
@@ -159,14 +176,18 @@ def make_experts(*, model_name: str, data: str, output: str | Path, config: Expe
                 raise TrajectoryError(f"{output} holds experts made with a different '{key}'; "
                                       f"use another --output or delete it")
         manifest["experts"] = previous.get("experts", [])
+    finished = [e for e in range(config.num_experts) if _finished(output / f"expert_{e:02d}", steps[-1])]
+    if len(finished) == config.num_experts and manifest["experts"]:
+        warnings.warn(f"{output}: all {config.num_experts} experts are finished; nothing to do", stacklevel=3)
+        return load_experts(output)
     write_run_info(output, command="experts", config=config,
                    seeds={f"expert_{e}": recipe.seed + e for e in range(config.num_experts)},
                    extra={"model": model_name, "data": data})
     initial_state = {k: v.clone() for k, v in base.state_dict().items()}
     for expert in range(config.num_experts):
         folder = output / f"expert_{expert:02d}"
-        if (folder / snapshot_name(steps[-1])).is_file() and not (folder / "checkpoint").is_dir():
-            continue  # finished on an earlier run (its checkpoint is removed last, after data order and manifest)
+        if _finished(folder, steps[-1]):
+            continue
         base.load_state_dict(initial_state)
         torch.manual_seed(recipe.seed + expert)  # LoRA A initialisation differs per expert
         model = add_lora(base, recipe.lora)

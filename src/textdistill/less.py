@@ -49,12 +49,12 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_write_json, load_tensors, read_json, save_tensors, sha256_json, to_jsonable
+from .artifacts import atomic_write_json, exclusive, load_tensors, read_json, save_tensors, sha256_json, to_jsonable
 from .checkpoint import TrainCheckpointer
 from .config import DataSettings, TaskFields, TrainConfig
 from .data import (TASKS, Example, TokenizedExample, get_task, item_to_example, load_examples, load_task,
                    normalize_split, rows_to_examples, tokenize_examples)
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, TrainingError
 from .models import add_lora, load_model, load_tokenizer, resolve_device, resolve_model_path
 from .selection import random_indices, reselect, resolve_budget, top_indices, write_selection
 from .training import collate, lr_multiplier, planned_steps, train_model
@@ -517,7 +517,14 @@ def less_scores(model: torch.nn.Module, pool: Sequence[TokenizedExample], valida
         kwargs = dict(pad_id=pad_id, batch_size=batch_size, buffer_size=buffer_size, progress=progress)
         val = gradient_features(model, validation, checkpoint.params, projection,
                                 desc=f"LESS val grads {c}/{len(checkpoints)}", **kwargs)
-        target = val.mean(dim=0)                                                  # (d,)
+        finite = torch.isfinite(val).all(dim=1)                                   # (n_val,)
+        if not bool(finite.any()):
+            raise TrainingError(f"every target example's gradient is NaN/inf at LESS warm-up checkpoint {c}; lower "
+                                f"the warm-up lr or use fp32")
+        if not bool(finite.all()):
+            warnings.warn(f"{int((~finite).sum())} target example(s) have NaN/inf gradients at LESS checkpoint {c}; "
+                          f"they are left out of the target direction", stacklevel=2)
+        target = val[finite].mean(dim=0)                                          # (d,)
         feats = gradient_features(model, pool, checkpoint.params, projection, checkpoint=checkpoint,
                                   bias_correction=bias_correction, desc=f"LESS pool grads {c}/{len(checkpoints)}",
                                   **kwargs)
@@ -598,11 +605,13 @@ def select(*, method: str, data: str, budget: str | int, output: str | Path, see
         indices = random_indices(len(pool), count, seed)
         write_selection(output, method=method, data=data, budget=budget, seed=seed, examples=pool, indices=indices)
         return {"count": count, "indices": indices, "scores": None}
-    return _select_less(pool=pool, count=count, data=data, budget=budget, output=Path(output), seed=seed,
-                        model_name=model, task=task, split=split, settings=settings, tokenizer=tokenizer,
-                        config=config, train_config=train_config, device=device, save_checkpoints=save_checkpoints,
-                        trust_remote_code=trust_remote_code, progress=progress, checkpoint_every=checkpoint_every,
-                        checkpoint_seconds=checkpoint_seconds)
+    output = Path(output)
+    with exclusive(output.parent / f".{output.name}.lock", f"the LESS selection {output}"):
+        return _select_less(pool=pool, count=count, data=data, budget=budget, output=output, seed=seed,
+                            model_name=model, task=task, split=split, settings=settings, tokenizer=tokenizer,
+                            config=config, train_config=train_config, device=device, save_checkpoints=save_checkpoints,
+                            trust_remote_code=trust_remote_code, progress=progress, checkpoint_every=checkpoint_every,
+                            checkpoint_seconds=checkpoint_seconds)
 
 
 def _select_less(*, pool: list[Example], count: int, data: str, budget: str | int, output: Path, seed: int,
@@ -664,12 +673,19 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
     result = less_scores(net, pool_tok, val_tok, checkpoints, proj, pad_id=pad_id,
                          bias_correction=config.bias_correction, batch_size=config.batch_size,
                          buffer_size=config.buffer_size, progress=progress, row_dir=work_dir)
-    indices = top_indices(result.scores, count, exclude=overlap)
+    # a pool row whose gradient was NaN/inf at some checkpoint has no score: never selected, reported
+    faulty = [i for i, value in enumerate(result.scores.tolist()) if not math.isfinite(value)]
+    if faulty:
+        if len(faulty) == len(pool):
+            raise TrainingError("every pool example's LESS gradient is NaN/inf; lower the warm-up lr or use fp32")
+        warnings.warn(f"{len(faulty)} pool row(s) have NaN/inf LESS gradients (e.g. {pool[faulty[0]].id}); they "
+                      f"are not selected", stacklevel=3)
+    indices = top_indices(result.scores, count, exclude=sorted(set(overlap) | set(faulty)))
     eval_prompts = {e.prompt.strip() for e in validation}
     chosen_overlap = [i for i in indices if i in set(overlap) or pool[i].prompt.strip() in eval_prompts]
     if chosen_overlap:  # cannot happen: top_indices excludes them; kept as a guard against future edits
         raise DataError(f"LESS selected rows that repeat {task} evaluation prompts: {chosen_overlap[:5]}")
-    all_scores = result.scores.tolist()
+    all_scores = [value if math.isfinite(value) else None for value in result.scores.tolist()]   # JSON has no NaN
     extra = {"model": model_name, "target": f"{task}:{split}", "projection": config.projection,
              "projection_dim": config.projection_dim, "projection_seed": seed, "num_checkpoints": len(checkpoints),
              "checkpoint_lrs": result.lrs, "checkpoint_steps": [c.step for c in checkpoints],
@@ -679,6 +695,8 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
              "template": settings.template, "excluded_eval_overlap": [pool[i].id for i in overlap],
              "order": "score descending", "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
              "all_scores": all_scores}
+    if faulty:
+        extra["gradient_faults"] = [pool[i].id for i in faulty]
     write_selection(output, method="less", data=data, budget=budget, seed=seed, examples=pool, indices=indices,
                     scores=[all_scores[i] for i in indices], extra=extra)
     shutil.rmtree(work_dir, ignore_errors=True)   # the selection file is written: nothing left to resume

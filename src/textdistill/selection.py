@@ -145,12 +145,14 @@ def reselect(source: str | Path, budget: str | int, output: str | Path, examples
     for index, expected_id in zip(record["indices"], record["ids"]):
         if str(examples[index].id) != str(expected_id):
             raise DataError(f"{source}: row {index} has id '{examples[index].id}', the scores expect '{expected_id}'")
+    # rows excluded as evaluation overlap, and rows without a score (NaN/inf gradients), stay excluded
     excluded_ids = {str(i) for i in record.get("excluded_eval_overlap", [])}
-    exclude = [i for i, example in enumerate(examples) if str(example.id) in excluded_ids]
+    exclude = [i for i, example in enumerate(examples) if str(example.id) in excluded_ids or scores[i] is None]
     count = resolve_budget(budget, len(examples))
     if count > len(examples) - len(exclude):
         raise ConfigError(f"budget {budget} ({count} rows) is larger than the {len(examples) - len(exclude)} pool rows "
-                          f"left after removing {len(exclude)} that repeat evaluation prompts")
+                          f"left after removing {len(exclude)} that repeat evaluation prompts or have no score; give "
+                          f"at most {len(examples) - len(exclude)}")
     indices = top_indices(scores, count, exclude=exclude)
     kept = {k: v for k, v in record.items()
             if k not in ("method", "data", "budget", "seed", "pool_size", "count", "indices", "ids", "scores")}
@@ -162,7 +164,9 @@ def reselect(source: str | Path, budget: str | int, output: str | Path, examples
 
 def top_indices(scores: Tensor | Sequence[float], count: int, *, exclude: Sequence[int] = ()) -> list[int]:
     """The ``count`` highest-scoring indices, best first (ties: lower index first), never one in ``exclude``."""
-    values = [float(s) for s in (scores.tolist() if isinstance(scores, Tensor) else scores)]
+    # a missing (None) or NaN score ranks last; callers exclude those rows anyway
+    values = [float(s) if s is not None and not math.isnan(float(s)) else -math.inf
+              for s in (scores.tolist() if isinstance(scores, Tensor) else scores)]
     banned = set(exclude)
     ranked = sorted((i for i in range(len(values)) if i not in banned), key=lambda i: (-values[i], i))
     if len(ranked) < count:

@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_write_json, read_json, sha256_json, to_jsonable, write_jsonl, write_run_info
+from .artifacts import (atomic_write_json, exclusive, read_json, sha256_json, to_jsonable, write_jsonl,
+                        write_run_info)
 from .checkpoint import STATE_FILE, LoopPosition, TrainCheckpointer
 from .config import TrainConfig
 from .data import TokenizedExample, load_examples, tokenize_examples
@@ -311,6 +312,18 @@ def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig
     and every ``checkpoint_seconds`` seconds; ``resume=True`` continues from it exactly (bit-identical on CPU to an
     uninterrupted run), starts over when there is none, and returns the summary unchanged when the run is finished.
     """
+    with exclusive(Path(output) / ".lock", f"the training run {output}"):
+        return _train(model_name=model_name, data=data, output=output, config=config, device=device,
+                      selection=selection, evaluate_on=evaluate_on, eval_limit=eval_limit,
+                      trust_remote_code=trust_remote_code, progress=progress, resume=resume,
+                      checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds)
+
+
+def _train(*, model_name: str, data: str, output: str | Path, config: TrainConfig, device: str = "auto",
+           selection: str | Path | None = None, evaluate_on: Sequence[tuple[str, str]] = (),
+           eval_limit: int | None = None,
+           trust_remote_code: bool = False, progress: bool = True, resume: bool = False,
+           checkpoint_every: int | None = None, checkpoint_seconds: float | None = 300.0) -> dict[str, Any]:
     output = Path(output)
     summary_path = output / "summary.json"
     checkpoint_dir = output / "checkpoint"
