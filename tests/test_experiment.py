@@ -324,3 +324,22 @@ def test_distillation_folders_leave_out_the_lock_files_beside_them(tmp_path):
     try_lock(run).release()                              # leaves distill/1pct-seed0-abc.lock behind
     assert (tmp_path / "distill" / "1pct-seed0-abc.lock").exists()
     assert distillation_folders(tmp_path) == [run] and distillation_folders(tmp_path / "none") == []
+
+
+def test_stages_made_by_another_package_version_or_stage_code_are_not_reused(monkeypatch):
+    """Keys name the code: another package version changes every key (nothing made before is reused); a bumped
+    stage version changes the keys of that stage and of the cells built on it, and no other."""
+    import textdistill
+    from textdistill import experiment as experiment_module
+    from textdistill.experiment import METHODS, cell_key, load_experiment_config, resolve_precisions
+
+    config = resolve_precisions(load_experiment_config("demo"), "cpu")
+    before = {m: cell_key(config, m) for m in METHODS}
+    monkeypatch.setattr(textdistill, "__version__", "0.2.0")
+    assert all(cell_key(config, m) != before[m] for m in METHODS)
+    monkeypatch.setattr(textdistill, "__version__", "0.1.0")
+    assert {m: cell_key(config, m) for m in METHODS} == before
+    monkeypatch.setitem(experiment_module.STAGE_CODE_VERSIONS, "distill", 2)
+    after = {m: cell_key(config, m) for m in METHODS}
+    changed = {m for m in METHODS if after[m] != before[m]}
+    assert changed == {"distill-init", "distilled", "continuous"}

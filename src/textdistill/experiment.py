@@ -199,7 +199,8 @@ class _Stages:
     def experts_dir(self) -> Path:
         from .experts import make_experts
 
-        folder = self.root / f"experts-{self.key(self.config.distill_model, self.config.experts)}"
+        key = self.key(self.config.distill_model, self.config.experts, *code_identity("experts"))
+        folder = self.root / f"experts-{key}"
         if self._experts_done(folder):
             return folder
         with stage_lock(folder, log=self.log):
@@ -332,27 +333,52 @@ def _less_key_settings(less: LessConfig) -> dict[str, Any]:
             if f.name in _LESS_KEYED_OPTIONS or getattr(less, f.name) != getattr(default, f.name)}
 
 
-def stage_settings(config: ExperimentConfig, method: str) -> list[Any]:
-    """Every setting the data of a ``method`` cell depend on, beyond the pool (a cell or stage is reused only when
-    these are unchanged, so changing the distillation never redoes the random or LESS cells)."""
-    if method in ("base", "full", "random"):
+#: The version of the code of each stage. Bump a stage's number (or the package version) whenever a change of code
+#: changes what that stage produces: the stages and cells made by the earlier code then have other keys and are made
+#: again instead of reused. A cell's key covers the code of its training and scoring ("cell") and of every stage its
+#: data come from.
+STAGE_CODE_VERSIONS = {"experts": 1, "random": 1, "less": 1, "match": 1, "distill": 1, "cell": 1}
+#: The package version and stage versions every run folder under results/ was made with: keys leave the code out
+#: while it is at these, so that those folders stay reusable; any other version enters every key it concerns.
+_UNKEYED_CODE = ("0.1.0", 1)
+
+
+def code_identity(*stages: str) -> list[dict[str, Any]]:
+    """The part of a key that names the code of ``stages``: empty at the versions of ``_UNKEYED_CODE``."""
+    from . import __version__
+
+    versions = {stage: STAGE_CODE_VERSIONS[stage] for stage in stages}
+    if __version__ == _UNKEYED_CODE[0] and all(v == _UNKEYED_CODE[1] for v in versions.values()):
         return []
+    return [{"textdistill": __version__, "code": versions}]
+
+
+def stage_settings(config: ExperimentConfig, method: str) -> list[Any]:
+    """Every setting the data of a ``method`` cell depend on, beyond the pool, and the version of the code that makes
+    them (a cell or stage is reused only when these are unchanged, so changing the distillation never redoes the
+    random or LESS cells)."""
+    if method in ("base", "full"):
+        return []
+    if method == "random":
+        return code_identity("random")
     if method == "less":
-        return [config.distill_model, _less_key_settings(config.less)]
+        return [config.distill_model, _less_key_settings(config.less), *code_identity("less")]
     if method == "match":
-        return [config.distill_model, config.experts, config.match]
+        return [config.distill_model, config.experts, config.match, *code_identity("experts", "match")]
     if method in DISTILL_METHODS:
         init = {"random": None, "less": _less_key_settings(config.less),
                 "match": (config.experts, config.match)}[config.distill_init]
+        init_stages = {"random": ("random",), "less": ("less",), "match": ("match",)}[config.distill_init]
         return [config.distill_model, config.experts, config.distill, config.distill_init, init,
-                config.distill_per_seed]
+                config.distill_per_seed, *code_identity("experts", "distill", *init_stages)]
     raise ConfigError(f"unknown method '{method}'")
 
 
 def cell_key(config: ExperimentConfig, method: str) -> str:
-    """Key of a finished cell: the pool, target, training recipe and the stage settings of its method."""
+    """Key of a finished cell: the pool, target, training recipe, the stage settings of its method and the version of
+    the code that trains and scores it."""
     return settings_key([config.pool, _pool_settings(config), config.target, config.recipe,
-                         *stage_settings(config, method)])[:12]
+                         *stage_settings(config, method), *code_identity("cell")])[:12]
 
 
 def training_data_key(examples: list[Example]) -> str:
