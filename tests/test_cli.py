@@ -150,3 +150,63 @@ def test_demo_dispatches_the_demo_preset(tmp_path, monkeypatch, capsys):
     (config, output, kw), = calls
     assert config.name == "demo" and str(output) == str(tmp_path / "d") and kw["progress"] is False
     assert "| m | base | - | 0.5000 | 0.4000 | 1 |" in capsys.readouterr().out
+
+
+def _help(command: str, capsys) -> str:
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())   # argparse wraps lines: compare with single spaces
+
+
+def test_every_config_field_is_a_flag_with_its_default_in_help(capsys):
+    """For each stage command, every (nested) field of its config dataclasses is a flag of the command (its
+    generated dotted flag, or the hand-written flag of exactly that name) whose help names the field's default, and
+    --help prints it."""
+    import pytest
+
+    from textdistill.cli import build_parser
+    from textdistill.config import EvalConfig, TrainConfig
+    from textdistill.distill import DistillConfig
+    from textdistill.experiment import ExperimentConfig
+    from textdistill.experts import ExpertsConfig
+    from textdistill.flags import config_fields
+    from textdistill.instrument import InstrumentConfig, StudentSettings
+    from textdistill.less import LessConfig
+    from textdistill.match_selection import MatchSelectionConfig
+
+    commands = {"train": [(TrainConfig, "")], "experts": [(ExpertsConfig, "")], "distill": [(DistillConfig, "")],
+                "eval": [(EvalConfig, "")], "experiment": [(ExperimentConfig, "")],
+                "select": [(LessConfig, "less."), (MatchSelectionConfig, "match.")],
+                "match-eval": [(InstrumentConfig, "instrument."), (StudentSettings, "student.")]}
+    for command, configs in commands.items():
+        subparser = build_parser(command)._subparsers._group_actions[0].choices[command]
+        text = " ".join(_help(command, capsys).split())
+        for cls, prefix in configs:
+            fields = config_fields(cls, prefix=prefix)
+            assert len(fields) >= 4
+            for name, _, default, _ in fields:
+                action = subparser._option_string_actions.get(f"--{name}")
+                assert action is not None, (command, name)
+                shown = "null" if default is None else str(default)
+                assert f"default: {shown.replace('%', '%%')}" in action.help, (command, name, action.help)
+                assert f"--{name} " in text
+    with pytest.raises(SystemExit):   # the generated flags parse like any flag: a missing value is a usage error
+        main(["distill", "--experts", "x", "--output", "y", "--search.top_k"])
+    assert "expected one argument" in capsys.readouterr().err
+
+
+def test_generated_flags_set_nested_fields_and_null(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_llama_dir), "--data", "arc-easy:train", "--max-steps", "1",
+                 "--batch-size", "2", "--data.limit", "6", "--lora.r", "2", "--lora.target_modules", "[q_proj]",
+                 "--max_grad_norm", "null", "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert config["lora"]["r"] == 2 and config["lora"]["target_modules"] == ["q_proj"]
+    assert config["max_grad_norm"] is None and config["data"]["limit"] == 6
+    capsys.readouterr()
+    assert main(["train", "--model", str(tiny_llama_dir), "--data", "arc-easy:train", "--lora.r", "many",
+                 "--output", str(tmp_path / "bad"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lora.r" in err

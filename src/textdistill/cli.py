@@ -8,6 +8,7 @@ import sys
 from typing import Any, Sequence
 
 from .errors import ConfigError, TextDistillError
+from .flags import add_config_flags, given_config_flags
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -66,7 +67,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     configs = [load_config(EvalConfig, path=args.config, section="eval", overrides={
         "task": task, "split": args.split, "limit": args.limit, "num_fewshot": args.num_fewshot,
         "template": args.template, "subjects": args.subjects, "precision": args.precision,
-        "per_subject_limit": args.per_subject_limit, **(fields if task not in TASKS else {})}) for task in tasks]
+        "per_subject_limit": args.per_subject_limit, **(fields if task not in TASKS else {})},
+        sets=given_config_flags(args)) for task in tasks]
     scorer = None
     if args.backend == "lm-eval":
         from .harness import check_harness_config, evaluate_prepared, require_lm_eval
@@ -93,7 +95,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
         "seed": args.seed, "method": args.method, "optimizer": args.optimizer, "precision": args.precision,
         "data.template": args.template, "data.max_length": args.max_length, "data.limit": args.limit,
-        "data.prompt_field": args.prompt_field, "data.response_field": args.response_field})
+        "data.prompt_field": args.prompt_field, "data.response_field": args.response_field},
+        sets=given_config_flags(args))
     evaluate_on = [tuple(s.split(":", 1)) if ":" in s else (s, "test") for s in (args.eval or [])]
     summary = train(model_name=args.model, data=args.data, output=args.output, config=config, device=args.device,
                     selection=args.selection, evaluate_on=evaluate_on, eval_limit=args.eval_limit,
@@ -113,8 +116,10 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
         if not args.experts:
             raise ConfigError("select --method match needs --experts DIR (the trajectories to match)")
-        config = build_dataclass(MatchSelectionConfig, {"seed": args.seed, **_nested(_parse_sets(args.set))},
-                                 "match")
+        generated = {k.removeprefix("match."): v for k, v in given_config_flags(args).items()
+                     if k.startswith("match.")}
+        config = build_dataclass(MatchSelectionConfig, {"seed": args.seed,
+                                                        **_nested({**_parse_sets(args.set), **generated})}, "match")
         result = select_by_matching(experts=args.experts, budget=args.budget, output=args.output, config=config,
                                     device=args.device, trust_remote_code=args.trust_remote_code,
                                     progress=not args.no_progress)
@@ -128,7 +133,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
             "target": args.target, "projection_dim": args.projection_dim, "warmup_fraction": args.warmup_fraction,
             "warmup_epochs": args.warmup_epochs, "max_val_examples": args.max_val_examples,
             "target_fields.question": args.question_field, "target_fields.choices": args.choices_field,
-            "target_fields.answer": args.answer_field})
+            "target_fields.answer": args.answer_field},
+            sets={k.removeprefix("less."): v for k, v in given_config_flags(args).items() if k.startswith("less.")})
     result = select(method=args.method, data=args.data, budget=args.budget, output=args.output, seed=args.seed,
                     model=args.model, config=config, device=args.device, trust_remote_code=args.trust_remote_code,
                     scores_from=args.scores, progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
@@ -146,7 +152,8 @@ def _cmd_experts(args: argparse.Namespace) -> int:
         "train.epochs": args.epochs, "train.max_steps": args.max_steps, "train.batch_size": args.batch_size,
         "train.optimizer": args.optimizer, "train.seed": args.seed, "train.data.limit": args.limit,
         "train.data.max_length": args.max_length, "train.data.template": args.template,
-        "train.data.prompt_field": args.prompt_field, "train.data.response_field": args.response_field})
+        "train.data.prompt_field": args.prompt_field, "train.data.response_field": args.response_field},
+        sets=given_config_flags(args))
     result = make_experts(model_name=args.model, data=args.data, output=args.output, config=config,
                           device=args.device, trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
                           checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds)
@@ -164,7 +171,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         "student.lr": args.student_lr, "init": args.init, "selection": args.selection, "seed": args.seed,
         "regularizer.weight": args.reg_weight, "recompute": args.recompute, "lr_embeddings": args.lr_embeddings,
         "dtype": args.dtype, "precision": args.precision, "rerank_top_k": args.rerank_top_k,
-        "projection_metric": args.projection_metric, **_parse_sets(args.set)})
+        "projection_metric": args.projection_metric},
+        sets={**_parse_sets(args.set), **given_config_flags(args)})
     compare = dict(pair.split("=", 1) for pair in args.compare or [])
     summary = distill(experts=args.experts, output=args.output, config=config, resume=args.resume, compare=compare,
                       device=args.device, progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
@@ -186,11 +194,18 @@ def _cmd_match_eval(args: argparse.Namespace) -> int:
     sections = values.get("distill", values)
     from .config import apply_overrides
 
-    instrument = build_dataclass(InstrumentConfig, apply_overrides(dict(sections.get("instrument", {})), {
-        "draws": args.draws, "seed": args.seed, "heldout_experts": args.heldout_experts}), "instrument")
-    student = build_dataclass(StudentSettings, apply_overrides(dict(sections.get("student", {})), {
-        "syn_steps": args.syn_steps, "batch_size": args.batch_size, "expert_epochs": args.expert_epochs,
-        "lr": args.lr, "min_start": args.min_start, "max_start": args.max_start}), "student")
+    generated = given_config_flags(args)
+    picked = lambda section: {k.removeprefix(section): v for k, v in generated.items()  # noqa: E731
+                              if k.startswith(section)}
+    instrument = build_dataclass(InstrumentConfig, apply_overrides(apply_overrides(
+        dict(sections.get("instrument", {})), {"draws": args.draws, "seed": args.seed,
+                                               "heldout_experts": args.heldout_experts}),
+        picked("instrument."), skip_none=False), "instrument")
+    student = build_dataclass(StudentSettings, apply_overrides(apply_overrides(
+        dict(sections.get("student", {})), {"syn_steps": args.syn_steps, "batch_size": args.batch_size,
+                                            "expert_epochs": args.expert_epochs, "lr": args.lr,
+                                            "min_start": args.min_start, "max_start": args.max_start}),
+        picked("student."), skip_none=False), "student")
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else []
     result = match_eval(experts=args.experts, data=args.data, output=args.output, config=instrument, student=student,
                         prompt_field=args.prompt_field, response_field=args.response_field, floor=not args.no_floor,
@@ -234,7 +249,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import load_experiment_config, run_experiment
     from .report import comparison_table
 
-    config = load_experiment_config(args.config, overrides={"target.limit": args.limit}, sets=_parse_sets(args.set))
+    config = load_experiment_config(args.config, overrides={"target.limit": args.limit},
+                                    sets={**_parse_sets(args.set), **given_config_flags(args)})
     rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress,
                           report_only=args.report_only, trust_remote_code=args.trust_remote_code,
                           checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds)
@@ -294,8 +310,10 @@ class _OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``textdistill`` argument parser."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``textdistill`` argument parser. ``command`` (the subcommand about to run) also gets a flag for every
+    field of its config dataclasses (:mod:`textdistill.flags`); they are generated for that command only, so that
+    the parser of other commands never imports the stage modules (and torch)."""
     parser = _OneLineParser(prog="textdistill", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"textdistill {__import__('textdistill').__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -334,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scorer: textdistill's own (default) or lm-evaluation-harness itself on a generated task "
                         "YAML of the same items (rc template only; pip install 'textdistill[lm-eval]')")
     _add_common(p)
+    if command == "eval":
+        from .config import EvalConfig
+
+        add_config_flags(p, EvalConfig, title="evaluation settings")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("train", help="fine-tune (LoRA or full) on a dataset")
@@ -363,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "left as it is")
     _add_checkpointing(p, "")
     _add_common(p)
+    if command == "train":
+        from .config import TrainConfig
+
+        add_config_flags(p, TrainConfig, title="training recipe")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("experts", help="train expert LoRA trajectories over the pool")
@@ -386,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpointing(p, "a rerun on the same --output skips finished experts and resumes an interrupted one "
                           "exactly")
     _add_common(p)
+    if command == "experts":
+        from .experts import ExpertsConfig
+
+        add_config_flags(p, ExpertsConfig, title="expert runs")
     p.set_defaults(func=_cmd_experts)
 
     p = sub.add_parser("distill", help="learn the prompts of a few samples by trajectory matching; write text")
@@ -418,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any config value, YAML syntax, repeatable: --set search.top_k=64 --set instrument.draws=16")
     p.add_argument("--seed", type=int)
     _add_common(p)
+    if command == "distill":
+        from .distill import DistillConfig
+
+        add_config_flags(p, DistillConfig, title="distillation settings")
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("match-eval", help="matching loss of a dataset on fixed held-out expert segments (paired)")
@@ -439,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--response-field", default="response")
     _add_common(p)
+    if command == "match-eval":
+        from .instrument import InstrumentConfig, StudentSettings
+
+        add_config_flags(p, InstrumentConfig, title="instrument", prefix="instrument.")
+        add_config_flags(p, StudentSettings, title="student", prefix="student.")
     p.set_defaults(func=_cmd_match_eval)
 
     p = sub.add_parser("experiment", help="run a comparison (config file or preset: demo, arc-easy, mmlu)")
@@ -452,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpointing(p, "a rerun on the same --output skips finished stages and cells and resumes interrupted "
                           "ones exactly")
     _add_common(p)
+    if command == "experiment":
+        from .experiment import ExperimentConfig
+
+        add_config_flags(p, ExperimentConfig, title="experiment settings (also: --set KEY=VALUE)")
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("export", help="merge a LoRA adapter into its base model, or save a distilled dataset, "
@@ -492,13 +535,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "selection file of the same data (scores do not depend on the budget; no model work)")
     _add_checkpointing(p, "LESS: a rerun with the same settings continues unfinished work (kept beside --output)")
     _add_common(p)
+    if command == "select":
+        from .less import LessConfig
+        from .match_selection import MatchSelectionConfig
+
+        add_config_flags(p, LessConfig, title="LESS (--method less)", prefix="less.")
+        add_config_flags(p, MatchSelectionConfig, title="match selection (--method match)", prefix="match.")
     p.set_defaults(func=_cmd_select)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; user errors print one line and exit with status 2."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     _threads(args)
     try:

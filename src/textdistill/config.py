@@ -293,11 +293,12 @@ def read_preset(name: str) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], *, path: str | Path | None = None, section: str | None = None,
-                overrides: dict[str, Any] | None = None) -> T:
-    """Resolve a config: dataclass defaults <- YAML file (optionally one top-level section) <- overrides.
+                overrides: dict[str, Any] | None = None, sets: dict[str, Any] | None = None) -> T:
+    """Resolve a config: dataclass defaults <- YAML file (optionally one top-level section) <- overrides <- sets.
 
     Overrides use dotted keys (``{"lora.r": 4}``) and ``None`` values are ignored, so unset CLI flags keep
-    the file's values.
+    the file's values; ``sets`` (the flags generated from the config, ``--set``) are applied last and a ``None``
+    there really sets ``None``.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -309,7 +310,8 @@ def load_config(cls: type[T], *, path: str | Path | None = None, section: str | 
             raise ConfigError(f"{path}: section '{section}' must be a mapping of settings (indented key: value "
                               f"lines), got {values[section]!r}")
     try:
-        return build_dataclass(cls, apply_overrides(values, overrides), cls.__name__)
+        values = apply_overrides(apply_overrides(values, overrides), sets, skip_none=False)
+        return build_dataclass(cls, values, cls.__name__)
     except ConfigError as exc:
         if path is None:
             raise
