@@ -46,12 +46,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from textdistill.artifacts import machine_description, read_json
+    from textdistill.distill import read_distilled_rows
     from textdistill.models import load_model, load_tokenizer
 
     runs = []
     for folder in map(Path, args.runs):
         summary = read_json(folder / "summary.json")
-        rows = [json.loads(x) for x in (folder / "distilled.jsonl").read_text().splitlines() if x.strip()]
+        rows = read_distilled_rows(folder)
         runs.append((folder, summary, rows, read_json(folder / "run.json")["config"]))
     perplexity: dict[tuple[str, str], float] = {}
     for name in ("smollm2-135m", "gemma3-270m"):

@@ -11,7 +11,7 @@ import torch
 
 from textdistill.artifacts import load_tensors, read_json
 from textdistill.config import DataSettings, LoraSettings, TrainConfig
-from textdistill.distill import (DistillConfig, RegularizerSettings, Swap, TokenSearchSettings, distill,
+from textdistill.distill import (DistillConfig, read_distilled_rows, RegularizerSettings, Swap, TokenSearchSettings, distill,
                                  sample_swaps, top_k_swaps)
 from textdistill.errors import ConfigError, TrainingError, TrajectoryError
 from textdistill.experts import ExpertsConfig, load_experts, make_experts
@@ -43,7 +43,7 @@ def gcg_run(tmp_path_factory, experts_dir):
 
 
 def _rows(out):
-    return [json.loads(line) for line in (out / "distilled.jsonl").read_text().splitlines()]
+    return read_distilled_rows(out)
 
 
 def _metrics(out):
@@ -55,7 +55,9 @@ def test_run_folder_dataset_and_summary(gcg_run):
     import datasets
 
     table = datasets.load_dataset("json", data_files=str(out / "distilled.jsonl"), split="train")
-    assert len(table) == 4 and {"prompt", "response", "prompt_token_ids", "changed_positions"} <= set(table.column_names)
+    assert len(table) == 4 and set(table.column_names) == {"prompt", "response"}   # only what a user trains on
+    diagnostics = datasets.load_dataset("json", data_files=str(out / "diagnostics.jsonl"), split="train")
+    assert {"index", "prompt_token_ids", "changed_positions", "marked_prompt"} <= set(diagnostics.column_names)
     assert [m["iteration"] for m in _metrics(out)] == list(range(1, 7))
     assert read_json(out / "run.json")["config"]["mode"] == "gcg"
     heldout = summary["heldout"]
@@ -411,7 +413,7 @@ def test_distilled_set_exports_as_a_datasets_folder(gcg_run, tmp_path):
     saved = tmp_path / "distilled"
     assert main(["export", "--distilled", str(out), "--output", str(saved)]) == 0
     table = datasets.load_from_disk(str(saved))
-    assert table.to_list() == _rows(out)
+    assert table.to_list() == [{"prompt": r["prompt"], "response": r["response"]} for r in _rows(out)]
     assert [e.prompt for e in load_examples(str(saved))] == [r["prompt"] for r in _rows(out)]
 
 

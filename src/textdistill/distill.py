@@ -28,7 +28,8 @@ Run folder::
     state.json            checkpoint: iteration and a fingerprint of the settings (resume refuses other settings)
     metrics.jsonl         one row per iteration
     samples.jsonl         decoded prompts every few iterations
-    distilled.jsonl       the text dataset (prompt, response, token ids, which tokens changed)
+    distilled.jsonl       the text dataset: prompt and response, nothing else
+    diagnostics.jsonl     per row: token ids before and after, which tokens changed, the marked prompt, the source
     embeddings.safetensors  the final prompt vectors and learning rate
     heldout.json          the instrument: every scored set's loss per held-out draw, and the paired differences
     summary.json, README.md (dataset card)
@@ -52,7 +53,7 @@ from tqdm.auto import tqdm
 from .artifacts import (atomic_write_json, atomic_write_text, exclusive, load_tensors, read_json, save_tensors,
                         sha256_json, write_jsonl, write_run_info)
 from .data import Example, TokenizedExample, scaffold_mask, stable_token_ids, uses_bos
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, DataError, TrainingError
 from .instrument import (Draw, InstrumentConfig, SampleSet, ScoreCache, Scorer, StudentSettings, heldout_report,
                          load_pool, load_student_model, make_draws, resolve_student, sample_minibatches,
                          tokenize_for_experts)
@@ -68,6 +69,7 @@ INIT_SEED_OFFSET = 1_000_003
 # the fixed confirmation draws of search.confirm_draws (the same number as NULL_SEED_OFFSET, but it seeds another
 # generator: a torch.Generator of draws, not the random subsets' indices; kept, so committed runs replay exactly)
 CONFIRM_SEED_OFFSET = 2_000_003
+DIAGNOSTICS_FILE = "diagnostics.jsonl"
 MAX_FAULTS_IN_A_ROW = 3            # consecutive iterations skipped for NaN/inf before the run stops
 NULL_SEED_OFFSET = 2_000_003
 #: Training draws on which the student lr is line-searched (``student.lr_grid``), and their seed offset.
@@ -931,7 +933,9 @@ def _final_ids(context: _Context, synthetic: SyntheticSet) -> tuple[Tensor, Tens
 
 def _write_dataset(output: Path, context: _Context, synthetic: SyntheticSet, lr: float,
                    examples: Sequence[Example]) -> list[dict[str, Any]]:
-    """Write ``distilled.jsonl`` (the text a user trains on, plus what changed) and ``embeddings.safetensors``."""
+    """Write ``distilled.jsonl`` (the text a user trains on: prompt and response only), ``diagnostics.jsonl`` (per
+    row, what changed: token ids before and after, changed positions, the marked prompt, the source row) and
+    ``embeddings.safetensors``; return the rows with their diagnostics."""
     tokenizer = context.tokenizer
     ids, distances = _final_ids(context, synthetic)
     rows = []
@@ -956,12 +960,31 @@ def _write_dataset(output: Path, context: _Context, synthetic: SyntheticSet, lr:
         if distances is not None:
             row["token_distance"] = [round(float(d), 5) for d in distances[i, first:length]]
         rows.append(row)
-    write_jsonl(output / "distilled.jsonl", rows)
+    # the diagnostics go in a file of their own, so that the dataset holds only what a user trains on
+    write_jsonl(output / DIAGNOSTICS_FILE, [{"index": i, **row} for i, row in enumerate(rows)])
+    write_jsonl(output / "distilled.jsonl", [{"prompt": r["prompt"], "response": r["response"]} for r in rows])
     save_tensors(output / "embeddings.safetensors", {
         "prompt_embeds": synthetic.prompt_embeds.detach(), "prompt_lengths": synthetic.prompt_lengths,
         "fixed_prefix": synthetic.fixed_prefix, "learnable": synthetic.learnable,
         "response_ids": synthetic.response_ids, "response_lengths": synthetic.response_lengths,
         "lr": torch.tensor(lr)}, metadata={"format": "textdistill.synthetic/2"})
+    return rows
+
+
+def read_distilled_rows(folder: str | Path) -> list[dict[str, Any]]:
+    """The rows of a distillation run folder with their diagnostics: ``distilled.jsonl`` (prompt, response) merged
+    row by row with ``diagnostics.jsonl``. Runs made before the two were split kept everything in
+    ``distilled.jsonl``."""
+    folder = Path(folder)
+    read = lambda path: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()  # noqa: E731
+                         if line.strip()]
+    rows = read(folder / "distilled.jsonl")
+    if (folder / DIAGNOSTICS_FILE).is_file():
+        diagnostics = read(folder / DIAGNOSTICS_FILE)
+        if len(diagnostics) != len(rows):
+            raise DataError(f"{folder}: {DIAGNOSTICS_FILE} has {len(diagnostics)} rows, distilled.jsonl {len(rows)}; "
+                            f"the run's output was changed: distil again")
+        rows = [{**extra, **row} for row, extra in zip(rows, diagnostics)]
     return rows
 
 
@@ -1038,8 +1061,9 @@ def _dataset_card(summary: dict[str, Any], config: DistillConfig, manifest: dict
         f"r={manifest['lora']['r']} on {', '.join(manifest['lora']['target_modules'])}).", "",
         f"Each row is a real response after a prompt learned by `{config.mode}` (started from "
         f"{config.init} pool rows; template scaffolding frozen: {config.freeze_scaffold}). Load it with "
-        "`datasets.load_dataset(\"json\", data_files=\"distilled.jsonl\")`; the fields other than `prompt` and "
-        "`response` are diagnostics.", "",
+        "`datasets.load_dataset(\"json\", data_files=\"distilled.jsonl\")`: it holds `prompt` and `response` "
+        "only; what changed in each row (token ids before and after, the marked prompt, the source row) is in "
+        "`diagnostics.jsonl`, row by row.", "",
         "| what | value |", "|---|---|",
         f"| budget | {config.budget} ({summary['samples']} samples) |",
         f"| mode, iterations | {config.mode}, {summary['iterations']} |",

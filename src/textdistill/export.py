@@ -117,8 +117,9 @@ def save_distilled_dataset(run_folder: str | Path, output: str | Path) -> Path:
     rows = []
     try:
         for lineno, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                rows.append(json.loads(line))
+            if line.strip():   # the data a user trains on (runs made before diagnostics.jsonl had both)
+                row = json.loads(line)
+                rows.append({"prompt": row["prompt"], "response": row["response"]})
     except json.JSONDecodeError as exc:
         raise DataError(f"{source}:{lineno}: malformed JSON line ({exc.msg}); the run's output was changed or cut "
                         f"short: distil again") from None

@@ -138,7 +138,9 @@ def distillation_summary(folder: Path, samples: int = 3) -> list[str]:
         lines.append("")
     data_file = folder / "distilled.jsonl"
     if data_file.is_file() and samples:
-        rows = [json.loads(x) for x in data_file.read_text().splitlines() if x.strip()]
+        from .distill import read_distilled_rows
+
+        rows = read_distilled_rows(folder)
         rows = sorted(rows, key=lambda r: -len(r.get("changed_positions", [])))[:samples]
         lines += ["Prompts after distillation (`[old->new]` marks a changed token):", ""]
         for row in rows:
@@ -253,10 +255,11 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
         metrics_file = folder / "metrics.jsonl"
         if metrics_file.is_file():
             runs[folder.name] = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
-        data_file = folder / "distilled.jsonl"
-        if data_file.is_file():
-            for line in data_file.read_text().splitlines():
-                distances.extend(json.loads(line).get("token_distance", []))
+        if (folder / "distilled.jsonl").is_file():
+            from .distill import read_distilled_rows
+
+            for row in read_distilled_rows(folder):
+                distances.extend(row.get("token_distance", []))
     if runs:
         atomic_write_bytes(root / "matching_loss.png", plot_matching_loss(runs))
         lines += ["## Distillation", ""]
