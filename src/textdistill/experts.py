@@ -183,12 +183,10 @@ def _make_experts(*, model_name: str, data: str, output: str | Path, config: Exp
     write_run_info(output, command="experts", config=config,
                    seeds={f"expert_{e}": recipe.seed + e for e in range(config.num_experts)},
                    extra={"model": model_name, "data": data})
-    initial_state = {k: v.clone() for k, v in base.state_dict().items()}
     for expert in range(config.num_experts):
         folder = output / f"expert_{expert:02d}"
         if _finished(folder, steps[-1]):
             continue
-        base.load_state_dict(initial_state)
         torch.manual_seed(recipe.seed + expert)  # LoRA A initialisation differs per expert
         model = add_lora(base, recipe.lora)
         wanted = set(steps)
@@ -209,7 +207,9 @@ def _make_experts(*, model_name: str, data: str, output: str | Path, config: Exp
         manifest["experts"] = [e for e in manifest["experts"] if e["index"] != expert] + [{
             "index": expert, "seed": recipe.seed + expert, "folder": folder.name, "seconds": round(time.time() - start, 1),
             "first_loss": result.losses[0], "last_loss": result.losses[-1], "precision": result.precision}]
-        base = model.unload()  # drop the LoRA layers: the next expert starts from the untouched base
+        # drop the LoRA layers: the next expert starts from the base, which training never changed (it is frozen),
+        # so nothing but the LoRA tensors is ever copied (a copy of a 7B base would double its memory)
+        base = model.unload()
         atomic_write_json(manifest_path, manifest)
         checkpointer.remove()   # only now: the expert counts as finished once its last snapshot is written
     atomic_write_json(manifest_path, manifest)
