@@ -309,3 +309,23 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tiny_llama_dir, tmp_
     train(model_name=str(tiny_llama_dir), data=str(data), output=out, progress=False,
           config=TrainConfig(max_steps=1, batch_size=4))   # free again
     assert (out / "summary.json").is_file()
+
+
+def test_a_bf16_base_trains_fp32_lora_and_bad_dtypes_are_refused(tiny_llama_dir):
+    from textdistill.errors import ConfigError
+    from textdistill.training import train_on_examples
+
+    config = TrainConfig(lr=5e-3, max_steps=6, batch_size=4, warmup_ratio=0.0, schedule="constant", dtype="bf16",
+                         lora=LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    model, _, result = train_on_examples(model_name=str(tiny_llama_dir), examples=_examples(), config=config,
+                                         device="cpu", progress=False)
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())   # fp32 master copies of what trains
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)       # half the memory for the base
+    assert all(math.isfinite(x) for x in result.losses) and result.losses[-1] < result.losses[0]
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        train_on_examples(model_name=str(tiny_llama_dir), examples=_examples(), device="cpu", progress=False,
+                          config=TrainConfig(max_steps=1, dtype="fp16"))
+    with pytest.raises(ConfigError, match="full fine-tuning keeps fp32"):
+        TrainConfig(method="full", dtype="bf16")

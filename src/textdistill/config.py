@@ -86,8 +86,13 @@ class TrainConfig:
     # bf16 autocast or fp32; auto = bf16 where it is fast (CUDA with bf16, CPUs with AMX), fp32 elsewhere (see
     # models.native_bf16: on AVX2-only CPUs bf16 is emulated, ~20x slower; with AVX512-BF16 alone it was 1.7x slower)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # weights of the frozen base model (None: fp32); LoRA tensors stay fp32, peft's master copies (fp16: GPU only)
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
 
     def __post_init__(self) -> None:
+        if self.dtype not in (None, "fp32") and self.method == "full":
+            raise ConfigError(f"dtype {self.dtype} applies to the frozen base of a LoRA recipe; full fine-tuning "
+                              f"keeps fp32 weights (leave dtype unset)")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.batch_size <= 0 or self.grad_accum <= 0:

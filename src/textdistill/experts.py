@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import load_examples, tokenize_examples
 from .errors import ConfigError, TrajectoryError
 from .models import ModelIdentity, add_lora, load_model, load_tokenizer, model_identity
-from .training import planned_steps, train_model
+from .training import base_dtype, planned_steps, train_model
 from .unroll import lora_parameters
 
 MANIFEST_VERSION = 1
@@ -112,6 +112,12 @@ _RESUME_KEYS = ("model", "lora", "pool_sha256", "snapshot_steps", "optimizer", "
                 "base_seed", "data_settings")
 
 
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def _finished(folder: Path, last_step: int) -> bool:
     """Whether an expert run finished: its last snapshot exists and its checkpoint, removed last (after the data
     order and the manifest), is gone."""
@@ -156,7 +162,7 @@ def _make_experts(*, model_name: str, data: str, output: str | Path, config: Exp
     pool_hash = sha256_json([[e.prompt, e.response] for e in examples])
     output.mkdir(parents=True, exist_ok=True)
     manifest_path = output / "manifest.json"
-    base = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa",
+    base = load_model(model_name, dtype=base_dtype(recipe, device), device=device, attn_implementation="sdpa",
                       trust_remote_code=trust_remote_code)
     identity = model_identity(model_name, base, tokenizer)
     manifest = {
@@ -172,7 +178,8 @@ def _make_experts(*, model_name: str, data: str, output: str | Path, config: Exp
     if manifest_path.is_file():
         previous = read_json(manifest_path)
         for key in _RESUME_KEYS:
-            if previous.get(key) != manifest.get(key):
+            # options added later with a None default (recipe.dtype) are absent from older manifests
+            if _without_none(previous.get(key)) != _without_none(manifest.get(key)):
                 raise TrajectoryError(f"{output} holds experts made with a different '{key}'; "
                                       f"use another --output or delete it")
         manifest["experts"] = previous.get("experts", [])

@@ -57,7 +57,7 @@ from .data import (TASKS, Example, TokenizedExample, get_task, item_to_example, 
 from .errors import ConfigError, DataError, TrainingError
 from .models import add_lora, load_model, load_tokenizer, resolve_device, resolve_model_path
 from .selection import random_indices, reselect, resolve_budget, top_indices, write_selection
-from .training import collate, lr_multiplier, planned_steps, train_model
+from .training import base_dtype, collate, lr_multiplier, planned_steps, train_model
 
 IGNORE_INDEX = -100
 METHODS = ("random", "less")
@@ -643,7 +643,7 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
 
     # --- model work starts here
     target_device = resolve_device(device)
-    base = load_model(model_name, dtype="fp32", device=target_device, attn_implementation="eager",
+    base = load_model(model_name, dtype=base_dtype(recipe, device), device=target_device, attn_implementation="eager",
                       trust_remote_code=trust_remote_code)
     torch.manual_seed(seed)
     net = add_lora(base, recipe.lora)

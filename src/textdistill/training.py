@@ -233,6 +233,17 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
                        batch_indices=batch_indices, examples=len(examples))
 
 
+def base_dtype(config: TrainConfig, device: str) -> str:
+    """The dtype the recipe loads the frozen base model in: ``config.dtype`` (fp32 when unset); fp16 only on a GPU
+    (CPU kernels for fp16 are slow or missing)."""
+    from .models import resolve_device
+
+    dtype = config.dtype or "fp32"
+    if dtype == "fp16" and resolve_device(device).type == "cpu":
+        raise ConfigError("dtype fp16 needs a GPU; use bf16 or fp32 on a CPU")
+    return dtype
+
+
 def train_on_examples(*, model_name: str, examples: Sequence[Any], config: TrainConfig, device: str = "auto",
                       trust_remote_code: bool = False, progress: bool = True,
                       metrics_log: list[dict[str, Any]] | None = None,
@@ -244,8 +255,8 @@ def train_on_examples(*, model_name: str, examples: Sequence[Any], config: Train
     tokenizer = tokenizer or load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     tokenized = tokenize_examples(tokenizer, examples, max_length=config.data.max_length,
                                   append_eos=config.data.append_eos)
-    model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa",
-                       trust_remote_code=trust_remote_code)
+    model = load_model(model_name, dtype=base_dtype(config, device), device=device,
+                       attn_implementation="sdpa", trust_remote_code=trust_remote_code)
     torch.manual_seed(config.seed)  # the LoRA initialisation follows the recipe's seed, not the RNG's history
     if config.method == "lora":
         model = add_lora(model, config.lora)
@@ -269,8 +280,8 @@ def train_on_embeddings(*, model_name: str, embeddings: str | Path, config: Trai
 
     tensors = load_tensors(embeddings)
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
-    model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa",
-                       trust_remote_code=trust_remote_code)
+    model = load_model(model_name, dtype=base_dtype(config, device), device=device,
+                       attn_implementation="sdpa", trust_remote_code=trust_remote_code)
     hidden = model.get_input_embeddings().weight.shape[1]
     if tensors["prompt_embeds"].shape[-1] != hidden:
         raise ConfigError(f"{embeddings} holds vectors of width {tensors['prompt_embeds'].shape[-1]}, model "
