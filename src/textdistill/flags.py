@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import types
 import typing
 from typing import Any
 
@@ -74,8 +75,17 @@ def config_fields(cls: type, default: Any = None, prefix: str = "") -> list[tupl
 
 
 def _type_name(tp: Any) -> str:
-    text = str(tp).replace("typing.", "")
-    return re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    """A short metavar: ``{a,b}`` for a Literal, ``list`` for a tuple or list, ``X | null`` for an optional X."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if origin in (typing.Union, types.UnionType):
+        kept = [a for a in args if a is not type(None)]
+        name = " | ".join(_type_name(a) for a in kept)
+        return f"{name} | null" if len(kept) < len(args) else name
+    if origin in (tuple, list):
+        return "list"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _yaml_value(text: str) -> Any:
