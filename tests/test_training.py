@@ -262,6 +262,10 @@ def test_a_checkpoint_of_other_settings_is_refused(tiny_llama_dir, tmp_path):
     with pytest.raises(ConfigError, match="other settings"):
         _resumable_run(tiny_llama_dir, TrainCheckpointer(tmp_path, fingerprint={"lr": 2}, every_steps=1,
                                                          every_seconds=None))
+    # an owner of the folder (an experiment cell) discards a stale checkpoint instead, and keeps a current one
+    assert not TrainCheckpointer(tmp_path, fingerprint={"lr": 1}).discard_if_stale()
+    assert TrainCheckpointer(tmp_path, fingerprint={"lr": 2}).discard_if_stale()
+    assert not (tmp_path / "state.json").exists()
 
 
 def test_train_resume_refusals_and_a_finished_run(tiny_llama_dir, tmp_path):

@@ -85,6 +85,14 @@ class TrainCheckpointer:
     def exists(self) -> bool:
         return (self.folder / STATE_FILE).is_file()
 
+    def discard_if_stale(self) -> bool:
+        """Remove a checkpoint made with another fingerprint (for callers that own the folder, like an experiment
+        cell redone with other settings, where refusing would stop the whole run); True when one was removed."""
+        if self.exists and read_json(self.folder / STATE_FILE).get("fingerprint") != self.fingerprint:
+            self.remove()
+            return True
+        return False
+
     def due(self, step: int) -> bool:
         """Whether a checkpoint should be written after optimizer step ``step``."""
         if self.every_steps is not None and step % self.every_steps == 0:

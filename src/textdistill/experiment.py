@@ -408,10 +408,12 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
     def checkpointer(data_key: str) -> TrainCheckpointer | None:
         if checkpoint_dir is None:
             return None
-        return TrainCheckpointer(checkpoint_dir, every_seconds=stages.checkpoint_seconds,
-                                 every_steps=stages.checkpoint_every,
-                                 fingerprint={"cell": cell_key(config, method), "model": model_name, "seed": seed,
-                                              "data": data_key})
+        checkpointer = TrainCheckpointer(checkpoint_dir, every_seconds=stages.checkpoint_seconds,
+                                         every_steps=stages.checkpoint_every,
+                                         fingerprint={"cell": cell_key(config, method), "model": model_name,
+                                                      "seed": seed, "data": data_key})
+        checkpointer.discard_if_stale()   # an interrupted run of this cell under other settings: start over
+        return checkpointer
 
     row: dict[str, Any] = {"model": model_name, "method": method, "budget": budget if method not in ("base",) else "",
                            "seed": seed if seed is not None else "", "task": f"{config.target.task}:{config.target.split}"}
