@@ -102,10 +102,10 @@ def autocast_context(precision: str, device: str | torch.device | None = "auto")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``auto`` picks CUDA when available (this rank's GPU under torchrun / accelerate launch), else CPU."""
+    from .distributed import local_device
+
+    return local_device(device)
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -1,0 +1,149 @@
+"""Several processes through torch.distributed, launched by ``torchrun`` or ``accelerate launch``.
+
+Both launchers start one process per device and describe it in the environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); :func:`init` reads it and joins the process group: NCCL when
+the rank has a CUDA device, gloo on CPU (gloo also lets the tests run several processes on one machine). Without
+a launcher (``WORLD_SIZE`` unset or 1) every function here is a no-op on one process, so the stages call them
+unconditionally.
+
+How each stage uses the ranks (the stage's module says the details):
+
+* experts: expert ``i`` runs on rank ``i % world``; rank 0 writes the manifest after a barrier;
+* train: each rank computes the gradients of its share of every batch; they are summed (all-reduce), so the
+  adapter is that of one process, to float tolerance;
+* eval: each rank scores its share of the questions; rank 0 gathers them and writes the results;
+* distill: every rank draws the same segments and computes the meta-gradient of its share of them; meta-gradients
+  and candidate losses are summed, so every rank holds the same synthetic set; rank 0 writes the run folder;
+* LESS: the gradient features of the pool are sharded by rows and gathered on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_gather_objects", "all_reduce_sum", "barrier", "broadcast_object", "init", "is_launched", "is_main",
+           "local_device", "main_first", "merge_shards", "rank", "shard_indices", "world_size"]
+
+T = TypeVar("T")
+
+
+def is_launched() -> bool:
+    """Whether this process was started by a launcher with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def local_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The device of this rank: ``auto`` is ``cuda:LOCAL_RANK`` when CUDA is there, else the CPU; an explicit
+    device is kept (``cuda`` alone means this rank's GPU)."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None or device == "auto":
+        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and is_launched():
+        return torch.device(f"cuda:{local}")
+    return device
+
+
+def init(device: str | torch.device | None = "auto", *, timeout_minutes: float = 60.0) -> torch.device:
+    """Join the process group when launched with several processes (idempotent) and return this rank's device.
+
+    NCCL for CUDA devices, gloo otherwise. Without a launcher nothing is initialised."""
+    target = local_device(device)
+    if is_launched() and dist.is_available() and not dist.is_initialized():
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
+        backend = "nccl" if target.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return target
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes shared files (rank 0)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op on one process)."""
+    if _active():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. writes a cache), the others after it (and read what it wrote)."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def shard_indices(count: int) -> list[int]:
+    """This rank's share of ``range(count)``: every ``world``-th index from ``rank`` (balanced to within one)."""
+    return list(range(rank(), count, world_size()))
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks in place (and return it); unchanged on one process.
+
+    gloo reduces only CPU tensors and NCCL only CUDA ones, so the tensor travels to the group's device and back."""
+    if not _active():
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buffer = tensor.detach().to(device)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    with torch.no_grad():
+        tensor.copy_(buffer)
+    return tensor
+
+
+def all_gather_objects(value: T) -> list[T]:
+    """Every rank's ``value`` (picklable, small), in rank order, on every rank; ``[value]`` on one process."""
+    if not _active():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast_object(value: T, src: int = 0) -> T:
+    """Rank ``src``'s ``value`` on every rank."""
+    if not _active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def merge_shards(shards: Sequence[Sequence[T]], count: int) -> list[T]:
+    """Undo :func:`shard_indices`: rank r's list holds items r, r + world, ...; returns the ``count`` items in
+    order."""
+    world = len(shards)
+    out: list[Any] = [None] * count
+    for r, items in enumerate(shards):
+        for j, item in enumerate(items):
+            out[r + j * world] = item
+    return out
