@@ -37,6 +37,7 @@ Run folder::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -50,6 +51,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .artifacts import (atomic_write_json, atomic_write_text, exclusive, load_tensors, read_json, save_tensors,
                         sha256_json, write_jsonl, write_run_info)
 from .data import Example, TokenizedExample, scaffold_mask, stable_token_ids, uses_bos
@@ -137,6 +139,9 @@ class DistillConfig:
     lr_embeddings: float = 1e-3
     lr_lr: float = 1e-2  # Adam on log(student lr); 0 keeps the student lr fixed
     recompute: bool = False  # exact constant-memory backward through the unroll
+    # expert segments matched per iteration (the mean of their losses); None: one per process, so that under
+    # torchrun / accelerate launch each rank draws its own (an explicit number is shared out over the ranks)
+    segments: int | None = None
     regularizer: RegularizerSettings = field(default_factory=RegularizerSettings)
     search: TokenSearchSettings = field(default_factory=TokenSearchSettings)
     projection_metric: Literal["cosine", "l2"] = "cosine"
@@ -152,6 +157,8 @@ class DistillConfig:
         for name in ("iterations", "checkpoint_every", "sample_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.segments is not None and self.segments <= 0:
+            raise ConfigError(f"segments must be positive (or null: one per process), got {self.segments}")
         if self.lr_embeddings <= 0 or self.lr_lr < 0:
             raise ConfigError(f"lr_embeddings must be > 0 and lr_lr >= 0, got {self.lr_embeddings}, {self.lr_lr}")
         if self.init == "selection" and not self.selection:
@@ -433,6 +440,7 @@ class _Context:
     special: list[int]
     train_experts: list[int]
     autocast: Any
+    segments: int = 1               # expert segments per iteration, over all ranks
     confirm_draws: list[Draw] = field(default_factory=list)   # search.confirm_draws fixed training draws
 
 
@@ -457,6 +465,38 @@ def _draw(context: _Context, count: int, generator: torch.Generator, include: Se
     return Draw(expert, start, tuple(tuple(b) for b in batches))
 
 
+def _draws(context: _Context, count: int, generator: torch.Generator) -> list[Draw]:
+    """The iteration's training draws, one per segment. Every rank makes all of them from the same generator (so
+    all agree on them and on the generator's state) and later works on its share (:func:`distributed.shard_indices`)."""
+    return [_draw(context, count, generator) for _ in range(context.segments)]
+
+
+def _sum_over_ranks(values: Sequence[float]) -> list[float]:
+    """Each value summed over the ranks (float64); the values themselves on one process."""
+    if distributed.world_size() == 1:
+        return list(values)
+    return distributed.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def _reduce_grads(*params: Tensor) -> None:
+    """Sum the gradients of ``params`` over the ranks (a rank that used no segment contributes zeros), so that
+    every rank takes the same optimizer step."""
+    if distributed.world_size() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        distributed.all_reduce_sum(p.grad)
+
+
+def _segments_record(draws: Sequence[Draw]) -> dict[str, Any]:
+    """The draws' experts and starts for metrics.jsonl (the first one's as before; all of them when several)."""
+    record: dict[str, Any] = {"expert": draws[0].expert, "start": draws[0].start}
+    if len(draws) > 1:
+        record["segments"] = [[d.expert, d.start] for d in draws]
+    return record
+
+
 def _meta_loss(context: _Context, synthetic: SyntheticSet, prompts: Tensor, draw: Draw, lr: Tensor) -> Tensor:
     """The matching loss of a draw, differentiable w.r.t. ``prompts`` (S, P_max, H) and ``lr`` (through every
     student step)."""
@@ -472,17 +512,44 @@ def _finite(*values: Tensor | None) -> bool:
     return all(v is None or bool(torch.isfinite(v).all()) for v in values)
 
 
-def _fault(reason: str, draw: Draw, lr: Tensor) -> dict[str, Any]:
+def _fault(reason: str, draws: Sequence[Draw], lr: Tensor) -> dict[str, Any]:
     """The record of an iteration skipped for a numerical fault: nothing was changed by it (``matching_loss`` is
     None, so that metrics.jsonl stays strict JSON)."""
-    return {"matching_loss": None, "lr": lr.item(), "expert": draw.expert, "start": draw.start, "fault": reason,
-            "accepted": False}
+    return {"matching_loss": None, "lr": lr.item(), **_segments_record(draws), "fault": reason, "accepted": False}
+
+
+def _accumulate_meta_gradient(context: _Context, synthetic: SyntheticSet, draws: Sequence[Draw], log_lr: Tensor,
+                              prompt_leaf: Tensor, prompts_of: Any, extra_loss: Any = None) -> tuple[float, str | None]:
+    """Backward of the mean matching loss over ``draws``, this rank's share of them, one segment at a time (one
+    unroll graph alive at once); ``prompts_of()`` rebuilds the (S, P_max, H) prompts fed in (their graph is freed
+    by each backward) from ``prompt_leaf`` and ``extra_loss(prompts)`` (the regularizer) is added once, on rank 0.
+    The gradients of ``prompt_leaf`` and ``log_lr`` are then summed over the ranks. Returns the mean matching loss over all draws and a fault reason (the same on every
+    rank), or None."""
+    share = distributed.shard_indices(len(draws))
+    match_sum, fault = 0.0, None
+    for j, d in enumerate(share):
+        lr = log_lr.exp()
+        prompts = prompts_of()
+        match = _meta_loss(context, synthetic, prompts, draws[d], lr)
+        loss = match / len(draws)
+        if j == 0 and extra_loss is not None:
+            loss = loss + extra_loss(prompts)
+        if not _finite(loss):
+            fault = f"non-finite distillation loss ({loss.item()})"
+            break
+        loss.backward()
+        match_sum += match.item()
+    match_total, faults = _sum_over_ranks([match_sum, float(fault is not None)])
+    if faults and fault is None:
+        fault = "non-finite distillation loss on another rank"
+    _reduce_grads(prompt_leaf, log_lr)
+    return match_total / len(draws), fault
 
 
 def _gradient_iteration(context: _Context, loop: _Loop, iteration: int, nearest: dict[str, Tensor]) -> dict[str, Any]:
-    """One Adam step of the continuous or straight-through modes."""
+    """One Adam step of the continuous or straight-through modes (on the mean loss of the iteration's segments)."""
     config, synthetic = context.config, loop.synthetic
-    draw = _draw(context, len(synthetic.prompt_lengths), loop.generator)
+    draws = _draws(context, len(synthetic.prompt_lengths), loop.generator)
     reg = config.regularizer
     if "ids" not in nearest or (iteration - 1) % reg.refresh_every == 0:
         nearest["ids"], nearest["distances"] = nearest_tokens(synthetic.prompt_embeds.detach(), context.embed_matrix,
@@ -490,35 +557,44 @@ def _gradient_iteration(context: _Context, loop: _Loop, iteration: int, nearest:
     learnable = synthetic.learnable
     # positions that never learn keep their token (a frozen row's nearest token is itself unless rows coincide)
     nearest_ids = torch.where(learnable, nearest["ids"], synthetic.init_token_ids.clamp_min(0))
-    prompts = synthetic.prompt_embeds
-    if config.mode == "straight_through":
-        prompts = torch.where(learnable.unsqueeze(-1), straight_through(prompts, context.embed_matrix, nearest_ids),
-                              prompts)
-    lr = loop.log_lr.exp()
-    match = _meta_loss(context, synthetic, prompts, draw, lr)
-    loss = match
-    reg_value = torch.zeros((), dtype=match.dtype)
-    if config.mode == "continuous" and reg.weight > 0:
+
+    def prompts_of() -> Tensor:   # (S, P_max, H), rebuilt for every segment's backward
+        prompts = synthetic.prompt_embeds
+        if config.mode == "straight_through":
+            prompts = torch.where(learnable.unsqueeze(-1),
+                                  straight_through(prompts, context.embed_matrix, nearest_ids), prompts)
+        return prompts
+
+    reg_value = torch.zeros((), dtype=synthetic.prompt_embeds.dtype)
+
+    def regularizer(prompts: Tensor) -> Tensor:
+        nonlocal reg_value
         reg_value = neighbour_regularizer(prompts[learnable], context.embed_matrix, metric=reg.metric,
                                           nearest_ids=nearest_ids[learnable])
-        loss = loss + reg.weight * reg_value
+        return reg.weight * reg_value
+
+    use_regularizer = config.mode == "continuous" and reg.weight > 0 and distributed.is_main()
     loop.embed_optimizer.zero_grad(set_to_none=True)
     loop.lr_optimizer.zero_grad(set_to_none=True)
-    if not _finite(loss):
-        return _fault(f"non-finite distillation loss ({loss.item()})", draw, lr)
-    loss.backward()
-    if not _finite(synthetic.prompt_embeds.grad, loop.log_lr.grad):   # a finite loss can still have NaN gradients
+    match, fault = _accumulate_meta_gradient(context, synthetic, draws, loop.log_lr, synthetic.prompt_embeds,
+                                             prompts_of, regularizer if use_regularizer else None)
+    lr = loop.log_lr.exp()
+    if fault is None and not _finite(synthetic.prompt_embeds.grad, loop.log_lr.grad):
+        fault = "non-finite meta-gradient"   # a finite loss can still have NaN gradients
+    if fault is not None:
         loop.embed_optimizer.zero_grad(set_to_none=True)
         loop.lr_optimizer.zero_grad(set_to_none=True)
-        return _fault("non-finite meta-gradient", draw, lr)
+        return _fault(fault, draws, lr)
     with torch.no_grad():
         synthetic.prompt_embeds.grad.mul_(synthetic.trainable_mask())   # BOS, scaffolding and padding stay fixed
     loop.embed_optimizer.step()
     if config.lr_lr > 0:
         loop.lr_optimizer.step()
     synthetic.token_ids.copy_(torch.where(synthetic.init_token_ids >= 0, nearest_ids, synthetic.init_token_ids))
-    return {"matching_loss": match.item(), "regularizer": reg_value.item(), "lr": lr.item(), "expert": draw.expert,
-            "start": draw.start, "nearest_distance": float(nearest["distances"][learnable].mean())}
+    # the regularizer is computed on rank 0 only; its value is shared for the record
+    reg_shown = _sum_over_ranks([reg_value.item()])[0]
+    return {"matching_loss": match, "regularizer": reg_shown, "lr": lr.item(), **_segments_record(draws),
+            "nearest_distance": float(nearest["distances"][learnable].mean())}
 
 
 def _retokenizes(tokenizer: Any, ids: list[int]) -> bool:
@@ -547,29 +623,27 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
     if it lowers the loss there and on a second draw."""
     config, synthetic, search = context.config, loop.synthetic, context.config.search
     count = len(synthetic.prompt_lengths)
-    draw = _draw(context, count, loop.generator)
-    lr = loop.log_lr.exp()
+    draws = _draws(context, count, loop.generator)
     # meta-gradient at the exact token embeddings: (S, P_max, H), zero on padding
     ids = synthetic.token_ids
     exact = (context.embed_matrix[ids.clamp_min(0)] * (ids >= 0).unsqueeze(-1)).detach().requires_grad_(True)
-    match = _meta_loss(context, synthetic, exact, draw, lr)
     loop.lr_optimizer.zero_grad(set_to_none=True)
-    if not _finite(match):
-        return _fault(f"non-finite matching loss ({match.item()})", draw, lr)
-    match.backward()
-    if not _finite(exact.grad, loop.log_lr.grad):
+    match, fault = _accumulate_meta_gradient(context, synthetic, draws, loop.log_lr, exact, lambda: exact)
+    lr = loop.log_lr.exp()
+    if fault is None and not _finite(exact.grad, loop.log_lr.grad):
+        fault = "non-finite meta-gradient"
+    if fault is not None:
         loop.lr_optimizer.zero_grad(set_to_none=True)
-        return _fault("non-finite meta-gradient", draw, lr)
+        return _fault(fault, draws, lr)
     if config.lr_lr > 0:
         loop.lr_optimizer.step()
     grads = exact.grad.detach()
-    # eligible positions: learnable, in a sample the draw uses: (K, 2) = (sample, position)
-    used = sorted({i for b in draw.batches for i in b})
+    # eligible positions: learnable, in a sample some draw uses: (K, 2) = (sample, position)
+    used = sorted({i for draw in draws for b in draw.batches for i in b})
     in_draw = torch.zeros(count, dtype=torch.bool, device=grads.device)
     in_draw[used] = True
     positions = (synthetic.learnable & in_draw.unsqueeze(1)).nonzero()
-    record: dict[str, Any] = {"matching_loss": match.item(), "lr": lr.item(), "expert": draw.expert,
-                              "start": draw.start, "accepted": False}
+    record: dict[str, Any] = {"matching_loss": match, "lr": lr.item(), **_segments_record(draws), "accepted": False}
     if positions.numel() == 0:
         return record
     current = synthetic.token_ids[positions[:, 0], positions[:, 1]]
@@ -594,9 +668,10 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
     if not swaps:
         return record
     step_lr = float(lr.detach())
-    base_loss, losses, base = _score_proposals(context, synthetic, draw, [[swap] for swap in swaps], step_lr)
+    bases: dict[int, tuple[float, list[dict[str, Tensor]]]] = {}   # this rank's draws' unrolls of the current set
+    base_loss, losses = _score_on_draws(context, synthetic, draws, [[swap] for swap in swaps], step_lr, bases)
     if not math.isfinite(base_loss):
-        return {**record, **_fault(f"non-finite loss of the current set ({base_loss})", draw, lr)}
+        return {**record, **_fault(f"non-finite loss of the current set ({base_loss})", draws, lr)}
     losses = [loss if math.isfinite(loss) else math.inf for loss in losses]   # a diverged candidate never wins
     record["current_loss"] = base_loss
     ranked = sorted(zip(losses, range(len(swaps))))
@@ -608,7 +683,7 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
     # the improving swaps of distinct positions together: kept when they beat the best single swap
     combined = list({(w.sample, w.position): w for w in reversed(improving[:search.combine])}.values())
     if len(combined) > 1:
-        _, (together,), _ = _score_proposals(context, synthetic, draw, [combined], step_lr, base=base)
+        _, (together,) = _score_on_draws(context, synthetic, draws, [combined], step_lr, bases)
         record["combined_loss"] = together if math.isfinite(together) else None
         if together < proposal_loss:   # False for NaN
             proposal, proposal_loss = combined, together
@@ -618,9 +693,9 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
             confirm_base, confirm_loss = _score_on_fixed_draws(context, loop, proposal, step_lr)
         else:
             second = _draw(context, count, loop.generator, include=[w.sample for w in proposal])
-            confirm_base, (confirm_loss,), _ = _score_proposals(context, synthetic, second, [proposal], step_lr)
+            confirm_base, (confirm_loss,) = _score_on_draws(context, synthetic, [second], [proposal], step_lr, {})
         if not (math.isfinite(confirm_base) and math.isfinite(confirm_loss)):
-            return {**record, **_fault("non-finite loss on the confirmation draws", draw, lr)}
+            return {**record, **_fault("non-finite loss on the confirmation draws", draws, lr)}
         record.update({"confirm_current_loss": confirm_base, "confirm_candidate_loss": confirm_loss})
         if confirm_loss >= confirm_base:
             return record
@@ -638,18 +713,41 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
 
 
 def _score_on_fixed_draws(context: _Context, loop: _Loop, proposal: Sequence[Swap], lr: float) -> tuple[float, float]:
-    """Mean matching loss of the current set and of ``proposal`` over the fixed confirmation draws. A draw that
-    never uses the proposal's samples scores it as the current set (the swap changes nothing there)."""
-    current, candidate = [], []
+    """Mean matching loss of the current set and of ``proposal`` over the fixed confirmation draws (the current
+    set's unrolls are cached in ``loop.confirm_bases`` until the set or the lr changes)."""
     if any(key[1] != lr for key in loop.confirm_bases):   # a learned lr moved: the cached unrolls are stale
         loop.confirm_bases.clear()
-    for index, draw in enumerate(context.confirm_draws):
-        base = loop.confirm_bases.get((index, lr))
-        base_loss, (loss,), base = _score_proposals(context, loop.synthetic, draw, [proposal], lr, base=base)
-        loop.confirm_bases[(index, lr)] = base
-        current.append(base_loss)
-        candidate.append(base_loss if math.isinf(loss) else loss)
-    return sum(current) / len(current), sum(candidate) / len(candidate)
+    bases = {index: base for (index, _), base in loop.confirm_bases.items()}
+    current, (candidate,) = _score_on_draws(context, loop.synthetic, context.confirm_draws, [proposal], lr, bases,
+                                            unused_is_current=True)
+    loop.confirm_bases = {(index, lr): base for index, base in bases.items()}
+    return current, candidate
+
+
+def _score_on_draws(context: _Context, synthetic: SyntheticSet, draws: Sequence[Draw],
+                    proposals: Sequence[Sequence[Swap]], lr: float,
+                    bases: dict[int, tuple[float, list[dict[str, Tensor]]]], *,
+                    unused_is_current: bool = False) -> tuple[float, list[float]]:
+    """Mean matching loss over ``draws`` of the current set and of each proposal; each rank scores its share of
+    the draws and the sums are added over the ranks. On a draw that uses none of a proposal's samples the proposal
+    scores as the current set (the swap changes nothing there); a proposal no draw uses scores inf (or as the
+    current set, with ``unused_is_current``), and so does one whose loss is not finite. ``bases`` (draw index ->
+    the current set's unroll on it) is read and filled."""
+    base_sum, sums, uses = 0.0, [0.0] * len(proposals), [0.0] * len(proposals)
+    for d in distributed.shard_indices(len(draws)):
+        draw = draws[d]
+        base_loss, losses, bases[d] = _score_proposals(context, synthetic, draw, proposals, lr, base=bases.get(d))
+        base_sum += base_loss
+        for i, (proposal, loss) in enumerate(zip(proposals, losses)):
+            if any(draw.first_use(w.sample) is not None for w in proposal):
+                sums[i] += loss
+                uses[i] += 1
+            else:
+                sums[i] += base_loss
+    totals = _sum_over_ranks([base_sum, *sums, *uses])
+    n, k = len(draws), len(proposals)
+    means = [totals[1 + i] / n if totals[1 + k + i] > 0 or unused_is_current else math.inf for i in range(k)]
+    return totals[0] / n, [m if math.isfinite(m) else math.inf for m in means]
 
 
 def _score_proposals(context: _Context, synthetic: SyntheticSet, draw: Draw, proposals: Sequence[Sequence[Swap]],
@@ -696,8 +794,17 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
 
     ``compare`` names selection files (e.g. ``{"less": path}``) whose rows are scored on the same held-out draws.
     Returns the summary dict.
+
+    Under ``torchrun`` / ``accelerate launch`` every rank runs this with the same arguments: the ranks share out
+    each iteration's segments (``config.segments``, by default one per rank) and sum their meta-gradients and
+    candidate losses, so all hold the same synthetic set; rank 0 alone writes the run folder (which every rank must
+    be able to read, for ``resume``), scores the held-out instrument and returns the summary; the others return
+    ``{"rank": r}``.
     """
-    with exclusive(Path(output) / ".lock", f"the distillation run {output}"):
+    device = distributed.init(device)
+    lock = (exclusive(Path(output) / ".lock", f"the distillation run {output}") if distributed.is_main()
+            else contextlib.nullcontext())
+    with lock:
         return _distill(experts=experts, output=output, config=config, resume=resume, compare=compare, device=device,
                         progress=progress, trust_remote_code=trust_remote_code)
 
@@ -720,6 +827,8 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
         warnings.warn(f"{output} holds a finished distillation of {config.iterations} iterations; nothing to "
                       f"resume (raise 'iterations' to continue its search)", stacklevel=3)
         return read_json(output / "summary.json")
+    main = distributed.is_main()
+    progress = progress and main
     student = resolve_student(config.student, trajectories)
     train_experts, heldout_experts = trajectories.split(config.instrument.heldout_experts)
     dtype = resolve_dtype(config.dtype)
@@ -773,19 +882,23 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
             log_lr.fill_(math.log(student.lr))
     context = _Context(model=model, tokenizer=tokenizer, config=config, scorer=scorer, embed_matrix=embed_matrix,
                        allowed=allowed, special=special, train_experts=train_experts,
-                       autocast=autocast_context(precision, embed_matrix.device))
+                       autocast=autocast_context(precision, embed_matrix.device),
+                       segments=config.segments or distributed.world_size())
     if config.mode == "gcg" and config.search.confirm_draws:
         # from their own generator, so that they are the same on resume and do not shift the search's draws
         fixed = torch.Generator().manual_seed(config.seed + CONFIRM_SEED_OFFSET)
         context.confirm_draws = [_draw(context, count, fixed) for _ in range(config.search.confirm_draws)]
-    output.mkdir(parents=True, exist_ok=True)
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in dataclasses.asdict(config).items()
                 if k not in ("iterations", "checkpoint_every", "sample_every", "rerank_top_k", "projection_metric",
-                             "instrument")}
+                             "instrument", "segments")}
     if settings["search"]["confirm_draws"] is None:   # added later: runs made before it resume as they were
         del settings["search"]["confirm_draws"]
     identity = {"chosen": chosen, "experts": manifest.get("experts"), "pool": manifest["pool_sha256"],
                 "precision": precision}
+    if context.segments != 1:   # how many segments, not how they are shared out over ranks (runs of one resume)
+        identity["segments"] = context.segments
     # runs checkpointed before the selection's path left the fingerprint resume when given the same path
     legacy_fingerprint = sha256_json({"config": settings, **identity})
     # the selection's rows are fingerprinted ("chosen"), not how its path was written (relative, absolute, moved)
@@ -793,18 +906,19 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
     fingerprint = sha256_json({"config": settings, **identity})
     if resume:
         _load_checkpoint(output, loop, (fingerprint, legacy_fingerprint))
-    else:
+    elif main:
         write_run_info(output, command="distill", config=config, seeds={"seed": config.seed},
                        extra={"experts": str(experts), "model": manifest["model"]["name"], "budget_count": count,
                               "pool_size": len(examples), "precision": precision,
                               "student": dataclasses.asdict(student), "train_experts": train_experts,
-                              "heldout_experts": heldout_experts})
+                              "heldout_experts": heldout_experts, "segments": context.segments,
+                              "world_size": distributed.world_size()})
         atomic_write_json(output / "init.json", {"indices": chosen, "ids": [examples[i].id for i in chosen],
                                                  "init": config.init, "lr_search": lr_search})
         write_jsonl(output / "metrics.jsonl", [])
         write_jsonl(output / "samples.jsonl", [])
-    metrics = _read_jsonl(output / "metrics.jsonl", loop.iteration)
-    samples = _read_jsonl(output / "samples.jsonl", loop.iteration)
+    metrics = _read_jsonl(output / "metrics.jsonl", loop.iteration) if resume or main else []
+    samples = _read_jsonl(output / "samples.jsonl", loop.iteration) if resume or main else []
     learnable_count = int(synthetic.learnable.sum())
     nearest: dict[str, Tensor] = {}
     # seconds count on from a resumed run's last record, so that distill_seconds is the search's whole time
@@ -841,16 +955,19 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
             if iteration % config.sample_every == 0 or iteration == config.iterations:
                 samples.append({"iteration": iteration, "prompts": [
                     tokenizer.decode(synthetic.text_ids(i)) for i in range(min(3, count))]})
-            if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+            if main and (iteration % config.checkpoint_every == 0 or iteration == config.iterations):
                 write_jsonl(output / "metrics.jsonl", metrics)
                 write_jsonl(output / "samples.jsonl", samples)
                 _save_checkpoint(output, loop, fingerprint)
     except TrainingError:
-        write_jsonl(output / "metrics.jsonl", metrics)
-        write_jsonl(output / "samples.jsonl", samples)
+        if main:
+            write_jsonl(output / "metrics.jsonl", metrics)
+            write_jsonl(output / "samples.jsonl", samples)
         raise
     finally:
         bar.close()
+    if not main:   # every rank holds the same set; rank 0 writes it and scores the instrument alone
+        return {"rank": distributed.rank()}
     write_jsonl(output / "metrics.jsonl", metrics)
     distill_seconds = time.time() - start_time
     rows = _write_dataset(output, context, synthetic, loop.log_lr.exp().item(), [examples[i] for i in chosen])

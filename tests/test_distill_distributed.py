@@ -1,0 +1,91 @@
+"""Distillation over several processes (torchrun, gloo on CPU) equals one process over the same segments."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import torchrun
+from textdistill.artifacts import load_tensors
+from textdistill.config import DataSettings, LoraSettings, TrainConfig
+from textdistill.distill import DistillConfig, TokenSearchSettings, distill
+from textdistill.errors import ConfigError
+from textdistill.experts import ExpertsConfig, make_experts
+from textdistill.instrument import InstrumentConfig, StudentSettings
+
+RECIPE = TrainConfig(optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=0.0, max_steps=4, batch_size=4,
+                     max_grad_norm=None, precision="fp32", lora=LoraSettings(r=2, alpha=4),
+                     data=DataSettings(max_length=48, limit=12))
+# 3 segments over 2 ranks (2 + 1) and 3 confirmation draws: the shares are uneven on purpose
+CONFIGS = {
+    "gcg": DistillConfig(budget="4", iterations=4, segments=3, student=StudentSettings(syn_steps=2, batch_size=2),
+                         checkpoint_every=2, instrument=InstrumentConfig(draws=2, random_subsets=1, heldout_experts=1),
+                         search=TokenSearchSettings(top_k=16, candidates=4, confirm_draws=3)),
+    "continuous": DistillConfig(budget="4", iterations=4, segments=3, mode="continuous", lr_embeddings=1e-2,
+                                student=StudentSettings(syn_steps=2, batch_size=2), checkpoint_every=2,
+                                instrument=InstrumentConfig(draws=2, random_subsets=1, heldout_experts=1)),
+}
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[4])
+    from test_distill_distributed import CONFIGS
+    from textdistill import distributed
+    from textdistill.distill import distill
+    experts, out, mode = sys.argv[1:4]
+    result = distill(experts=experts, output=out, config=CONFIGS[mode], device="cpu", progress=False)
+    assert ("heldout" in result) == distributed.is_main(), result
+""")
+
+
+@pytest.fixture(scope="module")
+def experts_dir(tmp_path_factory, tiny_llama_dir):
+    out = tmp_path_factory.mktemp("experts")
+    make_experts(model_name=str(tiny_llama_dir), data="arc-easy:train", output=out, device="cpu", progress=False,
+                 config=ExpertsConfig(num_experts=3, snapshot_every=2, train=RECIPE))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["gcg", "continuous"])
+def test_two_ranks_equal_one_process_over_the_same_segments(tmp_path, experts_dir, mode):
+    config = CONFIGS[mode]
+    one = tmp_path / "one"
+    distill(experts=experts_dir, output=one, config=config, device="cpu", progress=False)
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    two = tmp_path / "two"
+    torchrun(script, experts_dir, two, mode, Path(__file__).parent, nproc=2, timeout=240)
+    a, b = load_tensors(one / "state.safetensors"), load_tensors(two / "state.safetensors")
+    assert torch.equal(a["token_ids"], b["token_ids"])
+    torch.testing.assert_close(b["prompt_embeds"], a["prompt_embeds"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b["log_lr"], a["log_lr"], rtol=1e-5, atol=1e-7)
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    assert [len(r["segments"]) for r in rows[0]] == [3] * 4
+    for x, y in zip(*rows):
+        assert x["segments"] == y["segments"] and x.get("accepted") == y.get("accepted")
+        assert y["matching_loss"] == pytest.approx(x["matching_loss"], rel=1e-5)
+    if mode == "gcg":
+        assert any(r["accepted"] for r in rows[0]), "no swap was accepted: the comparison shows nothing"
+    else:
+        assert float(a["embed_opt.0.step"]) == 4 and all(r["matching_loss"] is not None for r in rows[0])
+    run = json.loads((two / "run.json").read_text())
+    assert run["world_size"] == 2 and run["segments"] == 3
+    assert (two / "summary.json").is_file()   # rank 0 scored the instrument and wrote the folder
+
+
+def test_segments_must_be_positive():
+    with pytest.raises(ConfigError, match="segments must be positive"):
+        DistillConfig(segments=0)
+
+
+def test_a_run_resumes_only_with_its_number_of_segments(tmp_path, experts_dir):
+    config = dataclasses.replace(CONFIGS["gcg"], iterations=2, segments=2)
+    distill(experts=experts_dir, output=tmp_path, config=config, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="other settings"):
+        distill(experts=experts_dir, output=tmp_path, config=dataclasses.replace(config, iterations=3, segments=None),
+                resume=True, device="cpu", progress=False)
