@@ -45,3 +45,14 @@ def test_two_gloo_processes(tmp_path):
     torchrun(script, out, nproc=2, timeout=120)
     got = json.loads(out.read_text())
     assert got == {"world": 2, "device": "cpu", "total": [3.0, 20.0], "merged": [0, 1, 4, 9, 16], "seen": {"from": 0}}
+
+
+def test_independent_joins_no_group_under_a_launcher(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.is_launched()
+    with distributed.independent():
+        assert distributed.init("cpu") == torch.device("cpu")   # would block waiting for rank 0 otherwise
+    assert not dist.is_initialized() and distributed.world_size() == 1

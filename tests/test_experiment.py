@@ -343,3 +343,32 @@ def test_stages_made_by_another_package_version_or_stage_code_are_not_reused(mon
     after = {m: cell_key(config, m) for m in METHODS}
     changed = {m for m in METHODS if after[m] != before[m]}
     assert changed == {"distill-init", "distilled", "continuous"}
+
+
+def test_ranks_of_a_launcher_share_out_the_cells(tmp_path, tiny_llama_dir):
+    """Under torchrun each rank is a worker: every cell runs once (on some rank), and each rank returns all."""
+    import json
+    import textwrap
+
+    from launch import torchrun
+
+    config = _config(tmp_path, tiny_llama_dir)
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import json, os, sys
+        from textdistill.experiment import load_experiment_config, run_experiment
+        rank = os.environ["RANK"]
+        lines = []
+        rows = run_experiment(load_experiment_config(sys.argv[1]), sys.argv[2], device="cpu", progress=False,
+                              log=lines.append)
+        json.dump({"log": lines, "acc": sorted((r["method"], r.get("seed"), r["acc"]) for r in rows)},
+                  open(f"{sys.argv[2]}-rank{rank}.json", "w"))
+    """))
+    out = tmp_path / "two"
+    torchrun(script, tmp_path / "exp.yaml", out, nproc=2, timeout=300)
+    ranks = [json.loads((tmp_path / f"two-rank{r}.json").read_text()) for r in (0, 1)]
+    ran = [line for r in ranks for line in r["log"] if line.lstrip().startswith("acc ")]
+    assert len(ran) == 3, ranks   # base, random seed 0, random seed 1: each trained and scored exactly once
+    assert ranks[0]["acc"] == ranks[1]["acc"] and len(ranks[0]["acc"]) == 3
+    alone = run_experiment(config, tmp_path / "one", device="cpu", progress=False, log=lambda *_: None)
+    assert sorted((r["method"], r.get("seed"), r["acc"]) for r in alone) == [tuple(x) for x in ranks[0]["acc"]]

@@ -14,7 +14,10 @@ How each stage uses the ranks (the stage's module says the details):
 * eval: each rank scores its share of the questions; rank 0 gathers them and writes the results;
 * distill: every rank draws the same segments and computes the meta-gradient of its share of them; meta-gradients
   and candidate losses are summed, so every rank holds the same synthetic set; rank 0 writes the run folder;
-* LESS: the gradient features of the pool are sharded by rows and gathered on every rank.
+* LESS: the gradient features of the pool are sharded by rows and gathered on every rank;
+* experiment: the ranks do not form a group (:func:`independent`); each is a worker on its own device that takes
+  the next cell (or shared stage) no other process holds, by file lock, as separate processes sharing a run folder
+  always have.
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_objects", "all_reduce_sum", "barrier", "broadcast_object", "init", "is_launched", "is_main",
+__all__ = ["all_gather_objects", "all_reduce_sum", "barrier", "broadcast_object", "independent", "init",
+           "is_launched", "is_main",
            "local_device", "main_first", "merge_shards", "rank", "shard_indices", "world_size"]
 
 T = TypeVar("T")
+
+# set by independent(): this process works alone even under a launcher
+_alone = False
 
 
 def is_launched() -> bool:
@@ -60,12 +67,26 @@ def init(device: str | torch.device | None = "auto", *, timeout_minutes: float =
 
     NCCL for CUDA devices, gloo otherwise. Without a launcher nothing is initialised."""
     target = local_device(device)
-    if is_launched() and dist.is_available() and not dist.is_initialized():
+    if is_launched() and not _alone and dist.is_available() and not dist.is_initialized():
         if target.type == "cuda":
             torch.cuda.set_device(target)
         backend = "nccl" if target.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return target
+
+
+@contextlib.contextmanager
+def independent() -> Iterator[None]:
+    """Within the block :func:`init` joins no process group, so the stages run as one process each (on this rank's
+    device): for work handed out by file locks rather than collectives (the experiment runner's cells)."""
+    global _alone
+    if _active():
+        raise RuntimeError("independent(): this process already belongs to a process group")
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def rank() -> int:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from filelock import FileLock, Timeout
 
+from . import distributed
 from .artifacts import atomic_write_json, read_json, sha256_json, to_jsonable, write_run_info
 from .config import DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, read_preset, read_yaml
 from .data import Example, load_examples, load_task, rows_to_examples, with_task_template
@@ -500,10 +501,22 @@ def run_experiment(config: ExperimentConfig, output: str | Path, *, device: str 
     """Entry of ``textdistill experiment``: run every cell not finished yet and write the results and report.
 
     ``report_only`` runs nothing: the report covers the cells already finished with these settings.
+    Under ``torchrun`` / ``accelerate launch`` each rank is an independent worker on its own device (no process
+    group): it takes the next cell or shared stage that no other process holds (file locks), so N ranks run N cells
+    at once; each then waits for the cells the others hold and returns (and writes) the same full report.
     A rerun after a crash continues: finished stages and cells are skipped, and an interrupted expert run, LESS
     warm-up, distillation or cell training resumes from its checkpoint (``checkpoint_every`` steps /
     ``checkpoint_seconds`` seconds apart). ``trust_remote_code`` lets models with custom code load (off unless
     asked)."""
+    with distributed.independent():
+        return _run_experiment(config, output, device=device, progress=progress, log=log, report_only=report_only,
+                               trust_remote_code=trust_remote_code, checkpoint_every=checkpoint_every,
+                               checkpoint_seconds=checkpoint_seconds)
+
+
+def _run_experiment(config: ExperimentConfig, output: str | Path, *, device: str, progress: bool, log,
+                    report_only: bool, trust_remote_code: bool, checkpoint_every: int | None,
+                    checkpoint_seconds: float | None) -> list[dict[str, Any]]:
     from .report import write_report
 
     root = Path(output)
