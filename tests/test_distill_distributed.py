@@ -89,3 +89,33 @@ def test_a_run_resumes_only_with_its_number_of_segments(tmp_path, experts_dir):
     with pytest.raises(ConfigError, match="other settings"):
         distill(experts=experts_dir, output=tmp_path, config=dataclasses.replace(config, iterations=3, segments=None),
                 resume=True, device="cpu", progress=False)
+
+
+def test_a_bf16_model_distils_without_upcasting_its_base_weights_and_with_fp32_lora(tmp_path, experts_dir, monkeypatch):
+    import textdistill.distill as distill_module
+
+    loaded = {}
+    real_loader = distill_module.load_student_model
+
+    def capture(*args, **kwargs):
+        loaded["model"], tokenizer = real_loader(*args, **kwargs)
+        return loaded["model"], tokenizer
+
+    monkeypatch.setattr(distill_module, "load_student_model", capture)
+    real_scorer = distill_module.Scorer
+
+    def scorer(*args, **kwargs):
+        loaded["scorer"] = real_scorer(*args, **kwargs)
+        return loaded["scorer"]
+
+    monkeypatch.setattr(distill_module, "Scorer", scorer)
+    config = dataclasses.replace(CONFIGS["gcg"], iterations=2, segments=None, dtype="bf16", precision="fp32")
+    summary = distill(experts=experts_dir, output=tmp_path, config=config, device="cpu", progress=False)
+    base = {n: p.dtype for n, p in loaded["model"].named_parameters() if "lora_" not in n}
+    assert base and set(base.values()) == {torch.bfloat16}, set(base.values())
+    # the student's LoRA tensors (snapshots and every unrolled step) are fp32 master copies
+    assert loaded["scorer"].dtype == torch.float32
+    assert {p.dtype for p in loaded["scorer"].params(0, 0).values()} == {torch.float32}
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["matching_loss"] is not None and r["matching_loss"] > 0 for r in rows)
+    assert summary["heldout"]["projected"]["loss"] > 0

@@ -868,7 +868,10 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
                  embed_optimizer=torch.optim.Adam([synthetic.prompt_embeds], lr=embed_lr),
                  lr_optimizer=torch.optim.Adam([log_lr], lr=config.lr_lr), generator=generator)
     precision = resolve_precision(config.precision, embed_matrix.device)
-    scorer = Scorer(model, trajectories, student, device=embed_matrix.device, dtype=dtype)
+    # the student's LoRA tensors stay fp32 master copies over a bf16 base: in bf16 an SGD step of relative size
+    # 1e-3 would mostly round away (8 bits of mantissa); peft runs an fp32 adapter on a bf16 layer's input
+    scorer = Scorer(model, trajectories, student, device=embed_matrix.device,
+                    dtype=torch.promote_types(dtype, torch.float32))
     lr_search = None
     if config.student.lr_grid:
         if resume and (output / "init.json").is_file():   # the search was made when the run started
