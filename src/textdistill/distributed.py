@@ -22,6 +22,7 @@ How each stage uses the ranks (the stage's module says the details):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -72,7 +73,15 @@ def init(device: str | torch.device | None = "auto", *, timeout_minutes: float =
             torch.cuda.set_device(target)
         backend = "nccl" if target.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        # leave the group before the interpreter tears down: a gloo process that exits while still in its group
+        # sometimes aborts ("terminate called without an active exception") after all its work is done
+        atexit.register(_leave)
     return target
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .artifacts import (atomic_write_json, environment_versions, machine_description, sha256_file, to_jsonable,
                         write_jsonl)
 from .config import TaskFields
@@ -510,9 +511,33 @@ def _score_continuations(model: torch.nn.Module, cache: Any, batch: Sequence[Enc
 SCORING_BATCH_SIZE = 16
 
 
+def _rank_share(batches: Sequence[list[int]], encoded: Sequence[EncodedRequest]) -> list[list[int]]:
+    """This rank's batches of the plan: each batch, costliest first, goes to the rank with the least estimated work
+    so far (ties: the lowest rank). Every rank computes the same plan and so the same shares: disjoint, covering
+    every batch, each batch whole (never a question's choices apart)."""
+    world = distributed.world_size()
+    if world == 1:
+        return list(batches)
+
+    def cost(batch: list[int]) -> float:
+        # as in _plan_batches: a forward costs _FORWARD_COST_TOKENS tokens, contexts are padded to the longest,
+        # plus the continuation tokens fed in after them
+        longest = max(len(encoded[i].context_ids) for i in batch)
+        fed = sum(len(c) - 1 for i in batch for c in encoded[i].continuation_ids)
+        return _FORWARD_COST_TOKENS * (1 + (fed > 0)) + len(batch) * longest + fed
+
+    costs = [cost(b) for b in batches]
+    load = [0.0] * world
+    owner = [0] * len(batches)
+    for b in sorted(range(len(batches)), key=lambda b: (-costs[b], b)):
+        owner[b] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[b]] += costs[b]
+    return [batch for batch, r in zip(batches, owner) if r == distributed.rank()]
+
+
 def score_requests(model: torch.nn.Module, tokenizer: Any, requests: Sequence[ChoiceRequest], *,
                    max_length: int | None = None, progress: bool = True,
-                   batch_size: int = SCORING_BATCH_SIZE) -> list[ChoiceScores]:
+                   batch_size: int = SCORING_BATCH_SIZE, sharded: bool = False) -> list[ChoiceScores]:
     """Score every choice of every request; results are in request order.
 
     Questions go through the model in batches of up to ``batch_size`` with similar context lengths: one forward for
@@ -521,6 +546,11 @@ def score_requests(model: torch.nn.Module, tokenizer: Any, requests: Sequence[Ch
     smaller where padding could change results (wider than a sliding attention window) or would take too much
     memory; models whose KV cache cannot be batched this way get one question at a time. The results equal
     one-at-a-time scoring up to float rounding.
+
+    ``sharded``: under a launcher with several processes, every rank calls this with the same requests and scores
+    its share of the batches (planned as on one process, so every question is scored in the same batch and gets
+    the one-process score); the scores are gathered and every rank returns all of them. On one process, or
+    without it, this process scores everything.
     """
     from tqdm.auto import tqdm
 
@@ -532,22 +562,31 @@ def score_requests(model: torch.nn.Module, tokenizer: Any, requests: Sequence[Ch
     scored: list[tuple[list[float], list[bool]] | None] = [None] * len(encoded)
     was_training = model.training
     model.eval()
+    sharded = sharded and distributed.world_size() > 1
     try:
-        with torch.inference_mode(), tqdm(total=len(encoded), desc="scoring", unit="q", disable=not progress) as bar:
+        with torch.inference_mode():
             batchable, window = False, None
             if batch_size > 1 and len(encoded) > 1:
                 batchable, window = _attention_layout(model, encoded[0].context_ids)
             batches = (_plan_batches(encoded, batch_size, window) if batchable
                        else [[i] for i in range(len(encoded))])
-            for batch in batches:
-                if len(batch) == 1:
-                    scored[batch[0]] = score_encoded(model, encoded[batch[0]], cache_kwarg=cache_kwarg)
-                else:
-                    for i, result in zip(batch, _score_batch(model, [encoded[i] for i in batch], cache_kwarg)):
-                        scored[i] = result
-                bar.update(len(batch))
+            if sharded:
+                batches = _rank_share(batches, encoded)
+            with tqdm(total=sum(map(len, batches)), desc="scoring", unit="q",
+                      disable=not progress or not distributed.is_main()) as bar:
+                for batch in batches:
+                    if len(batch) == 1:
+                        scored[batch[0]] = score_encoded(model, encoded[batch[0]], cache_kwarg=cache_kwarg)
+                    else:
+                        for i, result in zip(batch, _score_batch(model, [encoded[i] for i in batch], cache_kwarg)):
+                            scored[i] = result
+                    bar.update(len(batch))
     finally:
         model.train(was_training)
+    if sharded:   # every rank's {request index: (logliks, greedy flags)}; together they cover every request
+        for share in distributed.all_gather_objects({i: scored[i] for batch in batches for i in batch}):
+            for i, result in share.items():
+                scored[i] = result
     return [ChoiceScores(loglik=tuple(loglik), is_greedy=tuple(greedy),
                          num_tokens=tuple(len(c) for c in e.continuation_ids),
                          num_chars=r.choice_lengths)
@@ -711,12 +750,14 @@ def build_requests(config: Any) -> list[ChoiceRequest]:
 
 
 def _evaluate(model: torch.nn.Module, tokenizer: Any, prepared: _TaskRequests,
-              progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``evaluate_model``'s result and the per-item records of ``prepared`` requests."""
+              progress: bool, sharded: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``evaluate_model``'s result and the per-item records of ``prepared`` requests (``sharded``: as in
+    :func:`score_requests`)."""
     start = time.time()
     config, requests = prepared.config, prepared.requests
     with autocast_context(config.precision, _model_device(model)):
-        scores = score_requests(model, tokenizer, requests, max_length=config.max_length, progress=progress)
+        scores = score_requests(model, tokenizer, requests, max_length=config.max_length, progress=progress,
+                                sharded=sharded)
     records = item_records(requests, scores)
     result: dict[str, Any] = dict(multiple_choice_metrics(scores, [r.gold for r in requests]))
     if prepared.task.by_subject:
@@ -728,10 +769,14 @@ def _evaluate(model: torch.nn.Module, tokenizer: Any, prepared: _TaskRequests,
     return result, records
 
 
-def evaluate_model(model: torch.nn.Module, tokenizer: Any, config: Any, *, progress: bool = True) -> dict[str, Any]:
+def evaluate_model(model: torch.nn.Module, tokenizer: Any, config: Any, *, progress: bool = True,
+                   sharded: bool = False) -> dict[str, Any]:
     """Evaluate a loaded model on ``config``'s task split; returns metrics (``acc``, ``acc_norm``, their standard
-    errors, ``n``, ``seconds``; per-subject, macro and micro results for MMLU)."""
-    return _evaluate(model, tokenizer, _task_requests(config), progress)[0]
+    errors, ``n``, ``seconds``; per-subject, macro and micro results for MMLU).
+
+    ``sharded``: every rank of a launch calls this with the same model and they split the questions
+    (:func:`score_requests`); every rank returns the metrics."""
+    return _evaluate(model, tokenizer, _task_requests(config), progress, sharded)[0]
 
 
 def format_table(result: Mapping[str, Any]) -> str:
@@ -832,9 +877,17 @@ def evaluate(*, model_name: str, configs: Sequence[Any], adapter: str | None = N
 
     ``scorer`` replaces this module's scorer, and ``backend`` names it in the result: ``textdistill eval --backend
     lm-eval`` passes :func:`textdistill.harness.evaluate_prepared` (lm-evaluation-harness itself; this module never
-    imports it). A scorer's result may carry an ``lm_eval`` entry, kept as ``lm_eval[task]``."""
+    imports it). A scorer's result may carry an ``lm_eval`` entry, kept as ``lm_eval[task]``.
+
+    Under ``torchrun``/``accelerate launch`` every rank runs this with the same arguments and scores its share of
+    each task's questions (whole questions, in the batches one process would use); the scores are gathered, and
+    rank 0 alone prints the tables and writes ``output``, the same document as one process would (times aside).
+    Every rank returns the document. Another backend's scorer runs on one process only."""
     if (scorer is None) != (backend == "textdistill"):
         raise ValueError(f"backend {backend!r} needs its scorer, and only another backend takes one")
+    distributed.init(device)
+    if scorer is not None and distributed.world_size() > 1:
+        raise ConfigError(f"--backend {backend} scores on one process; run it without torchrun/accelerate launch")
     tasks = [c.task for c in configs]
     if not tasks or len(set(tasks)) != len(tasks):
         raise ConfigError(f"name each task once, got {', '.join(tasks) or 'none'}")
@@ -851,10 +904,14 @@ def evaluate(*, model_name: str, configs: Sequence[Any], adapter: str | None = N
     runs = []
     harness_entries = {}
     for requests in prepared:
-        result, records = (scorer or _evaluate)(model, tokenizer, requests, progress)
+        if scorer is None:
+            result, records = _evaluate(model, tokenizer, requests, progress, sharded=True)
+        else:
+            result, records = scorer(model, tokenizer, requests, progress)
         if "lm_eval" in result:
             harness_entries[requests.config.task] = result["lm_eval"]
-        print(format_table(result))
+        if distributed.is_main():
+            print(format_table(result))
         runs.append((requests, records))
     # one command: every task shares the model settings and the limit
     run_config = {"model": model_name, "adapter": adapter, "model_dtype": to_jsonable(next(model.parameters()).dtype),
@@ -863,7 +920,7 @@ def evaluate(*, model_name: str, configs: Sequence[Any], adapter: str | None = N
     doc = _harness_results(runs, run_config, seconds=time.time() - start)
     if harness_entries:
         doc["lm_eval"] = harness_entries      # the harness's version, generated task name and its own results
-    if output:
+    if output and distributed.is_main():
         atomic_write_json(output, doc)
         if log_samples:
             for requests, records in runs:

@@ -12,6 +12,7 @@ An expert whose last snapshot exists is skipped on a rerun (resumable at expert 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -21,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import distributed
 from .artifacts import (atomic_write_json, exclusive, load_tensors, read_json, save_tensors, sha256_json, to_jsonable,
                         write_run_info)
 from .checkpoint import TrainCheckpointer
@@ -135,8 +137,17 @@ def make_experts(*, model_name: str, data: str, output: str | Path, config: Expe
 
     A rerun on the same folder continues: finished experts are skipped, and an interrupted one resumes exactly from
     its ``expert_NN/checkpoint/`` (the full training state, written every ``checkpoint_every`` steps and every
-    ``checkpoint_seconds`` seconds), so its snapshots are bit-identical on CPU to an uninterrupted run's."""
-    with exclusive(Path(output) / ".lock", f"the experts folder {output}"):
+    ``checkpoint_seconds`` seconds), so its snapshots are bit-identical on CPU to an uninterrupted run's.
+
+    Under ``torchrun``/``accelerate launch`` every rank runs this with the same arguments: expert ``i`` trains on
+    rank ``i % world`` alone, in rounds of ``world`` experts; after each round rank 0 writes the manifest with the
+    round's experts (a barrier first), and only then does each rank remove its expert's checkpoint, so a finished
+    expert is in the manifest as on one process. Rank 0 holds the lock and writes ``run.json``; every rank returns
+    the trajectories."""
+    distributed.init(device)
+    lock = (exclusive(Path(output) / ".lock", f"the experts folder {output}") if distributed.is_main()
+            else contextlib.nullcontext())
+    with lock:
         return _make_experts(model_name=model_name, data=data, output=output, config=config, device=device,
                              trust_remote_code=trust_remote_code, progress=progress,
                              checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds)
@@ -184,42 +195,57 @@ def _make_experts(*, model_name: str, data: str, output: str | Path, config: Exp
                                       f"use another --output or delete it")
         manifest["experts"] = previous.get("experts", [])
     finished = [e for e in range(config.num_experts) if _finished(output / f"expert_{e:02d}", steps[-1])]
+    distributed.barrier()   # every rank decides on the folder as it was, before any of them writes into it
     if len(finished) == config.num_experts and manifest["experts"]:
         warnings.warn(f"{output}: all {config.num_experts} experts are finished; nothing to do", stacklevel=3)
         return load_experts(output)
-    write_run_info(output, command="experts", config=config,
-                   seeds={f"expert_{e}": recipe.seed + e for e in range(config.num_experts)},
-                   extra={"model": model_name, "data": data})
-    for expert in range(config.num_experts):
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    if main:
+        write_run_info(output, command="experts", config=config,
+                       seeds={f"expert_{e}": recipe.seed + e for e in range(config.num_experts)},
+                       extra={"model": model_name, "data": data})
+    for first in range(0, config.num_experts, world):
+        # one round: expert first + rank on this rank (past the last expert, or finished already: nothing)
+        expert = first + rank
         folder = output / f"expert_{expert:02d}"
-        if _finished(folder, steps[-1]):
-            continue
-        torch.manual_seed(recipe.seed + expert)  # LoRA A initialisation differs per expert
-        model = add_lora(base, recipe.lora)
-        wanted = set(steps)
+        entry, checkpointer = None, None
+        if expert < config.num_experts and not _finished(folder, steps[-1]):
+            torch.manual_seed(recipe.seed + expert)  # LoRA A initialisation differs per expert
+            model = add_lora(base, recipe.lora)
+            wanted = set(steps)
 
-        def save_snapshot(step: int, model: Any, optimizer: Any, folder: Path = folder) -> None:
-            if step in wanted:
-                save_tensors(folder / snapshot_name(step), lora_parameters(model), metadata={"step": str(step)})
+            def save_snapshot(step: int, model: Any, optimizer: Any, folder: Path = folder) -> None:
+                if step in wanted:
+                    save_tensors(folder / snapshot_name(step), lora_parameters(model), metadata={"step": str(step)})
 
-        checkpointer = TrainCheckpointer(folder / "checkpoint", every_steps=checkpoint_every,
-                                         every_seconds=checkpoint_seconds,
-                                         fingerprint={"manifest": {k: manifest[k] for k in _RESUME_KEYS},
-                                                      "expert": expert})
-        start = time.time()
-        result = train_model(model, tokenized, dataclasses.replace(recipe, seed=recipe.seed + expert),
-                             pad_id=tokenizer.pad_token_id, on_step=save_snapshot, progress=progress,
-                             checkpointer=checkpointer)
-        atomic_write_json(folder / DATA_ORDER, {"batch_indices": result.batch_indices})
-        manifest["experts"] = [e for e in manifest["experts"] if e["index"] != expert] + [{
-            "index": expert, "seed": recipe.seed + expert, "folder": folder.name, "seconds": round(time.time() - start, 1),
-            "first_loss": result.losses[0], "last_loss": result.losses[-1], "precision": result.precision}]
-        # drop the LoRA layers: the next expert starts from the base, which training never changed (it is frozen),
-        # so nothing but the LoRA tensors is ever copied (a copy of a 7B base would double its memory)
-        base = model.unload()
+            checkpointer = TrainCheckpointer(folder / "checkpoint", every_steps=checkpoint_every,
+                                             every_seconds=checkpoint_seconds,
+                                             fingerprint={"manifest": {k: manifest[k] for k in _RESUME_KEYS},
+                                                          "expert": expert})
+            start = time.time()
+            result = train_model(model, tokenized, dataclasses.replace(recipe, seed=recipe.seed + expert),
+                                 pad_id=tokenizer.pad_token_id, on_step=save_snapshot, progress=progress and main,
+                                 checkpointer=checkpointer, data_parallel=False)
+            atomic_write_json(folder / DATA_ORDER, {"batch_indices": result.batch_indices})
+            entry = {"index": expert, "seed": recipe.seed + expert, "folder": folder.name,
+                     "seconds": round(time.time() - start, 1), "first_loss": result.losses[0],
+                     "last_loss": result.losses[-1], "precision": result.precision}
+            # drop the LoRA layers: the next expert starts from the base, which training never changed (it is
+            # frozen), so nothing but the LoRA tensors is ever copied (a copy of a 7B base would double its memory)
+            base = model.unload()
+        # the round's entries, in expert order as one process appends them (the gather waits for every rank)
+        done = [e for e in distributed.all_gather_objects(entry) if e is not None]
+        if main:
+            for new in done:
+                manifest["experts"] = [e for e in manifest["experts"] if e["index"] != new["index"]] + [new]
+            atomic_write_json(manifest_path, manifest)
+        distributed.barrier()
+        if checkpointer is not None:
+            checkpointer.remove()   # only now: the expert counts as finished once its last snapshot is written
+    if main:
         atomic_write_json(manifest_path, manifest)
-        checkpointer.remove()   # only now: the expert counts as finished once its last snapshot is written
-    atomic_write_json(manifest_path, manifest)
+    distributed.barrier()   # the manifest is complete before any rank reads it
     return load_experts(output)
 
 

@@ -2,10 +2,13 @@
 
 :func:`train_model` is the loop (reused by the expert runs, which hook a callback into every step);
 :func:`train` is the entry of ``textdistill train``: it loads model and data, runs the loop and writes the run folder.
+Under ``torchrun``/``accelerate launch`` the loop is data-parallel: each rank computes the gradients of its share of
+every micro-batch, weighted so that their sum over the ranks (all-reduce) is the one-process gradient.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -17,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .artifacts import (atomic_write_json, exclusive, read_json, sha256_json, to_jsonable, write_jsonl,
                         write_run_info)
 from .checkpoint import STATE_FILE, LoopPosition, TrainCheckpointer
@@ -117,16 +121,55 @@ class TrainResult:
 
 StepCallback = Callable[[int, Any, torch.optim.Optimizer], None]
 
+# Gradient elements summed over the ranks per all-reduce: a full fine-tune sends its gradients in pieces of at most
+# 128 MiB (fp32) rather than one flat copy of all of them.
+_ALL_REDUCE_ELEMENTS = 1 << 25
+
+
+def _example_sizes(example: Any) -> tuple[int, int]:
+    """(loss terms, tokens) of one training example: the response tokens its loss averages over (every response
+    token but a first one with no prompt before it) and all its tokens."""
+    if isinstance(example, TokenizedExample):
+        return len(example.response_ids) - (len(example.prompt_ids) == 0), len(example.input_ids)
+    terms, tokens = example
+    return int(terms), int(tokens)
+
+
+def _sum_gradients(params: Sequence[torch.nn.Parameter], present: Sequence[bool]) -> None:
+    """Sum the gradients of ``params`` over the ranks, in place. ``present[i]``: some rank has a gradient for
+    parameter i; a rank without one (none of its examples reached it) adds zeros, and a parameter no rank reached
+    keeps ``grad = None``, as on one process (AdamW skips it rather than decaying it)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.nn.Parameter]] = {}
+    for p, has in zip(params, present):
+        if has:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    for group in groups.values():   # torch.cat needs one dtype and device per flat buffer
+        start = 0
+        while start < len(group):
+            bucket, size = [], 0
+            while start < len(group) and (not bucket or size + group[start].numel() <= _ALL_REDUCE_ELEMENTS):
+                bucket.append(group[start])
+                size += group[start].numel()
+                start += 1
+            flat = distributed.all_reduce_sum(torch.cat([p.grad.reshape(-1) for p in bucket]))   # (size,)
+            offset = 0
+            for p in bucket:
+                p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+
 
 def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad_id: int,
                 on_step: StepCallback | None = None, progress: bool = True,
                 metrics_log: list[dict[str, Any]] | None = None,
                 batch_loss: Callable[[list[int]], tuple[torch.Tensor, int]] | None = None,
-                checkpointer: TrainCheckpointer | None = None) -> TrainResult:
+                checkpointer: TrainCheckpointer | None = None, data_parallel: bool = True) -> TrainResult:
     """Train the model's trainable parameters on ``examples`` with ``config``'s recipe, in place.
 
-    ``examples`` are :class:`TokenizedExample` rows, or, with ``batch_loss``, anything with a length:
-    ``batch_loss(indices)`` then returns the mean loss of those examples and the number of tokens it processed.
+    ``examples`` are :class:`TokenizedExample` rows, or, with ``batch_loss``, one ``(loss terms, tokens)`` pair per
+    example: ``batch_loss(indices)`` then returns the mean loss of those examples over their loss terms (the
+    tokens it predicts) and the number of tokens it processed.
 
     ``on_step(step, model, optimizer)`` runs after every optimizer step (step counts from 1) and once before the
     first with step 0 (the expert runs save their snapshots there). A step whose loss or gradients are NaN/inf is
@@ -137,6 +180,15 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
     losses and metrics so far) when it is due; when it already holds a checkpoint the loop continues from there,
     exactly (``on_step`` is then called for the remaining steps only). The caller removes it once its outputs are
     written.
+
+    Under a launcher with several processes the loop is data-parallel (``data_parallel``): every rank calls it with
+    the same model, examples and recipe, and computes the gradient of its share of every micro-batch (examples
+    ``rank, rank + world, ...`` of it); each share's mean loss is weighted by its share of the micro-batch's loss
+    terms, and the gradients and losses are summed over the ranks, so every step is the one-process step up to
+    float rounding and every rank keeps the same parameters. Only rank 0 writes checkpoints; every rank restores
+    from them. (LoRA dropout draws its masks per share, so with dropout the run is the one-process run in
+    distribution only.) ``data_parallel=False`` trains on this process alone, as the expert runs do, one run per
+    rank. On one process both are the plain loop.
     """
     if not examples:
         raise TrainingError("no training examples")
@@ -154,6 +206,9 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
     autocast = autocast_context(precision, device)
     model.train()
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    shard = data_parallel and distributed.world_size() > 1
+    rank, world = distributed.rank(), distributed.world_size()
+    sizes = [_example_sizes(e) for e in examples] if shard else []
     position = LoopPosition()
     if checkpointer is not None and checkpointer.exists:
         position = checkpointer.restore(named, optimizer, scheduler)
@@ -167,18 +222,39 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
     epoch, cursor = position.epoch, position.cursor
     order = epoch_order(len(examples), config.seed, epoch)
     faults_in_a_row = position.faults_in_a_row
-    bar = tqdm(total=total, initial=position.step, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=position.step, desc="train", disable=not progress or (shard and rank != 0),
+               dynamic_ncols=True)
     for step in range(position.step + 1, total + 1):
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens, fault = 0.0, 0, None
         batch_indices.append([])
-        for _ in range(config.grad_accum):
+        parts = torch.zeros(config.grad_accum, dtype=torch.float64)   # (grad_accum,): this rank's part of each loss
+        for k in range(config.grad_accum):
             if cursor >= len(order):
                 epoch, cursor = epoch + 1, 0
                 order = epoch_order(len(examples), config.seed, epoch)
             batch_indices[-1] += order[cursor: cursor + micro]
             indices = order[cursor: cursor + micro]
             cursor += micro
+            if shard:
+                # every rank knows every example's size, so the micro-batch's loss terms and tokens need no message
+                terms = sum(sizes[i][0] for i in indices)
+                mine = indices[rank::world]
+                mine_terms = sum(sizes[i][0] for i in mine)
+                step_tokens += sum(sizes[i][1] for i in indices)
+                if terms == 0:
+                    raise TrainingError("a batch has no response tokens to learn (all labels masked)")
+                if mine_terms == 0:
+                    continue   # none of the micro-batch's loss is this rank's: its part stays 0
+                with autocast:
+                    loss = (batch_loss(mine)[0] if batch_loss is not None
+                            else response_loss(model, collate([examples[i] for i in mine], pad_id, device))[0])
+                # sum over ranks of (mean over my terms) x (my terms / all terms) = the micro-batch's mean
+                part = loss * (mine_terms / terms)
+                parts[k] = part.item()
+                if torch.isfinite(part):
+                    (part / config.grad_accum).backward()
+                continue
             with autocast:
                 if batch_loss is not None:
                     loss, count = batch_loss(indices)
@@ -192,6 +268,18 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
                 continue   # the rest of the step's data is still read, so the data order stays as planned
             (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
+        if shard:
+            # one message for the micro-batch losses and which parameters got a gradient anywhere, then the
+            # gradients themselves (unless the step is skipped anyway): every rank takes the same decisions
+            stats = torch.cat([parts, torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64)])
+            distributed.all_reduce_sum(stats)               # (grad_accum + number of trainable tensors,)
+            for value in stats[:config.grad_accum].tolist():
+                if math.isfinite(value):
+                    step_loss += value / config.grad_accum
+                else:
+                    fault = f"loss became {value}"
+            if fault is None:
+                _sum_gradients(params, [bool(x > 0) for x in stats[config.grad_accum:].tolist()])
         if fault is None and not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
             fault = "a gradient became NaN/inf"
         faults_in_a_row = faults_in_a_row + 1 if fault else 0
@@ -219,7 +307,8 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
         bar.update(1)
         if on_step is not None:
             on_step(step, model, optimizer)
-        if checkpointer is not None and step < total and checkpointer.due(step):
+        # data-parallel ranks hold the same state: rank 0 writes it for all of them
+        if checkpointer is not None and step < total and (rank == 0 or not shard) and checkpointer.due(step):
             checkpointer.save(named, optimizer, scheduler, LoopPosition(
                 step=step, epoch=epoch, cursor=cursor, tokens=tokens, faults_in_a_row=faults_in_a_row,
                 seconds=time.time() - start, losses=losses, batch_indices=batch_indices,
@@ -302,7 +391,10 @@ def train_on_embeddings(*, model_name: str, embeddings: str | Path, config: Trai
         batch = SyntheticBatch(prompts[index], lengths[index], responses[index], response_lengths[index])
         return student_loss(model, trainable, batch), int((lengths[index] + response_lengths[index]).sum())
 
-    result = train_model(model, range(prompts.shape[0]), config, pad_id=tokenizer.pad_token_id, progress=progress,
+    # per sample: the response tokens its loss averages over (a first one with no prompt before it is not
+    # predicted) and its tokens, which weigh each rank's share of a micro-batch under a launcher
+    sizes = list(zip((response_lengths - (lengths == 0).long()).tolist(), (lengths + response_lengths).tolist()))
+    result = train_model(model, sizes, config, pad_id=tokenizer.pad_token_id, progress=progress,
                          batch_loss=batch_loss, checkpointer=checkpointer)
     result.examples = prompts.shape[0]
     return model, tokenizer, result
@@ -322,8 +414,16 @@ def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig
     While it trains, ``output/checkpoint/`` holds the full training state, written every ``checkpoint_every`` steps
     and every ``checkpoint_seconds`` seconds; ``resume=True`` continues from it exactly (bit-identical on CPU to an
     uninterrupted run), starts over when there is none, and returns the summary unchanged when the run is finished.
+
+    Under ``torchrun``/``accelerate launch`` every rank runs this with the same arguments: training is
+    data-parallel (:func:`train_model`), rank 0 alone holds the lock and writes the run folder and checkpoints (the
+    others restore from the same checkpoint on ``resume``), ``evaluate_on`` is scored by all ranks together, and
+    every rank returns the summary.
     """
-    with exclusive(Path(output) / ".lock", f"the training run {output}"):
+    distributed.init(device)
+    lock = (exclusive(Path(output) / ".lock", f"the training run {output}") if distributed.is_main()
+            else contextlib.nullcontext())
+    with lock:
         return _train(model_name=model_name, data=data, output=output, config=config, device=device,
                       selection=selection, evaluate_on=evaluate_on, eval_limit=eval_limit,
                       trust_remote_code=trust_remote_code, progress=progress, resume=resume,
@@ -350,16 +450,19 @@ def _train(*, model_name: str, data: str, output: str | Path, config: TrainConfi
     examples = load_examples(data, config.data, tokenizer=tokenizer)
     if selection is not None:
         examples = apply_selection(examples, selection)
-    output.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()   # every rank decides on the folder as it was, before rank 0 writes into it
+    main = distributed.is_main()
     checkpointer = TrainCheckpointer(
         checkpoint_dir, every_steps=checkpoint_every, every_seconds=checkpoint_seconds,
         fingerprint={"model": model_name, "config": to_jsonable(config),
                      "data_sha256": sha256_json([[e.prompt, e.response] for e in examples])})
-    write_run_info(output, command="train", config=config, seeds={"seed": config.seed},
-                   extra={"model": model_name, "data": data, "num_examples": len(examples),
-                          "selection": str(selection) if selection else None,
-                          "resumed_from_step": read_json(checkpoint_dir / STATE_FILE)["position"]["step"]
-                          if checkpointer.exists else None})
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_run_info(output, command="train", config=config, seeds={"seed": config.seed},
+                       extra={"model": model_name, "data": data, "num_examples": len(examples),
+                              "selection": str(selection) if selection else None,
+                              "resumed_from_step": read_json(checkpoint_dir / STATE_FILE)["position"]["step"]
+                              if checkpointer.exists else None})
     log: list[dict[str, Any]] = []
     try:
         model, tokenizer, result = train_on_examples(model_name=model_name, examples=examples, config=config,
@@ -367,11 +470,12 @@ def _train(*, model_name: str, data: str, output: str | Path, config: TrainConfi
                                                      progress=progress, metrics_log=log, tokenizer=tokenizer,
                                                      checkpointer=checkpointer)
     finally:
-        if log:
+        if log and main:
             write_jsonl(output / "metrics.jsonl", log)
-    model.save_pretrained(output, safe_serialization=True)
-    if config.method == "full":
-        tokenizer.save_pretrained(output)
+    if main:
+        model.save_pretrained(output, safe_serialization=True)
+        if config.method == "full":
+            tokenizer.save_pretrained(output)
     summary: dict[str, Any] = {"model": model_name, "data": data, "examples": len(examples), "steps": result.steps,
                                "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
                                "precision": result.precision,
@@ -384,7 +488,9 @@ def _train(*, model_name: str, data: str, output: str | Path, config: TrainConfi
         for task, split in evaluate_on:
             eval_config = EvalConfig(task=task, split=split, limit=eval_limit, template=config.data.template
                                      if config.data.template in ("rc", "mc") else "rc")
-            summary["eval"][f"{task}:{split}"] = evaluate_model(model, tokenizer, eval_config, progress=progress)
-    atomic_write_json(summary_path, summary)
-    checkpointer.remove()
+            summary["eval"][f"{task}:{split}"] = evaluate_model(model, tokenizer, eval_config, progress=progress,
+                                                                sharded=True)
+    if main:
+        atomic_write_json(summary_path, summary)
+        checkpointer.remove()
     return summary
