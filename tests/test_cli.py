@@ -210,3 +210,16 @@ def test_generated_flags_set_nested_fields_and_null(tiny_llama_dir, tmp_path, ca
                  "--output", str(tmp_path / "bad"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "lora.r" in err
+
+
+def test_eval_loads_the_weights_in_the_dtype_asked_for(tiny_llama_dir, tmp_path):
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["eval", "--model", str(tiny_llama_dir), "--task", "arc-easy", "--split", "validation", "--limit",
+                     "6", "--dtype", dtype, "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
+        runs[dtype] = json.loads(out.read_text())
+    assert runs["fp32"]["config"]["model_dtype"] == "float32"
+    assert runs["bf16"]["config"]["model_dtype"] == "bfloat16"
+    assert main(["eval", "--model", str(tiny_llama_dir), "--task", "arc-easy", "--dtype", "fp16", "--device",
+                 "cpu"]) == 2

@@ -78,7 +78,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         scorer = evaluate_prepared
     doc = evaluate(model_name=args.model, adapter=args.adapter, configs=configs, output=args.output,
                    log_samples=args.log_samples, device=args.device, trust_remote_code=args.trust_remote_code,
-                   progress=not args.no_progress, backend=args.backend, scorer=scorer)
+                   progress=not args.no_progress, backend=args.backend, scorer=scorer, dtype=args.dtype)
     if args.output is None:
         for config in configs:
             metrics = doc["results"][config.task]
@@ -342,6 +342,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--per-subject-limit", type=int, help="MMLU: first N items of each subject")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="bf16 autocast or fp32; auto = bf16 where the device computes it natively")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype the weights load in (bf16/fp16 halve their memory; fp16 on a GPU only)")
     _add_task_fields(p, "file tasks")
     p.add_argument("--config", help="YAML file with an 'eval' section")
     p.add_argument("--output", help="write the results JSON here (lm-evaluation-harness's structure)")

@@ -868,7 +868,8 @@ Scorer = Callable[[torch.nn.Module, Any, _TaskRequests, bool], tuple[dict[str, A
 
 def evaluate(*, model_name: str, configs: Sequence[Any], adapter: str | None = None, output: str | None = None,
              log_samples: bool = False, device: str = "auto", trust_remote_code: bool = False,
-             progress: bool = True, backend: str = "textdistill", scorer: Scorer | None = None) -> dict[str, Any]:
+             progress: bool = True, backend: str = "textdistill", scorer: Scorer | None = None,
+             dtype: str = "fp32") -> dict[str, Any]:
     """Entry of ``textdistill eval``: load the model (plus a LoRA adapter or a fine-tuned folder), evaluate each
     task of ``configs`` (one :class:`~textdistill.config.EvalConfig` per task), print a table per task, and return
     the result document in lm-evaluation-harness's structure (``results[task]["acc,none"]`` ...), also written to
@@ -899,7 +900,10 @@ def evaluate(*, model_name: str, configs: Sequence[Any], adapter: str | None = N
     prepared = [_task_requests(c) for c in configs]   # every task's data read and checked before the model loads
     device = str(resolve_device(device))
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
-    model = load_model(model_name, dtype="fp32", device=device, attn_implementation="sdpa", adapter=adapter,
+    if dtype == "fp16" and torch.device(device).type == "cpu":
+        raise ConfigError("--dtype fp16 needs a GPU (CPU kernels for fp16 are slow and partly missing); use bf16 or fp32")
+    # bf16 / fp16 halve the weights' memory; the result records the dtype (model_dtype)
+    model = load_model(model_name, dtype=dtype, device=device, attn_implementation="sdpa", adapter=adapter,
                        trust_remote_code=trust_remote_code)
     runs = []
     harness_entries = {}
