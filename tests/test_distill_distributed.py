@@ -26,8 +26,10 @@ CONFIGS = {
     "gcg": DistillConfig(budget="4", iterations=4, segments=3, student=StudentSettings(syn_steps=2, batch_size=2),
                          checkpoint_every=2, instrument=InstrumentConfig(draws=2, random_subsets=1, heldout_experts=1),
                          search=TokenSearchSettings(top_k=16, candidates=4, confirm_draws=3)),
+    # with a line search of the student lr (its draws shared out over the ranks too)
     "continuous": DistillConfig(budget="4", iterations=4, segments=3, mode="continuous", lr_embeddings=1e-2,
-                                student=StudentSettings(syn_steps=2, batch_size=2), checkpoint_every=2,
+                                student=StudentSettings(syn_steps=2, batch_size=2, lr_grid=(0.1, 0.5)),
+                                checkpoint_every=2,
                                 instrument=InstrumentConfig(draws=2, random_subsets=1, heldout_experts=1)),
 }
 
@@ -73,6 +75,11 @@ def test_two_ranks_equal_one_process_over_the_same_segments(tmp_path, experts_di
         assert any(r["accepted"] for r in rows[0]), "no swap was accepted: the comparison shows nothing"
     else:
         assert float(a["embed_opt.0.step"]) == 4 and all(r["matching_loss"] is not None for r in rows[0])
+    if mode == "continuous":
+        searches = [json.loads((run / "init.json").read_text())["lr_search"] for run in (one, two)]
+        assert searches[0]["lr"] == searches[1]["lr"]
+        for lr, loss in searches[0]["mean_loss"].items():
+            assert searches[1]["mean_loss"][lr] == pytest.approx(loss, rel=1e-6)
     run = json.loads((two / "run.json").read_text())
     assert run["world_size"] == 2 and run["segments"] == 3
     assert (two / "summary.json").is_file()   # rank 0 scored the instrument and wrote the folder

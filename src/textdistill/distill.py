@@ -1011,11 +1011,13 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
 def search_lr(scorer: Scorer, samples: SampleSet, experts: Sequence[int], grid: Sequence[float], *, draws: int,
               seed: int, progress: bool = True) -> dict[str, Any]:
     """Line search of the student lr: the mean matching loss of ``samples`` on ``draws`` fixed draws of the
-    (training) ``experts`` at each lr of ``grid``; returns every mean and the best lr."""
+    (training) ``experts`` at each lr of ``grid``; returns every mean and the best lr. Under a launcher each rank
+    scores its share of the draws."""
     fixed = make_draws(experts, scorer.student, len(samples), draws, seed=seed + LR_SEARCH_SEED_OFFSET)
+    share = [fixed[d] for d in distributed.shard_indices(len(fixed))]
     means = {}
     for lr in tqdm(sorted(grid), desc="student lr search", disable=not progress, dynamic_ncols=True):
-        means[lr] = sum(scorer.losses(samples, fixed, lr=lr)) / len(fixed)
+        means[lr] = _sum_over_ranks([sum(scorer.losses(samples, share, lr=lr))])[0] / len(fixed)
     best = min(means, key=means.get)
     return {"lr": best, "mean_loss": {str(lr): loss for lr, loss in means.items()}, "draws": draws}
 
