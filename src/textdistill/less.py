@@ -16,7 +16,8 @@ of ``textdistill select`` for random rows and LESS.
    and v' by ``1 - b**(step + 1)``; with cosine similarity this only changes how much eps matters). Target
    validation examples keep their plain gradients.
 3. Both are projected to ``projection_dim`` by a seeded random matrix (:class:`RandomProjection`: Rademacher
-   +-1/sqrt(d) or Gaussian, generated block by block, never whole) and L2-normalised.
+   +-1/sqrt(d) or Gaussian, generated block by block, each block once per run and kept, Rademacher bits packed 8 to
+   a byte, within ``PROJECTION_CACHE_BYTES``) and L2-normalised.
 4. ``score(pool example) = sum over checkpoints of lr_c * mean over validation examples of cos(G, g_val)``; the
    ``budget`` highest scores are selected (ties go to the lower index) and written in rank order with their
    scores; ``extra`` metadata records the target, projection, seed and checkpoints, and ``all_scores`` holds the
@@ -27,17 +28,24 @@ MMLU dev too, a file target's rows; rendered with the rc and mc templates, and w
 never selected; they are listed under ``excluded_eval_overlap`` (ARC-Easy's train split shares a few prompts with
 its own validation/test splits).
 
+Under ``torchrun`` / ``accelerate launch`` every rank runs :func:`select`: the warm-up is the data-parallel loop of
+:func:`textdistill.training.train_model`, each rank computes the gradient features of every ``world``-th batch of
+the pool and of the target rows, the features are gathered on every rank (so every rank computes the same scores),
+and rank 0 alone writes the selection file and the unfinished work. Scores agree with one process to float rounding.
+
 The options are one :class:`LessConfig`; the model, the pool and the warm-up recipe come with the call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import random
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +57,14 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .artifacts import atomic_write_json, exclusive, load_tensors, read_json, save_tensors, sha256_json, to_jsonable
 from .checkpoint import TrainCheckpointer
 from .config import DataSettings, TaskFields, TrainConfig
 from .data import (TASKS, Example, TokenizedExample, get_task, item_to_example, load_examples, load_task,
                    normalize_split, rows_to_examples, tokenize_examples)
 from .errors import ConfigError, DataError, TrainingError
-from .models import add_lora, load_model, load_tokenizer, resolve_device, resolve_model_path
+from .models import add_lora, load_model, load_tokenizer, resolve_model_path
 from .selection import random_indices, reselect, resolve_budget, top_indices, write_selection
 from .training import base_dtype, collate, lr_multiplier, planned_steps, train_model
 
@@ -65,6 +74,10 @@ PROJECTIONS = ("rademacher", "gaussian")
 #: Rows of the random projection generated from one seed (part of the matrix's definition: changing it changes
 #: the matrix). 1024 rows x 8192 columns is 32 MiB in float32.
 PROJECTION_BLOCK_ROWS = 1024
+#: Memory one :class:`RandomProjection` may keep its generated blocks in (per process), so that the matrix is made
+#: once per run: packed Rademacher bits take in_dim * out_dim / 8 bytes (SmolLM2-135M's LoRA, 460,800 x 8192: 450
+#: MiB; 4M x 8192: 4 GiB), Gaussian blocks 4 bytes an entry. Blocks past it are generated again at each use.
+PROJECTION_CACHE_BYTES = 4 << 30
 #: The warm-up set has at least this many rows (or the whole pool when it is smaller).
 MIN_WARMUP_ROWS = 4
 
@@ -174,69 +187,165 @@ def _block_seed(seed: int, block: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def pack_bits(bits: Tensor) -> Tensor:
+    """0/1 entries (int8, any shape, read row-major) -> (ceil(n / 8),) uint8 whose byte k holds entry 8k + j as bit
+    j (the tail padded with 0)."""
+    flat = bits.reshape(-1).to(torch.int8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    if sys.byteorder == "little":
+        # 8 entries read as one int64 put entry j at bit 8j (all < 2**63, so >> is a plain shift); three shift-ors
+        # gather them at bits 0..7 of the low byte: 2.5x faster than a weighted sum over (n, 8)
+        x = flat.view(torch.int64)                                                  # (n / 8,)
+        y = x | (x >> 7)            # byte k: entries k, k+1 at bits 0, 1
+        y |= y >> 14                # entries k..k+3 at bits 0..3
+        y |= y >> 28                # entries k..k+7 at bits 0..7
+        return (y & 0xFF).to(torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
+    return (flat.to(torch.uint8).view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
 class RandomProjection:
-    """A seeded ``in_dim x out_dim`` random matrix R, applied as ``x @ R``, never held whole.
+    """A seeded ``in_dim x out_dim`` random matrix R, applied as ``x @ R`` one block of rows at a time.
 
     Rows are generated in blocks of ``block_rows``; block b comes from a ``torch.Generator`` on ``device`` seeded
     with a hash of (``seed``, b). Any row range is therefore reproducible on its own, and how a caller chunks the
     rows does not change the matrix. Entries are +-1/sqrt(out_dim) (``kind="rademacher"``) or
     N(0, 1/out_dim) (``"gaussian"``), so E[<xR, yR>] = <x, y>. The same seed gives the same matrix on the same kind
     of device (CPU and CUDA generators differ).
+
+    Each block is generated once and kept for the object's lifetime while the cache stays under ``cache_bytes``
+    (blocks past the budget are generated again at each use, as every block once was): a Rademacher block is kept
+    as its random bits packed 8 to a byte (1/32 of float32: a 460,800 x 8192 matrix is 450 MiB, 4M x 8192 is
+    4 GiB) and expanded through a 256-entry table into a reused float32 buffer when used, a Gaussian block as
+    float32. The values are exactly those of a freshly generated block, so projections do not change.
+    ``blocks_generated`` counts the generator runs.
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, seed: int = 0, kind: str = "rademacher",
-                 device: str | torch.device = "cpu", block_rows: int = PROJECTION_BLOCK_ROWS):
+                 device: str | torch.device = "cpu", block_rows: int = PROJECTION_BLOCK_ROWS,
+                 cache_bytes: int = PROJECTION_CACHE_BYTES):
         if in_dim < 1 or out_dim < 1:
             raise ConfigError(f"projection dimensions must be positive, got {in_dim} -> {out_dim}")
         if kind not in PROJECTIONS:
             raise ConfigError(f"unknown projection '{kind}'; use {' or '.join(PROJECTIONS)}")
         if block_rows < 1:
             raise ConfigError(f"block_rows must be positive, got {block_rows}")
+        if cache_bytes < 0:
+            raise ConfigError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.in_dim, self.out_dim, self.seed, self.kind = int(in_dim), int(out_dim), int(seed), kind
         self.device = torch.device(device)
         self.block_rows = int(block_rows)
+        self.cache_bytes = int(cache_bytes)
+        self.blocks_generated = 0
+        self._cache: dict[int, Tensor] = {}    # block -> packed bits (ceil(rows * out_dim / 8),) uint8 or float32 block
+        self._cached_bytes = 0
+        self._table: Tensor | None = None      # (256, 8) float32: byte value -> its 8 entries
+        self._codes: Tensor | None = None      # (ceil(block_rows * out_dim / 8),) int64 scratch for index_select
+        self._scratch: Tensor | None = None    # (ceil(block_rows * out_dim / 8) * 8,) float32 expanded block
 
     @property
     def num_blocks(self) -> int:
         return math.ceil(self.in_dim / self.block_rows)
 
-    def block(self, index: int) -> Tensor:
-        """Rows ``[index * block_rows, min(in_dim, (index + 1) * block_rows))`` of R, float32 on ``device``."""
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes the cached blocks take."""
+        return self._cached_bytes
+
+    def _rows_of(self, index: int) -> int:
         if not 0 <= index < self.num_blocks:
             raise IndexError(f"block {index} outside [0, {self.num_blocks})")
-        rows = min(self.block_rows, self.in_dim - index * self.block_rows)
+        return min(self.block_rows, self.in_dim - index * self.block_rows)
+
+    def _generate(self, index: int) -> tuple[Tensor, Tensor | None]:
+        """Block ``index`` as the generator makes it: (float32 (rows, out_dim), its int8 0/1 bits or None)."""
+        rows = self._rows_of(index)
+        self.blocks_generated += 1
         generator = torch.Generator(device=self.device)
         generator.manual_seed(_block_seed(self.seed, index))
         scale = 1.0 / math.sqrt(self.out_dim)
         if self.kind == "gaussian":
-            return torch.randn((rows, self.out_dim), generator=generator, device=self.device).mul_(scale)
+            return torch.randn((rows, self.out_dim), generator=generator, device=self.device).mul_(scale), None
         bits = torch.randint(0, 2, (rows, self.out_dim), generator=generator, device=self.device, dtype=torch.int8)
-        return bits.to(torch.float32).mul_(2.0 * scale).sub_(scale)
+        return bits.to(torch.float32).mul_(2.0 * scale).sub_(scale), bits
+
+    def _store(self, index: int, block: Tensor, bits: Tensor | None) -> None:
+        """Keep a freshly generated block when the budget allows: a Gaussian block's float32 values, a Rademacher
+        block's bits 8 to a byte ((ceil(rows * out_dim / 8),) uint8)."""
+        entries = block.numel()
+        size = entries * 4 if bits is None else math.ceil(entries / 8)
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[index] = block if bits is None else pack_bits(bits)
+            self._cached_bytes += size
+
+    def _expand(self, index: int, packed: Tensor) -> Tensor:
+        """A cached Rademacher block as float32 (rows, out_dim), in the scratch buffer (valid until the next call)."""
+        rows = self._rows_of(index)
+        if self._table is None:
+            scale = 1.0 / math.sqrt(self.out_dim)
+            # the two entry values made by the very operations of _generate, so they are the same floats
+            values = torch.tensor([0, 1], dtype=torch.int8, device=self.device).to(torch.float32)
+            values = values.mul_(2.0 * scale).sub_(scale)                                   # (2,)
+            codes = torch.arange(256, device=self.device).unsqueeze(1)                     # (256, 1)
+            shifts = torch.arange(8, device=self.device)                                   # (8,)
+            self._table = values[(codes >> shifts) & 1]                                    # (256, 8): bit j of a byte
+            bytes_per_block = math.ceil(self.block_rows * self.out_dim / 8)
+            self._codes = torch.empty(bytes_per_block, dtype=torch.long, device=self.device)
+            # a fresh allocation used from its start: aligned like a newly generated block, for the same GEMM path
+            self._scratch = torch.empty(bytes_per_block * 8, dtype=torch.float32, device=self.device)
+        n = packed.numel()
+        codes, scratch = self._codes[:n], self._scratch[:n * 8]
+        codes.copy_(packed)
+        torch.index_select(self._table, 0, codes, out=scratch.view(n, 8))                 # (n, 8) -> n * 8 entries
+        return scratch[:rows * self.out_dim].view(rows, self.out_dim)
+
+    def _block(self, index: int) -> tuple[Tensor, bool]:
+        """Block ``index`` as float32 and whether the caller owns it (False: cache or scratch, read-only)."""
+        kept = self._cache.get(index)
+        if kept is None:
+            block, bits = self._generate(index)
+            self._store(index, block, bits)
+            return block, bits is not None or index not in self._cache
+        if self.kind == "gaussian":
+            return kept, False
+        return self._expand(index, kept), False
+
+    def block(self, index: int) -> Tensor:
+        """Rows ``[index * block_rows, min(in_dim, (index + 1) * block_rows))`` of R, float32 on ``device`` (a new
+        tensor)."""
+        block, owned = self._block(index)
+        return block if owned else block.clone()
 
     def rows(self, start: int = 0, stop: int | None = None) -> Tensor:
-        """Rows ``[start, stop)`` of R (generates only the blocks they touch)."""
+        """Rows ``[start, stop)`` of R (uses only the blocks they touch)."""
         stop = self.in_dim if stop is None else stop
         if not 0 <= start <= stop <= self.in_dim:
             raise IndexError(f"row range [{start}, {stop}) outside [0, {self.in_dim}]")
         parts = []
         for b in range(start // self.block_rows, math.ceil(stop / self.block_rows)):
             lo = b * self.block_rows
-            block = self.block(b)
-            parts.append(block[max(start, lo) - lo: min(stop, lo + block.shape[0]) - lo])
+            block, owned = self._block(b)
+            part = block[max(start, lo) - lo: min(stop, lo + block.shape[0]) - lo]
+            parts.append(part if owned else part.clone())     # the scratch buffer is rewritten by the next block
         if not parts:
             return torch.zeros((0, self.out_dim), device=self.device)
         return torch.cat(parts)
 
     def project(self, x: Tensor) -> Tensor:
-        """(n, in_dim) -> (n, out_dim) float32 on ``device``, one block of R at a time."""
+        """(n, in_dim) -> (n, out_dim) float32 on ``device``, one block of R at a time.
+
+        The sum runs block by block in row order with one ``addmm_`` each, as it always has: the same blocks in
+        the same order give bit-identical results whether a block comes from the cache or the generator."""
         if x.dim() != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"expected (n, {self.in_dim}) vectors, got {tuple(x.shape)}")
         x = x.to(device=self.device, dtype=torch.float32)
         out = torch.zeros((x.shape[0], self.out_dim), device=self.device)
         for b in range(self.num_blocks):
             lo = b * self.block_rows
-            block = self.block(b)
-            out.addmm_(x[:, lo: lo + block.shape[0]], block)
+            block, _ = self._block(b)                                   # (rows_b, out_dim)
+            out.addmm_(x[:, lo: lo + block.shape[0]], block)             # (n, rows_b) @ (rows_b, out_dim)
         return out
 
 
@@ -392,7 +501,8 @@ def run_warmup(model: torch.nn.Module, examples: Sequence[TokenizedExample], con
     The checkpoint's ``lr`` is the mean learning rate of the optimizer steps of its epoch (the scheduler value each
     step used). With ``work_dir``, each epoch's checkpoint is also written there as it is made
     (``warmup-epochN.safetensors``), and a warm-up whose every epoch is there is not run again; ``checkpointer``
-    lets an interrupted warm-up continue exactly.
+    lets an interrupted warm-up continue exactly. Under several processes rank 0 alone writes ``work_dir`` and every
+    rank returns the checkpoints read back from it.
     """
     if config.optimizer != "adamw":
         raise ConfigError("the LESS warm-up needs AdamW")
@@ -401,7 +511,8 @@ def run_warmup(model: torch.nn.Module, examples: Sequence[TokenizedExample], con
     warmup_steps = int(round(config.warmup_ratio * total))
     epochs = total // per_epoch
     saved = [work_dir / f"warmup-epoch{e}.safetensors" for e in range(1, epochs + 1)] if work_dir else []
-    if saved and all(path.is_file() for path in saved):
+    # rank 0 decides for every rank (a rank that looked later could see files rank 0 has just written)
+    if distributed.broadcast_object(bool(saved) and all(path.is_file() for path in saved)):
         return [WarmupCheckpoint.load(path) for path in saved]
     checkpoints: list[WarmupCheckpoint] = []
 
@@ -426,12 +537,13 @@ def run_warmup(model: torch.nn.Module, examples: Sequence[TokenizedExample], con
         checkpoint = WarmupCheckpoint(
             epoch=step // per_epoch, step=step, lr=sum(epoch_lrs) / len(epoch_lrs), params=params, exp_avg=avg,
             exp_avg_sq=avg_sq, adam_step=adam_step, betas=tuple(map(float, group["betas"])), eps=float(group["eps"]))
-        if work_dir is not None:
+        if work_dir is not None and distributed.is_main():
             checkpoint.save(work_dir / f"warmup-epoch{checkpoint.epoch}.safetensors")
         checkpoints.append(checkpoint)
 
     train_model(model, examples, config, pad_id=pad_id, on_step=on_step, progress=progress, checkpointer=checkpointer)
     if work_dir is not None:   # epochs finished before a resume are on disk only
+        distributed.barrier()  # written by rank 0: every rank then scores with rank 0's checkpoints
         return [WarmupCheckpoint.load(path) for path in saved]
     return checkpoints
 
@@ -440,15 +552,30 @@ def run_warmup(model: torch.nn.Module, examples: Sequence[TokenizedExample], con
 # Features and scores
 # ----------------------------------------------------------------------------------------------------------------
 
+def length_batches(examples: Sequence[TokenizedExample], batch_size: int) -> list[list[int]]:
+    """Indices of ``examples`` sorted by length (stable) and cut into batches of ``batch_size``: the batching of
+    :func:`gradient_features` (a rank's share is every ``world``-th batch, so batches hold the same rows at any
+    number of processes)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def gradient_features(model: torch.nn.Module, examples: Sequence[TokenizedExample], params: Mapping[str, Tensor],
                       projection: RandomProjection, *, pad_id: int, checkpoint: WarmupCheckpoint | None = None,
                       bias_correction: bool = False, batch_size: int = 8, buffer_size: int = 128,
-                      progress: bool = False, desc: str = "gradients") -> Tensor:
+                      progress: bool = False, desc: str = "gradients", shard: bool = False) -> Tensor:
     """L2-normalised projected per-example gradients (N, d) of ``examples`` at LoRA tensors ``params``.
 
     With ``checkpoint`` the gradients are first turned into the Adam direction with its moments (pool side of
-    LESS); without, they stay plain gradients (validation side). Examples are batched by length (batches of
-    ``batch_size``, right padding); at most ``buffer_size`` raw gradient rows are held before they are projected.
+    LESS); without, they stay plain gradients (validation side). Examples are batched by length
+    (:func:`length_batches`, right padding); at most ``buffer_size`` raw gradient rows are held before they are
+    projected (one ``projection.project`` per flush; the projection keeps its generated blocks, so the matrix is
+    made once however many flushes and calls there are).
+
+    With ``shard`` under several processes (torchrun / accelerate launch) every rank must call this: each computes
+    the batches ``rank, rank + world, ...`` and the features are gathered, so every rank returns all N rows. A
+    row's gradient is that of one process (same batch, same padding); only its projection is summed with other
+    rows beside it, so features agree with one process to float rounding. On one process it is a no-op.
     """
     if batch_size < 1 or buffer_size < 1:
         raise ConfigError("batch_size and buffer_size must be positive")
@@ -458,32 +585,46 @@ def gradient_features(model: torch.nn.Module, examples: Sequence[TokenizedExampl
     moments = checkpoint.flat_moments(device) if checkpoint is not None else None
     if checkpoint is not None and checkpoint.names != names:
         raise ValueError("the checkpoint's tensors do not match the parameters")
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    out = torch.zeros((len(examples), projection.out_dim), device=projection.device)
-    pending_rows: list[Tensor] = []
+    batches = length_batches(examples, batch_size)
+    world = distributed.world_size() if shard else 1
+    if world > 1:
+        batches = batches[distributed.rank()::world]
+        mine = [i for chunk in batches for i in chunk]
+        slot = {i: k for k, i in enumerate(mine)}                                # example index -> row of out
+    else:
+        slot = None                                                               # out is indexed by example
+    out = torch.zeros((len(examples) if slot is None else len(slot), projection.out_dim), device=projection.device)
+    pending_rows: list[Tensor] = []                                               # (B_j, P) raw rows
     pending_index: list[int] = []
 
     def flush() -> None:
         if not pending_rows:
             return
-        feats = F.normalize(projection.project(torch.cat(pending_rows)), dim=1)
+        feats = F.normalize(projection.project(torch.cat(pending_rows)), dim=1)  # (sum B_j, d)
         out[torch.tensor(pending_index, device=out.device)] = feats
         pending_rows.clear()
         pending_index.clear()
 
-    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
-    for chunk in tqdm(batches, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    show = progress and distributed.is_main()
+    for chunk in tqdm(batches, desc=desc, disable=not show, dynamic_ncols=True, leave=False):
         batch = collate([examples[i] for i in chunk], pad_id, device)
         grads = flatten_grads(per_example_grads(model, params, batch), names).detach()      # (B, P)
         if moments is not None:
             grads = adam_direction(grads, *moments, betas=checkpoint.betas, eps=checkpoint.eps,
                                    step=checkpoint.adam_step, bias_correction=bias_correction)
         pending_rows.append(grads)
-        pending_index.extend(chunk)
+        pending_index.extend(chunk if slot is None else [slot[i] for i in chunk])
         if sum(r.shape[0] for r in pending_rows) >= buffer_size:
             flush()
     flush()
-    return out
+    if slot is None:
+        return out
+    # every rank's (its example indices, its (n_r, d) features), moved to the CPU so that they unpickle anywhere
+    full = torch.zeros((len(examples), projection.out_dim), device=projection.device)
+    for index, feats in distributed.all_gather_objects((mine, out.cpu())):
+        if index:
+            full[torch.tensor(index, device=full.device)] = feats.to(full.device)
+    return full
 
 
 @dataclass
@@ -503,7 +644,11 @@ def less_scores(model: torch.nn.Module, pool: Sequence[TokenizedExample], valida
     """LESS scores of every pool example against the validation examples over the warm-up checkpoints.
 
     With ``row_dir``, each checkpoint's row of mean cosines is written there when done (``scores-C.safetensors``)
-    and read back instead of recomputed, so an interrupted scoring loses at most one checkpoint's work."""
+    and read back instead of recomputed, so an interrupted scoring loses at most one checkpoint's work.
+
+    Under several processes every rank calls this: the features are sharded over the ranks and gathered
+    (:func:`gradient_features` with ``shard``), every rank returns the same scores, and rank 0 alone reads and
+    writes ``row_dir``."""
     if not checkpoints:
         raise ValueError("LESS needs at least one warm-up checkpoint")
     if not validation or not pool:
@@ -511,26 +656,33 @@ def less_scores(model: torch.nn.Module, pool: Sequence[TokenizedExample], valida
     model.eval()
     rows = []
     for c, checkpoint in enumerate(checkpoints, 1):
-        if row_dir is not None and (row_dir / f"scores-{c}.safetensors").is_file():
-            rows.append(load_tensors(row_dir / f"scores-{c}.safetensors")["mean_cosine"])
+        path = row_dir / f"scores-{c}.safetensors" if row_dir is not None else None
+        # rank 0 decides which checkpoints are done and hands their rows to every rank, so that all ranks skip the
+        # same checkpoints (the gathers below are collective)
+        done = None
+        if path is not None and distributed.is_main() and path.is_file():
+            done = load_tensors(path)["mean_cosine"]
+        done = distributed.broadcast_object(done)
+        if done is not None:
+            rows.append(done)
             continue
-        kwargs = dict(pad_id=pad_id, batch_size=batch_size, buffer_size=buffer_size, progress=progress)
+        kwargs = dict(pad_id=pad_id, batch_size=batch_size, buffer_size=buffer_size, progress=progress, shard=True)
         val = gradient_features(model, validation, checkpoint.params, projection,
-                                desc=f"LESS val grads {c}/{len(checkpoints)}", **kwargs)
+                                desc=f"LESS val grads {c}/{len(checkpoints)}", **kwargs)   # (n_val, d) on every rank
         finite = torch.isfinite(val).all(dim=1)                                   # (n_val,)
         if not bool(finite.any()):
             raise TrainingError(f"every target example's gradient is NaN/inf at LESS warm-up checkpoint {c}; lower "
                                 f"the warm-up lr or use fp32")
-        if not bool(finite.all()):
+        if not bool(finite.all()) and distributed.is_main():
             warnings.warn(f"{int((~finite).sum())} target example(s) have NaN/inf gradients at LESS checkpoint {c}; "
                           f"they are left out of the target direction", stacklevel=2)
         target = val[finite].mean(dim=0)                                          # (d,)
         feats = gradient_features(model, pool, checkpoint.params, projection, checkpoint=checkpoint,
                                   bias_correction=bias_correction, desc=f"LESS pool grads {c}/{len(checkpoints)}",
-                                  **kwargs)
+                                  **kwargs)                                       # (N, d) on every rank
         rows.append((feats @ target).cpu())                                       # (N,) mean cosine
-        if row_dir is not None:
-            save_tensors(row_dir / f"scores-{c}.safetensors", {"mean_cosine": rows[-1]})
+        if path is not None and distributed.is_main():
+            save_tensors(path, {"mean_cosine": rows[-1]})
         del feats
     per_checkpoint = torch.stack(rows)                                            # (C, N)
     lrs = [float(c.lr) for c in checkpoints]
@@ -566,6 +718,10 @@ def select(*, method: str, data: str, budget: str | int, output: str | Path, see
     AdamW; epochs and seed are replaced). ``save_checkpoints`` keeps the warm-up checkpoints as safetensors in
     ``<output stem>.less/`` beside the output file. ``scores_from`` (LESS only) cuts the budget from the
     ``all_scores`` of an earlier LESS selection file of the same data (no model work).
+
+    Under ``torchrun`` / ``accelerate launch`` (LESS only) every rank runs this: the warm-up as
+    :func:`textdistill.training.train_model` runs it, the gradient features sharded over the ranks and gathered,
+    and rank 0 alone writes the selection file and the unfinished work; every rank returns the same result.
 
     LESS's unfinished work is kept in ``.<output name>.partial/`` beside the output (warm-up state every
     ``checkpoint_every`` steps / ``checkpoint_seconds`` seconds, each warm-up epoch, each checkpoint's scores); a
@@ -606,7 +762,11 @@ def select(*, method: str, data: str, budget: str | int, output: str | Path, see
         write_selection(output, method=method, data=data, budget=budget, seed=seed, examples=pool, indices=indices)
         return {"count": count, "indices": indices, "scores": None}
     output = Path(output)
-    with exclusive(output.parent / f".{output.name}.lock", f"the LESS selection {output}"):
+    distributed.init(device)   # under torchrun / accelerate launch: join the group (features are sharded)
+    # rank 0 alone holds the output's lock (the other ranks of the same run would find it taken)
+    lock = (exclusive(output.parent / f".{output.name}.lock", f"the LESS selection {output}")
+            if distributed.is_main() else contextlib.nullcontext())
+    with lock:
         return _select_less(pool=pool, count=count, data=data, budget=budget, output=output, seed=seed,
                             model_name=model, task=task, split=split, settings=settings, tokenizer=tokenizer,
                             config=config, train_config=train_config, device=device, save_checkpoints=save_checkpoints,
@@ -642,7 +802,7 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
     warm_rows = warmup_indices(len(pool), config.warmup_fraction, seed)
 
     # --- model work starts here
-    target_device = resolve_device(device)
+    target_device = distributed.init(device)   # this rank's device (resolve_device's choice); joins the group
     base = load_model(model_name, dtype=base_dtype(recipe, device), device=target_device, attn_implementation="eager",
                       trust_remote_code=trust_remote_code)
     torch.manual_seed(seed)
@@ -653,12 +813,14 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
     work_dir = output.parent / f".{output.name}.partial"
     fingerprint = {"model": model_name, "data": sha256_json([[e.prompt, e.response] for e in pool]), "seed": seed,
                    "less": to_jsonable(config), "recipe": to_jsonable(recipe), "target": f"{task}:{split}"}
-    if (work_dir / "fingerprint.json").is_file() and read_json(work_dir / "fingerprint.json") != fingerprint:
-        warnings.warn(f"{work_dir} holds unfinished LESS work of other settings; starting over", stacklevel=3)
-        shutil.rmtree(work_dir)
-    elif (work_dir / "fingerprint.json").is_file():
-        warnings.warn(f"continuing the unfinished LESS work in {work_dir}", stacklevel=3)
-    atomic_write_json(work_dir / "fingerprint.json", fingerprint)
+    if distributed.is_main():   # the other ranks wait until the folder is settled, then read what it holds
+        if (work_dir / "fingerprint.json").is_file() and read_json(work_dir / "fingerprint.json") != fingerprint:
+            warnings.warn(f"{work_dir} holds unfinished LESS work of other settings; starting over", stacklevel=3)
+            shutil.rmtree(work_dir)
+        elif (work_dir / "fingerprint.json").is_file():
+            warnings.warn(f"continuing the unfinished LESS work in {work_dir}", stacklevel=3)
+        atomic_write_json(work_dir / "fingerprint.json", fingerprint)
+    distributed.barrier()
     checkpoints = run_warmup(net, [pool_tok[i] for i in warm_rows], recipe, pad_id=pad_id, progress=progress,
                              work_dir=work_dir, checkpointer=TrainCheckpointer(
                                  work_dir / "warmup", fingerprint=fingerprint, every_steps=checkpoint_every,
@@ -666,7 +828,7 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
     checkpoint_dir = None
     if save_checkpoints:
         checkpoint_dir = output.parent / f"{output.stem}.less"
-        for ck in checkpoints:
+        for ck in checkpoints if distributed.is_main() else ():
             ck.save(checkpoint_dir / f"warmup-epoch{ck.epoch}.safetensors")
     num_params = sum(t.numel() for t in checkpoints[0].params.values())
     proj = RandomProjection(num_params, config.projection_dim, seed=seed, kind=config.projection, device=target_device)
@@ -678,8 +840,9 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
     if faulty:
         if len(faulty) == len(pool):
             raise TrainingError("every pool example's LESS gradient is NaN/inf; lower the warm-up lr or use fp32")
-        warnings.warn(f"{len(faulty)} pool row(s) have NaN/inf LESS gradients (e.g. {pool[faulty[0]].id}); they "
-                      f"are not selected", stacklevel=3)
+        if distributed.is_main():
+            warnings.warn(f"{len(faulty)} pool row(s) have NaN/inf LESS gradients (e.g. {pool[faulty[0]].id}); "
+                          f"they are not selected", stacklevel=3)
     indices = top_indices(result.scores, count, exclude=sorted(set(overlap) | set(faulty)))
     eval_prompts = {e.prompt.strip() for e in validation}
     chosen_overlap = [i for i in indices if i in set(overlap) or pool[i].prompt.strip() in eval_prompts]
@@ -697,9 +860,11 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
              "all_scores": all_scores}
     if faulty:
         extra["gradient_faults"] = [pool[i].id for i in faulty]
-    write_selection(output, method="less", data=data, budget=budget, seed=seed, examples=pool, indices=indices,
-                    scores=[all_scores[i] for i in indices], extra=extra)
-    shutil.rmtree(work_dir, ignore_errors=True)   # the selection file is written: nothing left to resume
+    if distributed.is_main():
+        write_selection(output, method="less", data=data, budget=budget, seed=seed, examples=pool, indices=indices,
+                        scores=[all_scores[i] for i in indices], extra=extra)
+        shutil.rmtree(work_dir, ignore_errors=True)   # the selection file is written: nothing left to resume
+    distributed.barrier()   # no rank returns before the file is there
     return {"count": count, "indices": indices, "scores": [all_scores[i] for i in indices],
             "all_scores": all_scores, "checkpoint_lrs": result.lrs, "excluded": overlap,
             "checkpoint_dir": checkpoint_dir}
