@@ -28,6 +28,7 @@ Two exact ways to differentiate through the unroll (:func:`unroll`):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -305,6 +306,22 @@ def first_order_unroll(model: nn.Module, start_params: Mapping[str, Tensor], bat
     return dict(zip(names, params)), snapshots
 
 
+def _pack(tensors: Sequence[Tensor]) -> Tensor | list[Tensor]:
+    """One flat copy of the tensors (when they share a dtype and device): a snapshot of a few hundred small LoRA
+    tensors kept as one buffer does not fragment the allocator's heap over N steps (results/bench_inner_loop.md)."""
+    if len({(t.dtype, t.device) for t in tensors}) != 1:
+        return list(tensors)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unpack(packed: Tensor | list[Tensor], shapes: Sequence[torch.Size]) -> list[Tensor]:
+    """The tensors of :func:`_pack` as views of its buffer."""
+    if isinstance(packed, list):
+        return packed
+    sizes = [math.prod(shape) for shape in shapes]
+    return [chunk.view(shape) for chunk, shape in zip(packed.split(sizes), shapes)]
+
+
 class _Spec:
     """Non-tensor arguments of :class:`_RecomputeUnroll` (model, parameter names, number of batches)."""
 
@@ -326,12 +343,13 @@ class _RecomputeUnroll(torch.autograd.Function):
         # same attention kernel as the replay in backward, so the replayed steps are the same computation
         with torch.enable_grad(), attention_context(spec.model, second_order=True):
             for batch in batches:
-                snapshots.append(params)
+                snapshots.append(_pack(params))
                 leaves = [p.detach().requires_grad_(True) for p in params]
                 stepped = _sgd_step(spec.model, spec.names, leaves, batch, lr.detach(), create_graph=False)
                 params = [p.detach() for p in stepped]
         ctx.spec = spec
-        ctx.snapshots = snapshots                       # N lists of n detached tensors
+        ctx.snapshots = snapshots                       # N packed copies of the n tensors (see _pack)
+        ctx.shapes = [p.shape for p in params]
         ctx.save_for_backward(lr, *flat[n:])
         return tuple(params)
 
@@ -344,7 +362,8 @@ class _RecomputeUnroll(torch.autograd.Function):
         need_lr = needs[1]
         need_prompt = [needs[2 + n + 4 * k] for k in range(n_b)]
         # dL/dtheta_N; None where an output was unused
-        bar = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_out, ctx.snapshots[-1])]
+        last = _unpack(ctx.snapshots[-1], ctx.shapes)
+        bar = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_out, last)]
         lr_grad = torch.zeros_like(lr) if need_lr else None
         prompt_grads: list[Tensor | None] = [None] * n_b
         with torch.enable_grad(), attention_context(spec.model, second_order=True):
@@ -352,7 +371,7 @@ class _RecomputeUnroll(torch.autograd.Function):
                 pe, pl, ri, rl = flat_batches[4 * k: 4 * k + 4]
                 pe_leaf = pe.detach().requires_grad_(need_prompt[k])
                 lr_leaf = lr.detach().requires_grad_(need_lr)
-                theta = [s.detach().requires_grad_(True) for s in ctx.snapshots[k]]
+                theta = [s.detach().requires_grad_(True) for s in _unpack(ctx.snapshots[k], ctx.shapes)]
                 stepped = _sgd_step(spec.model, spec.names, theta, SyntheticBatch(pe_leaf, pl, ri, rl),
                                     lr_leaf, create_graph=True)
                 wrt = theta + ([lr_leaf] if need_lr else []) + ([pe_leaf] if need_prompt[k] else [])
