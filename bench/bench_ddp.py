@@ -107,7 +107,7 @@ def main() -> None:
     figures = {"ddp_ratio": round(two / one, 3), "one_process_s_per_iteration": round(one, 2),
                "two_process_s_per_iteration": round(two, 2), "segments": args.segments, "same_result": int(agree)}
     line = " ".join(f"{k}={v}" for k, v in figures.items())
-    machine = machine_description()
+    machine = {**machine_description(), "torch_threads": "1 per process (OMP_NUM_THREADS=1)"}
     machine["load_average_1_5_15_min_at_start"] = " / ".join(f"{x:.2f}" for x in load_start)
     machine["load_average_1_5_15_min_at_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     command = "python " + " ".join(shlex.quote(x) for x in sys.argv)
@@ -120,6 +120,10 @@ def main() -> None:
         "| run | s / iteration | wall s (incl. loading and the instrument) |", "|---|---:|---:|",
         f"| 1 process | {one:.1f} | {walls['one']:.0f} |", f"| 2 processes | {two:.1f} | {walls['two']:.0f} |", "",
         f"Same synthetic set at the end (token ids equal, lr within 1e-6): {'yes' if agree else 'NO'}.", "",
+        f"ddp_ratio = {two / one:.3f} (ideal 0.5 with 2 free cores). An iteration waits for its slowest rank: the "
+        "draws cost differently (a candidate's replay starts at the first step that uses its sample), and both "
+        "processes share the memory bandwidth; the search's own bookkeeping (ranking, re-tokenizing candidates) is "
+        "repeated on every rank.", "",
         "## Machine", "", *[f"- {k}: {v}" for k, v in machine.items()], "",
         "## Command", "", f"    {command}", "", "## Figures", "", f"    {line}", ""]
     args.out.write_text("\n".join(text))
