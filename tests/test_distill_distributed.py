@@ -11,16 +11,12 @@ import pytest
 import torch
 
 from launch import torchrun
+from test_distill import experts_dir  # noqa: F401  (the same 3 tiny SGD experts, a module fixture)
 from textdistill.artifacts import load_tensors
-from textdistill.config import DataSettings, LoraSettings, TrainConfig
 from textdistill.distill import DistillConfig, TokenSearchSettings, distill
 from textdistill.errors import ConfigError
-from textdistill.experts import ExpertsConfig, make_experts
 from textdistill.instrument import InstrumentConfig, StudentSettings
 
-RECIPE = TrainConfig(optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=0.0, max_steps=4, batch_size=4,
-                     max_grad_norm=None, precision="fp32", lora=LoraSettings(r=2, alpha=4),
-                     data=DataSettings(max_length=48, limit=12))
 # 3 segments over 2 ranks (2 + 1) and 3 confirmation draws: the shares are uneven on purpose
 CONFIGS = {
     "gcg": DistillConfig(budget="4", iterations=4, segments=3, student=StudentSettings(syn_steps=2, batch_size=2),
@@ -43,14 +39,6 @@ SCRIPT = textwrap.dedent("""
     result = distill(experts=experts, output=out, config=CONFIGS[mode], device="cpu", progress=False)
     assert ("heldout" in result) == distributed.is_main(), result
 """)
-
-
-@pytest.fixture(scope="module")
-def experts_dir(tmp_path_factory, tiny_llama_dir):
-    out = tmp_path_factory.mktemp("experts")
-    make_experts(model_name=str(tiny_llama_dir), data="arc-easy:train", output=out, device="cpu", progress=False,
-                 config=ExpertsConfig(num_experts=3, snapshot_every=2, train=RECIPE))
-    return out
 
 
 @pytest.mark.parametrize("mode", ["gcg", "continuous"])

@@ -523,8 +523,8 @@ def _accumulate_meta_gradient(context: _Context, synthetic: SyntheticSet, draws:
     """Backward of the mean matching loss over ``draws``, this rank's share of them, one segment at a time (one
     unroll graph alive at once); ``prompts_of()`` rebuilds the (S, P_max, H) prompts fed in (their graph is freed
     by each backward) from ``prompt_leaf`` and ``extra_loss(prompts)`` (the regularizer) is added once, on rank 0.
-    The gradients of ``prompt_leaf`` and ``log_lr`` are then summed over the ranks. Returns the mean matching loss over all draws and a fault reason (the same on every
-    rank), or None."""
+    The gradients of ``prompt_leaf`` and ``log_lr`` are then summed over the ranks. Returns the mean matching loss
+    over all draws and a fault reason (the same on every rank), or None."""
     share = distributed.shard_indices(len(draws))
     match_sum, fault = 0.0, None
     for j, d in enumerate(share):

@@ -901,7 +901,8 @@ def evaluate(*, model_name: str, configs: Sequence[Any], adapter: str | None = N
     device = str(resolve_device(device))
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     if dtype == "fp16" and torch.device(device).type == "cpu":
-        raise ConfigError("--dtype fp16 needs a GPU (CPU kernels for fp16 are slow and partly missing); use bf16 or fp32")
+        raise ConfigError("--dtype fp16 needs a GPU (CPU kernels for fp16 are slow and partly missing); use bf16 "
+                          "or fp32")
     # bf16 / fp16 halve the weights' memory; the result records the dtype (model_dtype)
     model = load_model(model_name, dtype=dtype, device=device, attn_implementation="sdpa", adapter=adapter,
                        trust_remote_code=trust_remote_code)
