@@ -612,7 +612,7 @@ def analysis(res: dict, figures: dict, missed: list) -> list:
             "relative to plain LoRA steps, and the measured excess comes from the double backward being "
             f"{b2 / (f1 + b1):.2f}x (not 1x) its function and from the first backward's graph recording.",
             "",
-            "What would bring it to <= 2.0 (none done here; src/ is unchanged): (a) truncated second order, "
+            "What would bring it to <= 2.0 (none of it is built): (a) truncated second order, "
             f"differentiating only the last k of the N steps (first-order before): with these costs k/N <= "
             f"{k_frac:.2f} meets 2.0, at the price of no prompt gradient from the earlier steps' batches; "
             "(b) the first-order unroll (`create_graph=False`: lr gets a gradient, prompts none) costs about one "
