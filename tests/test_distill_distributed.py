@@ -114,3 +114,13 @@ def test_a_bf16_model_distils_without_upcasting_its_base_weights_and_with_fp32_l
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["matching_loss"] is not None and r["matching_loss"] > 0 for r in rows)
     assert summary["heldout"]["projected"]["loss"] > 0
+
+
+def test_the_command_line_on_two_ranks_reports_once(tmp_path, experts_dir):
+    out = tmp_path / "cli"
+    proc = torchrun("textdistill.cli", "distill", "--experts", experts_dir, "--budget", "4", "--iterations", "2",
+                    "--syn-steps", "2", "--batch-size", "2", "--set", "instrument.draws=2",
+                    "--set", "instrument.random_subsets=1", "--set", "instrument.heldout_experts=1", "--device", "cpu",
+                    "--no-progress", "--output", out, module=True, timeout=240)
+    assert proc.stdout.count("held-out matching loss") == 1, proc.stdout   # rank 0 reports, rank 1 stays quiet
+    assert json.loads((out / "run.json").read_text())["segments"] == 2   # one segment per rank by default

@@ -43,6 +43,13 @@ def _add_task_fields(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--answer-field", help=f"{what}: the answer's field (default: answer)")
 
 
+def _reports() -> bool:
+    """Whether this process prints the command's result: rank 0 of a torchrun / accelerate launch, or the only one."""
+    from .distributed import is_main
+
+    return is_main()
+
+
 def _cmd_assets(args: argparse.Namespace) -> int:
     from . import assets
 
@@ -79,7 +86,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     doc = evaluate(model_name=args.model, adapter=args.adapter, configs=configs, output=args.output,
                    log_samples=args.log_samples, device=args.device, trust_remote_code=args.trust_remote_code,
                    progress=not args.no_progress, backend=args.backend, scorer=scorer, dtype=args.dtype)
-    if args.output is None:
+    if args.output is None and _reports():
         for config in configs:
             metrics = doc["results"][config.task]
             print(json.dumps({"task": config.task, "acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"],
@@ -102,7 +109,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     selection=args.selection, evaluate_on=evaluate_on, eval_limit=args.eval_limit,
                     trust_remote_code=args.trust_remote_code, progress=not args.no_progress, resume=args.resume,
                     checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds)
-    print(json.dumps(summary, indent=2))
+    if _reports():
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -123,7 +131,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
         result = select_by_matching(experts=args.experts, budget=args.budget, output=args.output, config=config,
                                     device=args.device, trust_remote_code=args.trust_remote_code,
                                     progress=not args.no_progress)
-        print(f"selected {result['count']} rows -> {args.output}")
+        if _reports():
+            print(f"selected {result['count']} rows -> {args.output}")
         return 0
     if not args.data:
         raise ConfigError(f"select --method {args.method} needs --data (the pool to select from)")
@@ -139,7 +148,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
                     model=args.model, config=config, device=args.device, trust_remote_code=args.trust_remote_code,
                     scores_from=args.scores, progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
                     checkpoint_seconds=args.checkpoint_seconds)
-    print(f"selected {result['count']} rows -> {args.output}")
+    if _reports():
+        print(f"selected {result['count']} rows -> {args.output}")
     return 0
 
 
@@ -157,7 +167,8 @@ def _cmd_experts(args: argparse.Namespace) -> int:
     result = make_experts(model_name=args.model, data=args.data, output=args.output, config=config,
                           device=args.device, trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
                           checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds)
-    print(f"{len(result.snapshots)} expert trajectories x {result.num_snapshots} snapshots -> {args.output}")
+    if _reports():
+        print(f"{len(result.snapshots)} expert trajectories x {result.num_snapshots} snapshots -> {args.output}")
     return 0
 
 
@@ -176,6 +187,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     compare = dict(pair.split("=", 1) for pair in args.compare or [])
     summary = distill(experts=args.experts, output=args.output, config=config, resume=args.resume, compare=compare,
                       device=args.device, progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
+    if "heldout" not in summary:   # another rank of a launch: rank 0 reports
+        return 0
     print(json.dumps({k: v for k, v in summary.items() if k != "heldout"}, indent=2))
     heldout = summary["heldout"]
     diff = heldout.get("projected_minus_init")
