@@ -27,11 +27,14 @@ from textdistill.models import load_model, load_tokenizer
 from textdistill.projection import input_embedding_matrix
 from textdistill.training import train, train_on_embeddings
 
-# AdamW over LoRA; 3 examples per micro-batch (2 on rank 0, 1 on rank 1) and 2 micro-batches per step: responses of
-# different lengths make an unweighted mean of the ranks' losses wrong; with 16 examples, step 3 ends the epoch with
-# a micro-batch of 1 example, which leaves rank 1 without any.
-TRAIN = TrainConfig(lr=2e-2, max_steps=5, batch_size=3, grad_accum=2, warmup_ratio=0.2, schedule="linear",
-                    max_grad_norm=1.0, lora=LoraSettings(r=2, alpha=4), data=DataSettings(max_length=64))
+# SGD over LoRA (AdamW would turn a rounding difference in a near-zero gradient of a zero-initialised LoRA B into a
+# step of +-lr, so adapters of differently threaded runs can differ by 2 lr there); 3 examples per micro-batch (2 on
+# rank 0, 1 on rank 1) and 2 micro-batches per step: responses of different lengths make an unweighted mean of the
+# ranks' losses wrong; with 16 examples, step 3 ends the epoch with a micro-batch of 1 example, which leaves rank 1
+# without any.
+TRAIN = TrainConfig(optimizer="sgd", lr=0.5, max_steps=5, batch_size=3, grad_accum=2, warmup_ratio=0.2,
+                    schedule="linear", max_grad_norm=1.0, lora=LoraSettings(r=2, alpha=4),
+                    data=DataSettings(max_length=64))
 EXPERTS = ExpertsConfig(num_experts=3, snapshot_every=2, train=TrainConfig(
     optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=0.0, max_steps=4, batch_size=4, max_grad_norm=None,
     lora=LoraSettings(r=2, alpha=4), data=DataSettings(max_length=64)))
