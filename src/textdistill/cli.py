@@ -187,7 +187,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     compare = dict(pair.split("=", 1) for pair in args.compare or [])
     summary = distill(experts=args.experts, output=args.output, config=config, resume=args.resume, compare=compare,
                       device=args.device, progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
-    if "heldout" not in summary:   # another rank of a launch: rank 0 reports
+    if "heldout" not in summary or not _reports():   # another rank of a launch: rank 0 reports
         return 0
     print(json.dumps({k: v for k, v in summary.items() if k != "heldout"}, indent=2))
     heldout = summary["heldout"]

@@ -400,8 +400,8 @@ def _load_checkpoint(run_dir: Path, loop: _Loop, fingerprints: Sequence[str]) ->
         meta = handle.metadata() or {}
     if meta.get("fingerprint") not in fingerprints:
         raise ConfigError(f"--resume: the run in {run_dir} was made with other settings or samples (seed, budget, "
-                          f"mode, init, selection, learning rates, student, search); only 'iterations' and "
-                          f"logging options may change on resume")
+                          f"mode, init, selection, learning rates, student, search, segments: by default one per "
+                          f"process); only 'iterations' and logging options may change on resume")
     if tensors["prompt_embeds"].shape != loop.synthetic.prompt_embeds.shape:
         raise ConfigError(f"the checkpoint in {run_dir} has embeddings of shape "
                           f"{tuple(tensors['prompt_embeds'].shape)}, this run expects "
@@ -519,7 +519,8 @@ def _fault(reason: str, draws: Sequence[Draw], lr: Tensor) -> dict[str, Any]:
 
 
 def _accumulate_meta_gradient(context: _Context, synthetic: SyntheticSet, draws: Sequence[Draw], log_lr: Tensor,
-                              prompt_leaf: Tensor, prompts_of: Any, extra_loss: Any = None) -> tuple[float, str | None]:
+                              prompt_leaf: Tensor, prompts_of: Any, extra_loss: Any = None,
+                              what: str = "distillation loss") -> tuple[float, str | None]:
     """Backward of the mean matching loss over ``draws``, this rank's share of them, one segment at a time (one
     unroll graph alive at once); ``prompts_of()`` rebuilds the (S, P_max, H) prompts fed in (their graph is freed
     by each backward) from ``prompt_leaf`` and ``extra_loss(prompts)`` (the regularizer) is added once, on rank 0.
@@ -535,13 +536,13 @@ def _accumulate_meta_gradient(context: _Context, synthetic: SyntheticSet, draws:
         if j == 0 and extra_loss is not None:
             loss = loss + extra_loss(prompts)
         if not _finite(loss):
-            fault = f"non-finite distillation loss ({loss.item()})"
+            fault = f"non-finite {what} ({loss.item()})"
             break
         loss.backward()
         match_sum += match.item()
     match_total, faults = _sum_over_ranks([match_sum, float(fault is not None)])
     if faults and fault is None:
-        fault = "non-finite distillation loss on another rank"
+        fault = f"non-finite {what} on another rank"
     _reduce_grads(prompt_leaf, log_lr)
     return match_total / len(draws), fault
 
@@ -628,7 +629,8 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
     ids = synthetic.token_ids
     exact = (context.embed_matrix[ids.clamp_min(0)] * (ids >= 0).unsqueeze(-1)).detach().requires_grad_(True)
     loop.lr_optimizer.zero_grad(set_to_none=True)
-    match, fault = _accumulate_meta_gradient(context, synthetic, draws, loop.log_lr, exact, lambda: exact)
+    match, fault = _accumulate_meta_gradient(context, synthetic, draws, loop.log_lr, exact, lambda: exact,
+                                             what="matching loss")
     lr = loop.log_lr.exp()
     if fault is None and not _finite(exact.grad, loop.log_lr.grad):
         fault = "non-finite meta-gradient"
@@ -664,6 +666,9 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
             swaps.append(swap)
         if len(swaps) == search.candidates:
             break
+    # every rank built the same list from the same summed gradient; rank 0's makes sure (a GPU kernel that rounds
+    # otherwise would change the size of the collectives below and hang the ranks)
+    swaps = distributed.broadcast_object(swaps)
     record["candidates"] = len(swaps)
     if not swaps:
         return record
@@ -694,10 +699,12 @@ def _gcg_iteration(context: _Context, loop: _Loop, iteration: int) -> dict[str, 
         else:
             second = _draw(context, count, loop.generator, include=[w.sample for w in proposal])
             confirm_base, (confirm_loss,) = _score_on_draws(context, synthetic, [second], [proposal], step_lr, {})
-        if not (math.isfinite(confirm_base) and math.isfinite(confirm_loss)):
+        if not math.isfinite(confirm_base):
             return {**record, **_fault("non-finite loss on the confirmation draws", draws, lr)}
-        record.update({"confirm_current_loss": confirm_base, "confirm_candidate_loss": confirm_loss})
-        if confirm_loss >= confirm_base:
+        # a candidate that diverges there is rejected, as before, not counted as a fault (None keeps strict JSON)
+        record.update({"confirm_current_loss": confirm_base,
+                       "confirm_candidate_loss": confirm_loss if math.isfinite(confirm_loss) else None})
+        if not confirm_loss < confirm_base:
             return record
     loop.confirm_bases.clear()   # the set changes: its losses on the fixed draws are stale
     record.update({"accepted": True, "swaps": []})
@@ -902,6 +909,8 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
                 "precision": precision}
     if context.segments != 1:   # how many segments, not how they are shared out over ranks (runs of one resume)
         identity["segments"] = context.segments
+    if scorer.dtype != dtype:   # a half-precision base with the student's LoRA in fp32 (runs before it had it in bf16)
+        identity["student_lora_dtype"] = str(scorer.dtype)
     # runs checkpointed before the selection's path left the fingerprint resume when given the same path
     legacy_fingerprint = sha256_json({"config": settings, **identity})
     # the selection's rows are fingerprinted ("chosen"), not how its path was written (relative, absolute, moved)

@@ -52,11 +52,14 @@ def _active() -> bool:
 
 
 def local_device(device: str | torch.device | None = "auto") -> torch.device:
-    """The device of this rank: ``auto`` is ``cuda:LOCAL_RANK`` when CUDA is there, else the CPU; an explicit
-    device is kept (``cuda`` alone means this rank's GPU)."""
+    """The device of this rank: ``auto`` is CUDA when it is there (``cuda:LOCAL_RANK`` under a launcher, plain
+    ``cuda`` otherwise), else the CPU; an explicit device is kept (under a launcher ``cuda`` alone means this rank's
+    GPU)."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None or device == "auto":
-        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{local}") if is_launched() else torch.device("cuda")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and is_launched():
         return torch.device(f"cuda:{local}")
@@ -68,9 +71,9 @@ def init(device: str | torch.device | None = "auto", *, timeout_minutes: float =
 
     NCCL for CUDA devices, gloo otherwise. Without a launcher nothing is initialised."""
     target = local_device(device)
+    if is_launched() and target.type == "cuda":
+        torch.cuda.set_device(target)   # also for independent workers: "cuda" without an index means this rank's GPU
     if is_launched() and not _alone and dist.is_available() and not dist.is_initialized():
-        if target.type == "cuda":
-            torch.cuda.set_device(target)
         backend = "nccl" if target.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
         # leave the group before the interpreter tears down: a gloo process that exits while still in its group
