@@ -333,3 +333,24 @@ def test_a_bf16_base_trains_fp32_lora_and_bad_dtypes_are_refused(tiny_llama_dir)
                           config=TrainConfig(max_steps=1, dtype="fp16"))
     with pytest.raises(ConfigError, match="full fine-tuning keeps fp32"):
         TrainConfig(method="full", dtype="bf16")
+
+
+def test_cuda_generators_are_restored_in_device_order(monkeypatch):
+    """Device 10's generator state goes to device 10, not to device 2 (string order would put it there)."""
+    import random
+
+    import numpy as np
+
+    from textdistill import checkpoint
+
+    got = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: got.extend(int(s[0]) for s in states))
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python_rng": [version, list(internal), gauss],
+             "numpy_rng": [kind, keys.tolist(), pos, has_gauss, cached]}
+    tensors = {"rng/torch": torch.get_rng_state(),
+               **{f"rng/cuda/{i}": torch.tensor([i], dtype=torch.uint8) for i in range(12)}}
+    checkpoint._restore_rngs(state, tensors)
+    assert got == list(range(12))

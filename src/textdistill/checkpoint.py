@@ -59,7 +59,8 @@ def _restore_rngs(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
     kind, keys, pos, has_gauss, cached = state["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["rng/torch"])
-    cuda = sorted(k for k in tensors if k.startswith("rng/cuda/"))
+    # by device index as a number: as strings "rng/cuda/10" would come before "rng/cuda/2"
+    cuda = sorted((k for k in tensors if k.startswith("rng/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
