@@ -262,6 +262,31 @@ def test_continuous_mode_and_its_heldout_vectors(experts_dir, tmp_path):
     assert "mean_token_distance" in summary
 
 
+def test_checkpointed_layers_learn_what_the_recompute_mode_learns(experts_dir, tmp_path, monkeypatch):
+    """--recompute --checkpoint_layers true goes layer by layer and gives the recompute mode's vectors and lr
+    (continuous mode, 2 iterations; the meta-gradients agree to rounding); the setting is recorded in the run."""
+    import textdistill.unroll as unroll_module
+
+    layerwise_calls = []
+    real_layerwise = unroll_module._layerwise
+    monkeypatch.setattr(unroll_module, "_layerwise",
+                        lambda *args, **kwargs: layerwise_calls.append(1) or real_layerwise(*args, **kwargs))
+    runs = {}
+    for checkpointed in (False, True):
+        layerwise_calls.clear()
+        config = dataclasses.replace(FAST, mode="continuous", iterations=2, recompute=True,
+                                     checkpoint_layers=checkpointed)
+        out = tmp_path / f"ckpt-{checkpointed}"
+        distill(experts=experts_dir, output=out, config=config, device="cpu", progress=False)
+        runs[checkpointed] = load_tensors(out / "embeddings.safetensors")
+        assert read_json(out / "run.json")["config"]["checkpoint_layers"] is checkpointed
+        assert bool(layerwise_calls) is checkpointed
+    torch.testing.assert_close(runs[True]["prompt_embeds"], runs[False]["prompt_embeds"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(runs[True]["lr"], runs[False]["lr"], rtol=1e-5, atol=0)
+    with pytest.raises(ConfigError, match="needs recompute"):
+        DistillConfig(checkpoint_layers=True)
+
+
 def test_resume_gives_the_same_result(gcg_run, experts_dir, tmp_path):
     out, _ = gcg_run
     half = tmp_path / "half"

@@ -65,6 +65,21 @@ def test_less_block_loads_as_less_config_and_keeps_the_keys_of_finished_selectio
         load_experiment_config(path, sets={"less.projection_dim": 0})
 
 
+def test_checkpointed_layers_key_only_the_distilled_cells_and_only_when_on():
+    """checkpoint_layers (added later, off by default) leaves the keys of finished cells as they were; turned on it
+    changes the keys of the distilled cells and no other."""
+    from textdistill.experiment import METHODS, resolve_precisions
+
+    config = resolve_precisions(load_experiment_config(str(Path(__file__).parents[1] / "configs" /
+                                                           "arc-easy-cpu-v2.yaml")), "cpu")
+    # results/arc-easy-cpu-v2/cells/*/distilled/ were made under this key
+    assert cell_key(config, "distilled") == "18f52da5cd9f"
+    recompute = dataclasses.replace(config, distill=dataclasses.replace(config.distill, recompute=True))
+    layered = dataclasses.replace(recompute, distill=dataclasses.replace(recompute.distill, checkpoint_layers=True))
+    changed = {m for m in METHODS if cell_key(layered, m) != cell_key(recompute, m)}
+    assert changed == {"distill-init", "distilled", "continuous"}
+
+
 def test_cells_run_once_and_results_are_written(tmp_path, tiny_llama_dir):
     config = _config(tmp_path, tiny_llama_dir)
     out = tmp_path / "out"

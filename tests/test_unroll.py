@@ -15,6 +15,7 @@ from tiny import make_tiny_gemma, make_tiny_llama  # noqa: E402
 
 from textdistill.unroll import (  # noqa: E402
     SyntheticBatch,
+    _decoder_layers,
     attention_context,
     build_inputs,
     lora_parameters,
@@ -27,12 +28,13 @@ VOCAB = 96
 MAKERS = {"llama": make_tiny_llama, "gemma": make_tiny_gemma}
 
 
-def make_peft(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn: str | None = None):
+def make_peft(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn: str | None = None,
+              layers: list[int] | None = None):
     base = MAKERS[kind](VOCAB, seed=seed, dtype=dtype)
     if attn is not None:
         base.set_attn_implementation(attn)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                      lora_dropout=0.0))
+                                                      lora_dropout=0.0, layers_to_transform=layers))
     model.eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():   # peft starts B at zero: randomise so every gradient is non-trivial
@@ -320,6 +322,76 @@ def test_recompute_partial_outputs_and_no_prompt_grad():
         grads.append(lr.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=0)
     assert grads[0] != 0
+
+
+@pytest.mark.parametrize("kind, layers", [("llama", None), ("gemma", None), ("llama", [1])])
+def test_checkpointed_layers_give_the_keep_graph_meta_gradient(kind, layers, exact_float64):
+    """recompute + checkpoint_layers (layer-by-layer gradients and second-order products) gives the keep-graph
+    gradients for the lr, every prompt (reused across steps) and the start params; also with LoRA on the second
+    layer only."""
+    model = make_peft(kind, dtype=torch.float64, layers=layers)
+    start = lora_parameters(model)
+    target = perturbed(start, 0.05, seed=71)
+    samples = make_samples(model, LENGTHS_A + LENGTHS_B, seed=72)
+    results = []
+    for checkpointed in (False, True):
+        prompts = [p.detach().clone().requires_grad_(True) for p, _ in samples]
+        resp = [r for _, r in samples]
+        batches = [SyntheticBatch.from_samples(prompts[:3], resp[:3]),
+                   SyntheticBatch.from_samples(prompts[3:], resp[3:]),
+                   SyntheticBatch.from_samples(prompts[1:4], resp[1:4])]
+        lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        start_leaf = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+        theta = unroll(model, start_leaf, batches, lr, recompute=checkpointed, checkpoint_layers=checkpointed)
+        matching_loss(theta, start, target).backward()
+        results.append((lr.grad, [p.grad for p in prompts], [v.grad for v in start_leaf.values()]))
+    (lr0, p0, s0), (lr1, p1, s1) = results
+    assert lr0 != 0
+    torch.testing.assert_close(lr1, lr0, rtol=1e-9, atol=0)
+    for g0, g1 in zip(p0 + s0, p1 + s1):
+        assert g0.abs().sum() > 0
+        torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-12)
+
+
+def test_checkpointed_layers_are_run_again_in_the_backward_pass_and_restored():
+    """Without checkpoint_layers each decoder layer runs once per step in the unroll (the first-order step) and once
+    in the backward pass (the replayed step). With it, layer by layer: twice per step in the unroll (the forward pass
+    without graph, then again for its gradient) and four times per replayed step (forward; down for the gradient; up
+    through its double graph; down for the first-order product). The layers' forward is the class's own again
+    afterwards."""
+    model = make_peft("llama", dtype=torch.float64)
+    mlps = [m for name, m in model.named_modules() if name.endswith("mlp")]
+    calls = [0]
+    for mlp in mlps:
+        mlp.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    samples = make_samples(model, LENGTHS_A, seed=73)
+    counts = {}
+    for checkpointed in (False, True):
+        lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        calls[0] = 0
+        theta = unroll(model, lora_parameters(model), [batch_of(samples)] * 2, lr, recompute=True,
+                       checkpoint_layers=checkpointed)
+        forward_calls = calls[0]
+        sum(v.square().sum() for v in theta.values()).backward()
+        counts[checkpointed] = (forward_calls, calls[0] - forward_calls)
+    steps_times_layers = 2 * len(mlps)
+    assert counts[False] == (steps_times_layers, steps_times_layers)
+    assert counts[True] == (2 * steps_times_layers, 4 * steps_times_layers)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_checkpoint_layers_needs_recompute_and_decoder_layers():
+    model = make_peft("llama")
+    samples = make_samples(model, LENGTHS_A, seed=74)
+    with pytest.raises(ValueError, match="needs recompute=True"):
+        unroll(model, lora_parameters(model), [batch_of(samples)], 0.1, checkpoint_layers=True)
+    with pytest.raises(ValueError, match="GradientCheckpointingLayer"):
+        _decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    head_adapted = peft.get_peft_model(make_tiny_llama(VOCAB), peft.LoraConfig(r=2, target_modules=["q_proj",
+                                                                                                   "lm_head"]))
+    with pytest.raises(ValueError, match="outside every decoder layer.*lm_head"):
+        unroll(head_adapted, lora_parameters(head_adapted), [batch_of(samples)], 0.1, recompute=True,
+               checkpoint_layers=True)
 
 
 def test_sdpa_model_runs_with_math_backend_and_matches_eager(exact_float64):

@@ -139,6 +139,9 @@ class DistillConfig:
     lr_embeddings: float = 1e-3
     lr_lr: float = 1e-2  # Adam on log(student lr); 0 keeps the student lr fixed
     recompute: bool = False  # exact constant-memory backward through the unroll
+    # with recompute: checkpoint every decoder layer inside a student step and take its second-order product
+    # forward-over-reverse (memory of one first-order step with checkpointed layers; results/bench_checkpoint_layers.md)
+    checkpoint_layers: bool = False
     # expert segments matched per iteration (the mean of their losses); None: one per process, so that under
     # torchrun / accelerate launch each rank draws its own (an explicit number is shared out over the ranks)
     segments: int | None = None
@@ -167,6 +170,9 @@ class DistillConfig:
             raise ConfigError("regularizer.refresh_every must divide checkpoint_every (so that resuming is exact)")
         if self.prompt_length is not None and self.init != "random":
             raise ConfigError("a fixed prompt_length applies to init=random only (real samples keep their prompts)")
+        if self.checkpoint_layers and not self.recompute:
+            raise ConfigError("checkpoint_layers bounds the memory of the recompute mode's one student step; it "
+                              "needs recompute: true (--recompute)")
         if self.rerank_top_k is not None and self.mode == "gcg":
             raise ConfigError("rerank_top_k re-ranks a projection; mode gcg has tokens all along (use "
                               "search.fluent_top_k for readable candidates)")
@@ -503,7 +509,8 @@ def _meta_loss(context: _Context, synthetic: SyntheticSet, prompts: Tensor, draw
     start, target = context.scorer.endpoints(draw)
     batches = [synthetic.batch(b, prompts) for b in draw.batches]
     with context.autocast:
-        student = unroll(context.model, start, batches, lr, recompute=context.config.recompute)
+        student = unroll(context.model, start, batches, lr, recompute=context.config.recompute,
+                         checkpoint_layers=context.config.checkpoint_layers)
     return matching_loss(student, start, target)
 
 
@@ -905,6 +912,8 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
                              "instrument", "segments")}
     if settings["search"]["confirm_draws"] is None:   # added later: runs made before it resume as they were
         del settings["search"]["confirm_draws"]
+    if not settings["checkpoint_layers"]:   # added later, off by default: runs made before it resume
+        del settings["checkpoint_layers"]
     identity = {"chosen": chosen, "experts": manifest.get("experts"), "pool": manifest["pool_sha256"],
                 "precision": precision}
     if context.segments != 1:   # how many segments, not how they are shared out over ranks (runs of one resume)

@@ -334,6 +334,15 @@ def _less_key_settings(less: LessConfig) -> dict[str, Any]:
             if f.name in _LESS_KEYED_OPTIONS or getattr(less, f.name) != getattr(default, f.name)}
 
 
+def _distill_key_settings(distill: DistillConfig) -> dict[str, Any]:
+    """The distillation options a stage key depends on: all of them, less ``checkpoint_layers`` when it is off (it
+    was added later; runs made before it keep their keys)."""
+    settings = to_jsonable(distill)
+    if not distill.checkpoint_layers:
+        del settings["checkpoint_layers"]
+    return settings
+
+
 #: The version of the code of each stage. Bump a stage's number (or the package version) whenever a change of code
 #: changes what that stage produces: the stages and cells made by the earlier code then have other keys and are made
 #: again instead of reused. A cell's key covers the code of its training and scoring ("cell") and of every stage its
@@ -370,7 +379,7 @@ def stage_settings(config: ExperimentConfig, method: str) -> list[Any]:
         init = {"random": None, "less": _less_key_settings(config.less),
                 "match": (config.experts, config.match)}[config.distill_init]
         init_stages = {"random": ("random",), "less": ("less",), "match": ("match",)}[config.distill_init]
-        return [config.distill_model, config.experts, config.distill, config.distill_init, init,
+        return [config.distill_model, config.experts, _distill_key_settings(config.distill), config.distill_init, init,
                 config.distill_per_seed, *code_identity("experts", "distill", *init_stages)]
     raise ConfigError(f"unknown method '{method}'")
 

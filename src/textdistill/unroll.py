@@ -23,6 +23,16 @@ Two exact ways to differentiate through the unroll (:func:`unroll`):
 * keep-graph (default): the whole N-step double-backward graph is kept until the caller's ``backward()``.
 * ``recompute=True``: only the N LoRA snapshots are kept; during the backward pass step k is replayed to get its
   vector-Jacobian product, from the last step to the first. Same gradients, memory of one step instead of N.
+
+``recompute=True, checkpoint_layers=True`` also bounds the memory of that one step: each step (first order in the
+forward pass, second order in the replay) is differentiated decoder layer by decoder layer (:func:`_layerwise`), so
+that only the hidden states between layers and one layer's graph are alive at a time; each layer is run several
+times instead. Same gradients up to rounding. Wrapping the layers in ``torch.utils.checkpoint`` instead would not
+help: a double backward's create_graph graph keeps every activation that checkpointing drops
+(results/probe_activation_checkpointing.md); nor would forward-over-reverse products through ``torch.autograd.
+forward_ad``, whose saved tangents bypass checkpointing (results/bench_checkpoint_layers.md). It needs decoder
+layers of transformers' ``GradientCheckpointingLayer`` kind (every decoder model of transformers 5) that feed each
+other directly, with every LoRA tensor inside them.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -238,7 +248,8 @@ def _ensure_leaf(p: Tensor) -> Tensor:
 
 
 def unroll(model: nn.Module, start_params: Mapping[str, Tensor], batches: Sequence[SyntheticBatch] | Iterator,
-           lr: Tensor | float, *, create_graph: bool = True, recompute: bool = False) -> dict[str, Tensor]:
+           lr: Tensor | float, *, create_graph: bool = True, recompute: bool = False,
+           checkpoint_layers: bool = False) -> dict[str, Tensor]:
     """N differentiable SGD steps theta <- theta - lr * grad student_loss(theta, batch_k), one per batch.
 
     Args:
@@ -251,6 +262,9 @@ def unroll(model: nn.Module, start_params: Mapping[str, Tensor], batches: Sequen
         recompute: exact memory-saving mode (needs create_graph=True): keep only the N snapshots and replay each
             step in the backward pass. Gives the same values and gradients as the default; the gradients it
             returns are not themselves differentiable (no third-order use).
+        checkpoint_layers: with ``recompute``, differentiate each step decoder layer by decoder layer (module
+            docstring): memory of the hidden states between layers plus one layer's graph, at about twice the time.
+            Same gradients up to rounding.
 
     Returns:
         theta_N, a dict with the keys of ``start_params``, carrying the graph to lr, the prompts and (if they
@@ -267,11 +281,17 @@ def unroll(model: nn.Module, start_params: Mapping[str, Tensor], batches: Sequen
         raise ValueError(f"lr must be a scalar, got shape {tuple(lr.shape)}")
     lr = lr.reshape(())
     _check_embedding_not_adapted(model, names)
+    if checkpoint_layers and not recompute:
+        raise ValueError("checkpoint_layers=True needs recompute=True (a kept double-backward graph would hold every "
+                         "activation that checkpointing drops)")
     if recompute:
         if not create_graph:
             raise ValueError("recompute=True is only meaningful with create_graph=True")
+        if checkpoint_layers:
+            _check_layerwise(model, names)   # fail before the forward pass, not in the backward
         flat = [t for b in batches for t in b.tensors()]
-        outs = _RecomputeUnroll.apply(_Spec(model, names, len(batches)), lr, *start_params.values(), *flat)
+        outs = _RecomputeUnroll.apply(_Spec(model, names, len(batches), checkpoint_layers), lr,
+                                      *start_params.values(), *flat)
         return dict(zip(names, outs))
     params = [_ensure_leaf(start_params[n]) for n in names]
     with attention_context(model, second_order=create_graph), torch.enable_grad():
@@ -306,6 +326,225 @@ def first_order_unroll(model: nn.Module, start_params: Mapping[str, Tensor], bat
     return dict(zip(names, params)), snapshots
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Layer by layer: gradients and second-order products with one decoder layer's graph at a time (checkpoint_layers)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's decoder layers (transformers' GradientCheckpointingLayer modules) by qualified name; ValueError
+    when it has none."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"checkpoint_layers needs decoder layers of transformers' GradientCheckpointingLayer kind; "
+                         f"{type(model).__name__} has none (run without it)")
+    return layers
+
+
+def _check_layerwise(model: nn.Module, names: Sequence[str]) -> None:
+    """ValueError unless every LoRA tensor sits inside a decoder layer (the layer-by-layer products cover those)."""
+    prefixes = tuple(name + "." for name, _ in _decoder_layers(model))
+    outside = [n for n in names if not n.startswith(prefixes)]
+    if outside:
+        raise ValueError(f"checkpoint_layers differentiates decoder layer by decoder layer; these LoRA tensors are "
+                         f"outside every decoder layer: {outside[:3]} (run without it)")
+
+
+class _LayerCall(nn.Module):
+    """Runs a decoder layer's own forward (not the taping wrapper set on it) under ``functional_call`` with the
+    student's LoRA tensors of that layer, given explicitly (so that it can be run again, from the tape, with leaves
+    of our choosing)."""
+
+    def __init__(self, layer: nn.Module, forward) -> None:
+        super().__init__()
+        self.layer = layer
+        self._layer_forward = forward
+
+    def forward(self, *args, **kwargs):
+        return self._layer_forward(*args, **kwargs)
+
+
+def _hidden(output):
+    """The hidden states a decoder layer returns (a tensor, or the first element of a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass
+class _LayerTape:
+    """What one forward pass of the model through :func:`_taped_layers` leaves behind, for each decoder layer l in
+    call order: its runner, its LoRA names, its input hidden states h_l (B, T, H) and its other arguments; and the
+    last layer's output h_L as a leaf requiring grad (the loss's graph starts there). h_0 keeps its graph to the
+    inputs embeddings; h_1 .. h_{L-1} and h_L are detached."""
+
+    runners: list = field(default_factory=list)          # _LayerCall per layer
+    names: list = field(default_factory=list)            # list[list[str]]: the model's LoRA names in each layer
+    keys: list = field(default_factory=list)             # list[list[str]]: the same names as the runner's
+    inputs: list = field(default_factory=list)           # h_0 .. h_{L-1}
+    arguments: list = field(default_factory=list)        # (args after h, kwargs) per layer
+    output: Tensor | None = None                         # h_L
+
+    def run(self, index: int, params: Sequence[Tensor], hidden: Tensor) -> Tensor:
+        """Layer ``index`` on ``hidden`` with LoRA tensors ``params`` (in the order of ``names[index]``), under the
+        ambient grad mode."""
+        args, kwargs = self.arguments[index]
+        return _hidden(functional_call(self.runners[index], dict(zip(self.keys[index], params)), (hidden, *args),
+                                       kwargs))
+
+
+@contextlib.contextmanager
+def _taped_layers(model: nn.Module, names: Sequence[str], tape: _LayerTape) -> Iterator[None]:
+    """Within the context a forward pass of ``model`` runs its decoder layers without a graph and records them in
+    ``tape``; each returns its output as a new leaf, so the graph of the loss starts at the last layer's output.
+    The layers' ``forward`` is restored on exit."""
+    patched = []
+    for layer_name, layer in _decoder_layers(model):
+        local = [n for n in names if n.startswith(layer_name + ".")]
+        keys = ["layer." + n[len(layer_name) + 1:] for n in local]
+        runner = _LayerCall(layer, layer.forward)
+
+        def forward(*args, runner=runner, local=local, keys=keys, **kwargs):
+            hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+            args = args[1:] if args and args[0] is hidden else args
+            if tape.inputs and hidden is not tape.output:
+                raise ValueError("checkpoint_layers needs decoder layers that feed each other directly (the input of "
+                                 "each is the output of the one before); this model transforms the hidden states "
+                                 "between them (run without it)")
+            tape.runners.append(runner)
+            tape.names.append(local)
+            tape.keys.append(keys)
+            tape.inputs.append(hidden if not tape.inputs else hidden.detach())
+            tape.arguments.append((args, kwargs))
+            with torch.no_grad():
+                output = runner(hidden, *args, **kwargs)
+            leaf = _hidden(output).detach().requires_grad_(True)
+            tape.output = leaf
+            return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
+
+        patched.append((layer, layer.__dict__.get("forward")))   # e.g. accelerate's hooks set an instance forward
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer, own in patched:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+
+
+def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(xs, ys))
+
+
+def _layerwise(model: nn.Module, names: Sequence[str], theta: Sequence[Tensor], batch: SyntheticBatch,
+               vector: Sequence[Tensor] | None = None,
+               need_prompt: bool = False) -> tuple[list[Tensor], list[Tensor] | None, Tensor | None]:
+    """The gradient g = dL/dtheta of :func:`student_loss` at LoRA tensors ``theta`` (ordered as ``names``), and,
+    given ``vector`` v (shaped like theta), the second-order products H_theta,theta v and (with ``need_prompt``)
+    H_x,theta v for the batch's prompts x: the gradients of Phi = <v, g(theta, x)>. Exact (the same chain rule as a
+    double backward), with at most one decoder layer's graph alive at a time.
+
+    With h_l the input of layer l = 0..L-1 (h_L the last output), a_l = dL/dh_l and f_l the layer:
+      1. a forward pass without graphs records h_0 .. h_L; the loss keeps only the head's graph (from h_L);
+      2. down: each layer is run again to give g_l = (df_l/dtheta_l)^T a_{l+1} and a_l;
+      3. (products) up: Phi_l = <v_l, g_l> + <adj(a_l), a_l> is differentiated through layer l's double graph,
+         giving its direct parts d Phi/d theta_l, d Phi/d h_l, and adj(a_{l+1}), handed up; the head's double graph
+         turns adj(a_L) into d Phi/d h_L;
+      4. (products) down: the adjoint of h_{l+1} is carried through f_l (a first-order product) and added to the
+         direct parts; at h_0 it is carried to the prompts.
+    Memory: the L+1 hidden states, the L cotangents a_l and the direct parts (each (B, T, H)), plus one layer's
+    graph (about a tenth of a whole-model double backward for SmolLM2; its time 1.8x: results/
+    bench_checkpoint_layers.md). Each layer runs 2 times for g alone, 4 times with the products.
+
+    Returns (g, H v or None, H_x v or None), g and H v ordered as ``names``.
+    """
+    tape = _LayerTape()
+    leaves = [t.detach().requires_grad_(True) for t in theta]
+    prompts = batch.prompt_embeds.detach().requires_grad_(need_prompt)
+    frozen = SyntheticBatch(prompts, batch.prompt_lengths, batch.response_ids, batch.response_lengths)
+    with _taped_layers(model, names, tape):
+        loss = student_loss(model, dict(zip(names, leaves)), frozen)
+    n_layers = len(tape.inputs)
+    index = {n: i for i, n in enumerate(names)}
+    layer_theta = [[leaves[index[n]] for n in layer_names] for layer_names in tape.names]
+    products = vector is not None
+    # a_L (B, T, H); with products its graph through the head is kept for step 3
+    (head_cotangent,) = torch.autograd.grad(loss, [tape.output], create_graph=products)
+    cotangent = head_cotangent.detach()
+    del loss
+
+    # 2. down: first-order gradients; the cotangents a_{l+1} entering each layer are kept for step 3
+    grads: list[list[Tensor]] = [[] for _ in range(n_layers)]
+    entering: list[Tensor | None] = [None] * n_layers
+    for layer in reversed(range(n_layers)):
+        hidden = tape.inputs[layer].detach().requires_grad_(layer > 0)
+        params = [p.detach().requires_grad_(True) for p in layer_theta[layer]]
+        entering[layer] = cotangent if products else None
+        wrt = params + ([hidden] if layer > 0 else [])
+        if not wrt:       # a first layer without LoRA: nothing below it to differentiate
+            continue
+        out = tape.run(layer, params, hidden)
+        got = torch.autograd.grad(out, wrt, cotangent, allow_unused=True, materialize_grads=True)
+        grads[layer] = list(got[:len(params)])
+        if layer > 0:
+            cotangent = got[len(params)]
+        del out, got
+    g = [None] * len(names)
+    for layer_names, layer_grads in zip(tape.names, grads):
+        for n, gr in zip(layer_names, layer_grads):
+            g[index[n]] = gr
+    if not products:
+        return g, None, None
+
+    # 3. up: direct parts of d Phi through each layer's double graph, and the adjoints of a_{l+1}
+    v = list(vector)
+    layer_v = [[v[index[n]].detach() for n in layer_names] for layer_names in tape.names]
+    direct_theta: list[list[Tensor]] = [[] for _ in range(n_layers)]
+    direct_hidden: list[Tensor | None] = [None] * n_layers
+    adjoint = None                                                  # adj(a_l), (B, T, H); a_0 feeds nothing in Phi
+    for layer in range(n_layers):
+        hidden = tape.inputs[layer].detach().requires_grad_(True)
+        params = [p.detach().requires_grad_(True) for p in layer_theta[layer]]
+        incoming = entering[layer].requires_grad_(True)             # a_{l+1}
+        out = tape.run(layer, params, hidden)
+        first = torch.autograd.grad(out, params + [hidden], incoming, create_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        phi = _dot(layer_v[layer], first[:len(params)])
+        if adjoint is not None:
+            phi = phi + (adjoint * first[len(params)]).sum()
+        if not torch.is_tensor(phi):   # no LoRA in this layer nor below it: Phi does not depend on it yet
+            phi = (first[len(params)] * 0).sum()
+        got = torch.autograd.grad(phi, params + [hidden, incoming], allow_unused=True, materialize_grads=True)
+        direct_theta[layer] = list(got[:len(params)])
+        direct_hidden[layer] = got[len(params)]
+        adjoint = got[len(params) + 1]
+        entering[layer] = None
+        del out, first, phi, got
+    # the head: adj(a_L) through d a_L / d h_L
+    (adjoint,) = torch.autograd.grad(head_cotangent, [tape.output], adjoint, allow_unused=True,
+                                     materialize_grads=True)
+    del head_cotangent
+
+    # 4. down: carry the adjoint of h_{l+1} through f_l and add the direct parts
+    product_theta = [None] * len(names)
+    for layer in reversed(range(n_layers)):
+        hidden = tape.inputs[layer].detach().requires_grad_(True)
+        params = [p.detach().requires_grad_(True) for p in layer_theta[layer]]
+        out = tape.run(layer, params, hidden)
+        got = torch.autograd.grad(out, params + [hidden], adjoint, allow_unused=True, materialize_grads=True)
+        for n, direct, carried in zip(tape.names[layer], direct_theta[layer], got[:len(params)]):
+            product_theta[index[n]] = direct + carried
+        adjoint = direct_hidden[layer] + got[len(params)]
+        direct_hidden[layer] = None
+        del out, got
+    product_prompt = None
+    if need_prompt:
+        (product_prompt,) = torch.autograd.grad(tape.inputs[0], [prompts], adjoint, allow_unused=True,
+                                                materialize_grads=True)
+    return g, product_theta, product_prompt
+
+
 def _pack(tensors: Sequence[Tensor]) -> Tensor | list[Tensor]:
     """One flat copy of the tensors (when they share a dtype and device): a snapshot of a few hundred small LoRA
     tensors kept as one buffer does not fragment the allocator's heap over N steps (results/bench_inner_loop.md)."""
@@ -323,10 +562,12 @@ def _unpack(packed: Tensor | list[Tensor], shapes: Sequence[torch.Size]) -> list
 
 
 class _Spec:
-    """Non-tensor arguments of :class:`_RecomputeUnroll` (model, parameter names, number of batches)."""
+    """Non-tensor arguments of :class:`_RecomputeUnroll` (model, parameter names, number of batches, whether layers
+    are checkpointed)."""
 
-    def __init__(self, model: nn.Module, names: list[str], n_batches: int) -> None:
+    def __init__(self, model: nn.Module, names: list[str], n_batches: int, checkpoint_layers: bool = False) -> None:
         self.model, self.names, self.n_batches = model, names, n_batches
+        self.checkpoint_layers = checkpoint_layers
 
 
 class _RecomputeUnroll(torch.autograd.Function):
@@ -344,6 +585,10 @@ class _RecomputeUnroll(torch.autograd.Function):
         with torch.enable_grad(), attention_context(spec.model, second_order=True):
             for batch in batches:
                 snapshots.append(_pack(params))
+                if spec.checkpoint_layers:     # one decoder layer's graph at a time
+                    grads, _, _ = _layerwise(spec.model, spec.names, params, batch)
+                    params = [p - lr.detach().to(p.dtype) * g for p, g in zip(params, grads)]
+                    continue
                 leaves = [p.detach().requires_grad_(True) for p in params]
                 stepped = _sgd_step(spec.model, spec.names, leaves, batch, lr.detach(), create_graph=False)
                 params = [p.detach() for p in stepped]
@@ -369,6 +614,18 @@ class _RecomputeUnroll(torch.autograd.Function):
         with torch.enable_grad(), attention_context(spec.model, second_order=True):
             for k in reversed(range(n_b)):
                 pe, pl, ri, rl = flat_batches[4 * k: 4 * k + 4]
+                if spec.checkpoint_layers:
+                    theta = _unpack(ctx.snapshots[k], ctx.shapes)
+                    grads, products, prompt_product = _layerwise(
+                        spec.model, spec.names, theta, SyntheticBatch(pe, pl, ri, rl), bar, need_prompt[k])
+                    # theta' = theta - lr * g(theta, x): its vector-Jacobian product for the cotangent bar
+                    step_lr = lr.detach()
+                    if need_lr:
+                        lr_grad = lr_grad - sum((b * g).sum().to(lr.dtype) for b, g in zip(bar, grads))
+                    if need_prompt[k]:
+                        prompt_grads[k] = -step_lr.to(prompt_product.dtype) * prompt_product
+                    bar = [b - step_lr.to(b.dtype) * h for b, h in zip(bar, products)]
+                    continue
                 pe_leaf = pe.detach().requires_grad_(need_prompt[k])
                 lr_leaf = lr.detach().requires_grad_(need_lr)
                 theta = [s.detach().requires_grad_(True) for s in _unpack(ctx.snapshots[k], ctx.shapes)]
