@@ -6,7 +6,8 @@
 #   DEVICE=cpu SMALL=1 bash bench/gpu_check.sh
 #
 # SmolLM2-135M: experts (bf16 base, fp32 LoRA), a few distillation iterations on 1 rank and on 2 ranks over the same
-# segments (the two must end with the same tokens), and ARC-Easy scoring on 1 and 2 ranks (the same accuracy).
+# segments (the two must end with the same tokens) and once more layer by layer (--recompute --checkpoint_layers true,
+# tokens compared: equal up to rounding flips), and ARC-Easy scoring on 1 and 2 ranks (the same accuracy).
 # Every step's wall time goes to $OUT/times.txt; the last line prints key=value figures.
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
@@ -32,6 +33,8 @@ DISTILL=(distill --experts "$OUT/experts" --budget 8 --iterations 3 --segments 2
          --set instrument.heldout_experts=1 --device "$DEVICE" --no-progress)
 timed distill_1rank textdistill "${DISTILL[@]}" --output "$OUT/distill-1"
 timed distill_2ranks run2 "${DISTILL[@]}" --output "$OUT/distill-2"
+# the layer-by-layer replay (--recompute --checkpoint_layers true): the same meta-gradients up to rounding
+timed distill_layerwise textdistill "${DISTILL[@]}" --recompute --checkpoint_layers true --output "$OUT/distill-3"
 EVAL_ARGS=(--model smollm2-135m --task arc-easy --split test --limit "$EVAL" --precision "$PRECISION" --device "$DEVICE"
            --no-progress)
 timed eval_1rank textdistill eval "${EVAL_ARGS[@]}" --output "$OUT/eval-1.json"
@@ -42,12 +45,14 @@ from pathlib import Path
 from safetensors.torch import load_file
 out = Path(sys.argv[1])
 times = dict(line.split() for line in (out / "times.txt").read_text().splitlines())
-a, b = (load_file(out / f"distill-{n}" / "state.safetensors") for n in (1, 2))
+a, b, c = (load_file(out / f"distill-{n}" / "state.safetensors") for n in (1, 2, 3))
 same_tokens = int(bool((a["token_ids"] == b["token_ids"]).all()))
+layerwise_same_tokens = int(bool((a["token_ids"] == c["token_ids"]).all()))
 acc = []
 for n in (1, 2):
     result = json.loads((out / f"eval-{n}.json").read_text())
     acc.append(next(iter(result["results"].values()))["acc,none"])
 print(" ".join(f"{k}_s={v}" for k, v in times.items()),
-      f"distill_same_tokens={same_tokens} eval_acc_1rank={acc[0]:.4f} eval_acc_2ranks={acc[1]:.4f}")
+      f"distill_same_tokens={same_tokens} layerwise_same_tokens={layerwise_same_tokens} "
+      f"eval_acc_1rank={acc[0]:.4f} eval_acc_2ranks={acc[1]:.4f}")
 EOF
