@@ -276,27 +276,31 @@ def test_smoke_meta_gradient_finite_nonzero(kind, dtype):
         assert torch.isfinite(prompt.grad).all() and prompt.grad.abs().sum() > 0
 
 
+def _three_step_meta_gradients(model, seed: int, **unroll_options):
+    """Matching loss, theta_N and the gradients of the lr, the prompts and the start params, for 3 steps with prompts
+    reused across steps, under ``unroll_options``."""
+    start = lora_parameters(model)
+    target = perturbed(start, 0.05, seed=seed)
+    samples = make_samples(model, LENGTHS_A + LENGTHS_B, seed=seed + 1)
+    prompts = [p.detach().clone().requires_grad_(True) for p, _ in samples]
+    resp = [r for _, r in samples]
+    batches = [SyntheticBatch.from_samples(prompts[:3], resp[:3]),
+               SyntheticBatch.from_samples(prompts[3:], resp[3:]),
+               SyntheticBatch.from_samples(prompts[1:4], resp[1:4])]   # prompts reused across steps
+    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    start_leaf = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+    theta = unroll(model, start_leaf, batches, lr, **unroll_options)
+    loss = matching_loss(theta, start, target)
+    loss.backward()
+    return (loss.detach(), {k: v.detach() for k, v in theta.items()}, lr.grad, [p.grad for p in prompts],
+            {k: v.grad for k, v in start_leaf.items()})
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma"])
 def test_recompute_matches_keep_graph(kind):
     model = make_peft(kind, dtype=torch.float64)
-    start = lora_parameters(model)
-    target = perturbed(start, 0.05, seed=51)
-    samples = make_samples(model, LENGTHS_A + LENGTHS_B, seed=52)
-    results = []
-    for recompute in (False, True):
-        prompts = [p.detach().clone().requires_grad_(True) for p, _ in samples]
-        resp = [r for _, r in samples]
-        batches = [SyntheticBatch.from_samples(prompts[:3], resp[:3]),
-                   SyntheticBatch.from_samples(prompts[3:], resp[3:]),
-                   SyntheticBatch.from_samples(prompts[1:4], resp[1:4])]   # prompts reused across steps
-        lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-        start_leaf = {k: v.clone().requires_grad_(True) for k, v in start.items()}
-        theta = unroll(model, start_leaf, batches, lr, recompute=recompute)
-        loss = matching_loss(theta, start, target)
-        loss.backward()
-        results.append((loss.detach(), {k: v.detach() for k, v in theta.items()}, lr.grad,
-                        [p.grad for p in prompts], {k: v.grad for k, v in start_leaf.items()}))
-    (l0, t0, lr0, p0, s0), (l1, t1, lr1, p1, s1) = results
+    l0, t0, lr0, p0, s0 = _three_step_meta_gradients(model, 51)
+    l1, t1, lr1, p1, s1 = _three_step_meta_gradients(model, 51, recompute=True)
     torch.testing.assert_close(l1, l0, rtol=1e-12, atol=0)
     for k in t0:
         torch.testing.assert_close(t1[k], t0[k], rtol=1e-12, atol=1e-14)
@@ -330,25 +334,11 @@ def test_checkpointed_layers_give_the_keep_graph_meta_gradient(kind, layers, exa
     gradients for the lr, every prompt (reused across steps) and the start params; also with LoRA on the second
     layer only."""
     model = make_peft(kind, dtype=torch.float64, layers=layers)
-    start = lora_parameters(model)
-    target = perturbed(start, 0.05, seed=71)
-    samples = make_samples(model, LENGTHS_A + LENGTHS_B, seed=72)
-    results = []
-    for checkpointed in (False, True):
-        prompts = [p.detach().clone().requires_grad_(True) for p, _ in samples]
-        resp = [r for _, r in samples]
-        batches = [SyntheticBatch.from_samples(prompts[:3], resp[:3]),
-                   SyntheticBatch.from_samples(prompts[3:], resp[3:]),
-                   SyntheticBatch.from_samples(prompts[1:4], resp[1:4])]
-        lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-        start_leaf = {k: v.clone().requires_grad_(True) for k, v in start.items()}
-        theta = unroll(model, start_leaf, batches, lr, recompute=checkpointed, checkpoint_layers=checkpointed)
-        matching_loss(theta, start, target).backward()
-        results.append((lr.grad, [p.grad for p in prompts], [v.grad for v in start_leaf.values()]))
-    (lr0, p0, s0), (lr1, p1, s1) = results
+    _, _, lr0, p0, s0 = _three_step_meta_gradients(model, 71)
+    _, _, lr1, p1, s1 = _three_step_meta_gradients(model, 71, recompute=True, checkpoint_layers=True)
     assert lr0 != 0
     torch.testing.assert_close(lr1, lr0, rtol=1e-9, atol=0)
-    for g0, g1 in zip(p0 + s0, p1 + s1):
+    for g0, g1 in zip(p0 + list(s0.values()), p1 + list(s1.values())):
         assert g0.abs().sum() > 0
         torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-12)
 
