@@ -12,13 +12,15 @@ Every (mode, T, N) runs in a fresh subprocess, which first warms up with the sam
 outer iteration: peak RSS growth (max RSS sampled every 1 ms, minus RSS just before, with glibc's mmap / trim
 thresholds at 128 KiB so that freed tensors leave RSS) and its CPU time. Modes: ``keep`` (the keep-graph default),
 ``recompute`` (replay with a double backward) and ``checkpoint`` (replay forward-over-reverse through checkpointed
-decoder layers). In the parent process, the two recompute modes' meta-gradients of the lr and the prompts are
-compared at the shortest T (fp32).
+decoder layers); ``recompute_mb1`` / ``checkpoint_mb1``: the same with ``micro_batch=1`` (one sample of the batch
+differentiated at a time), at the middle T. In the parent process, the two recompute modes' meta-gradients of the lr
+and the prompts are compared at the shortest T (fp32).
 
 Figures on the last line (``key=value``): ``mem_ratio_T<T>`` = checkpoint peak / recompute peak and
 ``time_ratio_T<T>`` = checkpoint time / recompute time, for each T; ``<mode>_mb_per_token`` = the slope of the peak
 over the tokens of the batch between the shortest and the longest T; ``ckpt_mem_n<N>_ratio`` = checkpoint peak at N
-/ at N=1 (flat in N) at the middle T; ``lr_grad_rel_err``, ``prompt_grad_rel_err``.
+/ at N=1 (flat in N) at the middle T; ``<mode>_mb1_mem_ratio`` = peak with one sample at a time / with the batch
+of 4 at the middle T; ``lr_grad_rel_err``, ``prompt_grad_rel_err``.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def outer_iteration(setup, prompts: list, mode: str, steps: int) -> tuple[float,
         p.grad = None
     start = time.process_time()
     batch = SyntheticBatch.from_samples(prompts, setup.responses)
-    student = unroll(setup.model, setup.start, [batch] * steps, lr, recompute=mode != "keep",
-                     checkpoint_layers=mode == "checkpoint")
+    base, _, group = mode.partition("_mb")      # e.g. "checkpoint_mb1": one sample at a time
+    student = unroll(setup.model, setup.start, [batch] * steps, lr, recompute=base != "keep",
+                     checkpoint_layers=base == "checkpoint", micro_batch=int(group) if group else None)
     matching_loss(student, setup.start, setup.target).backward()
     return time.process_time() - start, lr.grad, [p.grad for p in prompts]
 
@@ -161,6 +164,11 @@ def main(argv=None) -> int:
             peaks[(mode, length)] = row["peak_growth_mb"]
             log(f"{mode} T={length} N=1: peak growth {row['peak_growth_mb']:.0f} MB, {row['seconds']:.1f} s CPU")
     middle = lengths[len(lengths) // 2]
+    for mode in ("recompute_mb1", "checkpoint_mb1"):    # one sample of the batch at a time
+        row = spawn_worker(mode, middle, 1, args.quick, args.threads)
+        rows.append(row)
+        peaks[(mode, middle)] = row["peak_growth_mb"]
+        log(f"{mode} T={middle} N=1: peak growth {row['peak_growth_mb']:.0f} MB, {row['seconds']:.1f} s CPU")
     for mode in ("recompute", "checkpoint"):
         row = spawn_worker(mode, middle, args.long_steps, args.quick, args.threads)
         rows.append(row)
@@ -180,6 +188,8 @@ def main(argv=None) -> int:
             figures[f"{mode}_mb_per_token"] = _fmt(slope)
     figures[f"ckpt_mem_n{args.long_steps}_ratio"] = _fmt(peaks[("checkpoint", middle, args.long_steps)]
                                                          / peaks[("checkpoint", middle)])
+    for mode in ("recompute", "checkpoint"):   # one sample at a time / the whole batch of 4
+        figures[f"{mode}_mb1_mem_ratio"] = _fmt(peaks[(f"{mode}_mb1", middle)] / peaks[(mode, middle)])
     figures.update({k: _fmt(v) for k, v in gradient_agreement(args.quick, lengths[0]).items()})
     wall = time.perf_counter() - wall_start
     figures["wall_s"] = f"{wall:.0f}"

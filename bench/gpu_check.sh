@@ -6,8 +6,8 @@
 #   DEVICE=cpu SMALL=1 bash bench/gpu_check.sh
 #
 # SmolLM2-135M: experts (bf16 base, fp32 LoRA), a few distillation iterations on 1 rank and on 2 ranks over the same
-# segments (the two must end with the same tokens) and once more layer by layer (--recompute --checkpoint_layers true,
-# tokens compared: equal up to rounding flips), and ARC-Easy scoring on 1 and 2 ranks (the same accuracy).
+# segments (the two must end with the same tokens) and once more layer by layer, 2 samples at a time (tokens
+# compared: equal up to rounding flips), and ARC-Easy scoring on 1 and 2 ranks (the same accuracy).
 # Every step's wall time goes to $OUT/times.txt; the last line prints key=value figures.
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
@@ -33,8 +33,10 @@ DISTILL=(distill --experts "$OUT/experts" --budget 8 --iterations 3 --segments 2
          --set instrument.heldout_experts=1 --device "$DEVICE" --no-progress)
 timed distill_1rank textdistill "${DISTILL[@]}" --output "$OUT/distill-1"
 timed distill_2ranks run2 "${DISTILL[@]}" --output "$OUT/distill-2"
-# the layer-by-layer replay (--recompute --checkpoint_layers true): the same meta-gradients up to rounding
-timed distill_layerwise textdistill "${DISTILL[@]}" --recompute --checkpoint_layers true --output "$OUT/distill-3"
+# the layer-by-layer replay, 2 samples at a time (--recompute --checkpoint_layers true --micro_batch 2): the same
+# meta-gradients up to rounding
+timed distill_layerwise textdistill "${DISTILL[@]}" --recompute --checkpoint_layers true --micro_batch 2 \
+    --output "$OUT/distill-3"
 EVAL_ARGS=(--model smollm2-135m --task arc-easy --split test --limit "$EVAL" --precision "$PRECISION" --device "$DEVICE"
            --no-progress)
 timed eval_1rank textdistill eval "${EVAL_ARGS[@]}" --output "$OUT/eval-1.json"

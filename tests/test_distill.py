@@ -264,7 +264,8 @@ def test_continuous_mode_and_its_heldout_vectors(experts_dir, tmp_path):
 
 def test_checkpointed_layers_learn_what_the_recompute_mode_learns(experts_dir, tmp_path, monkeypatch):
     """--recompute --checkpoint_layers true goes layer by layer and gives the recompute mode's vectors and lr
-    (continuous mode, 2 iterations; the meta-gradients agree to rounding); the setting is recorded in the run."""
+    (continuous mode, 2 iterations; the meta-gradients agree to rounding), also one sample at a time (--micro_batch
+    1); the settings are recorded in the run."""
     import textdistill.unroll as unroll_module
 
     layerwise_calls = []
@@ -272,19 +273,24 @@ def test_checkpointed_layers_learn_what_the_recompute_mode_learns(experts_dir, t
     monkeypatch.setattr(unroll_module, "_layerwise",
                         lambda *args, **kwargs: layerwise_calls.append(1) or real_layerwise(*args, **kwargs))
     runs = {}
-    for checkpointed in (False, True):
+    for checkpointed, micro_batch in ((False, None), (True, None), (True, 1)):
         layerwise_calls.clear()
         config = dataclasses.replace(FAST, mode="continuous", iterations=2, recompute=True,
-                                     checkpoint_layers=checkpointed)
-        out = tmp_path / f"ckpt-{checkpointed}"
+                                     checkpoint_layers=checkpointed, micro_batch=micro_batch)
+        out = tmp_path / f"ckpt-{checkpointed}-{micro_batch}"
         distill(experts=experts_dir, output=out, config=config, device="cpu", progress=False)
-        runs[checkpointed] = load_tensors(out / "embeddings.safetensors")
-        assert read_json(out / "run.json")["config"]["checkpoint_layers"] is checkpointed
+        runs[checkpointed, micro_batch] = load_tensors(out / "embeddings.safetensors")
+        settings = read_json(out / "run.json")["config"]
+        assert (settings["checkpoint_layers"], settings["micro_batch"]) == (checkpointed, micro_batch)
         assert bool(layerwise_calls) is checkpointed
-    torch.testing.assert_close(runs[True]["prompt_embeds"], runs[False]["prompt_embeds"], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(runs[True]["lr"], runs[False]["lr"], rtol=1e-5, atol=0)
+    reference = runs[False, None]
+    for key in ((True, None), (True, 1)):
+        torch.testing.assert_close(runs[key]["prompt_embeds"], reference["prompt_embeds"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(runs[key]["lr"], reference["lr"], rtol=1e-5, atol=0)
     with pytest.raises(ConfigError, match="needs recompute"):
         DistillConfig(checkpoint_layers=True)
+    with pytest.raises(ConfigError, match="micro_batch must be a positive number of samples and needs recompute"):
+        DistillConfig(micro_batch=2)
 
 
 def test_resume_gives_the_same_result(gcg_run, experts_dir, tmp_path):

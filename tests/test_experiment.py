@@ -66,8 +66,8 @@ def test_less_block_loads_as_less_config_and_keeps_the_keys_of_finished_selectio
 
 
 def test_checkpointed_layers_key_only_the_distilled_cells_and_only_when_on():
-    """checkpoint_layers (added later, off by default) leaves the keys of finished cells as they were; turned on it
-    changes the keys of the distilled cells and no other."""
+    """checkpoint_layers and micro_batch (added later, off by default) leave the keys of finished cells as they were;
+    turned on they change the keys of the distilled cells and no other."""
     from textdistill.experiment import METHODS, resolve_precisions
 
     config = resolve_precisions(load_experiment_config(str(Path(__file__).parents[1] / "configs" /
@@ -78,6 +78,8 @@ def test_checkpointed_layers_key_only_the_distilled_cells_and_only_when_on():
     layered = dataclasses.replace(recompute, distill=dataclasses.replace(recompute.distill, checkpoint_layers=True))
     changed = {m for m in METHODS if cell_key(layered, m) != cell_key(recompute, m)}
     assert changed == {"distill-init", "distilled", "continuous"}
+    grouped = dataclasses.replace(recompute, distill=dataclasses.replace(recompute.distill, micro_batch=1))
+    assert {m for m in METHODS if cell_key(grouped, m) != cell_key(recompute, m)} == changed
 
 
 def test_cells_run_once_and_results_are_written(tmp_path, tiny_llama_dir):

@@ -276,12 +276,12 @@ def test_smoke_meta_gradient_finite_nonzero(kind, dtype):
         assert torch.isfinite(prompt.grad).all() and prompt.grad.abs().sum() > 0
 
 
-def _three_step_meta_gradients(model, seed: int, **unroll_options):
+def _three_step_meta_gradients(model, seed: int, lengths=LENGTHS_A + LENGTHS_B, **unroll_options):
     """Matching loss, theta_N and the gradients of the lr, the prompts and the start params, for 3 steps with prompts
     reused across steps, under ``unroll_options``."""
     start = lora_parameters(model)
     target = perturbed(start, 0.05, seed=seed)
-    samples = make_samples(model, LENGTHS_A + LENGTHS_B, seed=seed + 1)
+    samples = make_samples(model, lengths, seed=seed + 1)
     prompts = [p.detach().clone().requires_grad_(True) for p, _ in samples]
     resp = [r for _, r in samples]
     batches = [SyntheticBatch.from_samples(prompts[:3], resp[:3]),
@@ -343,6 +343,23 @@ def test_checkpointed_layers_give_the_keep_graph_meta_gradient(kind, layers, exa
         torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("layerwise, micro_batch", [(False, 1), (False, 2), (True, 1), (True, 2)])
+def test_micro_batches_give_the_keep_graph_meta_gradient(layerwise, micro_batch, exact_float64):
+    """recompute with micro_batch (each step differentiated a few samples at a time, weighted by their predicted
+    tokens) gives the keep-graph gradients, with or without checkpoint_layers; one sample has no prompt (its first
+    response token is predicted by nothing) and the steps' batches have 3, 2 and 3 samples."""
+    model = make_peft("llama", dtype=torch.float64)
+    lengths = [(3, 4), (0, 5), (2, 6), (4, 3), (1, 5)]
+    _, _, lr0, p0, s0 = _three_step_meta_gradients(model, 81, lengths)
+    _, _, lr1, p1, s1 = _three_step_meta_gradients(model, 81, lengths, recompute=True, checkpoint_layers=layerwise,
+                                                   micro_batch=micro_batch)
+    assert lr0 != 0
+    torch.testing.assert_close(lr1, lr0, rtol=1e-9, atol=0)
+    for g0, g1 in zip(p0 + list(s0.values()), p1 + list(s1.values())):
+        assert g0.numel() == 0 or g0.abs().sum() > 0     # (the prompt of no rows)
+        torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-12)
+
+
 def test_checkpointed_layers_are_run_again_in_the_backward_pass_and_restored():
     """Without checkpoint_layers each decoder layer runs once per step in the unroll (the first-order step) and once
     in the backward pass (the replayed step). With it, layer by layer: twice per step in the unroll (the forward pass
@@ -375,6 +392,10 @@ def test_checkpoint_layers_needs_recompute_and_decoder_layers():
     samples = make_samples(model, LENGTHS_A, seed=74)
     with pytest.raises(ValueError, match="needs recompute=True"):
         unroll(model, lora_parameters(model), [batch_of(samples)], 0.1, checkpoint_layers=True)
+    for micro_batch, recompute in ((2, False), (0, True)):
+        with pytest.raises(ValueError, match="micro_batch must be a positive number of samples and needs recompute"):
+            unroll(model, lora_parameters(model), [batch_of(samples)], 0.1, recompute=recompute,
+                   micro_batch=micro_batch)
     with pytest.raises(ValueError, match="GradientCheckpointingLayer"):
         _decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     head_adapted = peft.get_peft_model(make_tiny_llama(VOCAB), peft.LoraConfig(r=2, target_modules=["q_proj",

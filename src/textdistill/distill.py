@@ -142,6 +142,9 @@ class DistillConfig:
     # with recompute: checkpoint every decoder layer inside a student step and take its second-order product
     # forward-over-reverse (memory of one first-order step with checkpointed layers; results/bench_checkpoint_layers.md)
     checkpoint_layers: bool = False
+    # with recompute: differentiate each student step this many samples at a time (memory of a step's graph shrinks
+    # with the group; same meta-gradients up to rounding); None: the whole minibatch
+    micro_batch: int | None = None
     # expert segments matched per iteration (the mean of their losses); None: one per process, so that under
     # torchrun / accelerate launch each rank draws its own (an explicit number is shared out over the ranks)
     segments: int | None = None
@@ -170,6 +173,9 @@ class DistillConfig:
             raise ConfigError("regularizer.refresh_every must divide checkpoint_every (so that resuming is exact)")
         if self.prompt_length is not None and self.init != "random":
             raise ConfigError("a fixed prompt_length applies to init=random only (real samples keep their prompts)")
+        if self.micro_batch is not None and (self.micro_batch <= 0 or not self.recompute):
+            raise ConfigError(f"micro_batch must be a positive number of samples and needs recompute: true "
+                              f"(--recompute), got {self.micro_batch} with recompute {self.recompute}")
         if self.checkpoint_layers and not self.recompute:
             raise ConfigError("checkpoint_layers bounds the memory of the recompute mode's one student step; it "
                               "needs recompute: true (--recompute)")
@@ -510,7 +516,7 @@ def _meta_loss(context: _Context, synthetic: SyntheticSet, prompts: Tensor, draw
     batches = [synthetic.batch(b, prompts) for b in draw.batches]
     with context.autocast:
         student = unroll(context.model, start, batches, lr, recompute=context.config.recompute,
-                         checkpoint_layers=context.config.checkpoint_layers)
+                         checkpoint_layers=context.config.checkpoint_layers, micro_batch=context.config.micro_batch)
     return matching_loss(student, start, target)
 
 
@@ -914,6 +920,8 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
         del settings["search"]["confirm_draws"]
     if not settings["checkpoint_layers"]:   # added later, off by default: runs made before it resume
         del settings["checkpoint_layers"]
+    if settings["micro_batch"] is None:     # likewise
+        del settings["micro_batch"]
     identity = {"chosen": chosen, "experts": manifest.get("experts"), "pool": manifest["pool_sha256"],
                 "precision": precision}
     if context.segments != 1:   # how many segments, not how they are shared out over ranks (runs of one resume)

@@ -33,6 +33,11 @@ help: a double backward's create_graph graph keeps every activation that checkpo
 forward_ad``, whose saved tangents bypass checkpointing (results/bench_checkpoint_layers.md). It needs decoder
 layers of transformers' ``GradientCheckpointingLayer`` kind (every decoder model of transformers 5) that feed each
 other directly, with every LoRA tensor inside them.
+
+``recompute=True, micro_batch=G`` (with or without ``checkpoint_layers``) differentiates each step G samples at a
+time: the student loss is a mean over the batch's predicted tokens, so the groups' gradients and second-order
+products, weighted by their tokens, add up to the batch's. The memory of a step's graph then scales with G instead
+of the batch. Same gradients up to rounding.
 """
 
 from __future__ import annotations
@@ -249,7 +254,7 @@ def _ensure_leaf(p: Tensor) -> Tensor:
 
 def unroll(model: nn.Module, start_params: Mapping[str, Tensor], batches: Sequence[SyntheticBatch] | Iterator,
            lr: Tensor | float, *, create_graph: bool = True, recompute: bool = False,
-           checkpoint_layers: bool = False) -> dict[str, Tensor]:
+           checkpoint_layers: bool = False, micro_batch: int | None = None) -> dict[str, Tensor]:
     """N differentiable SGD steps theta <- theta - lr * grad student_loss(theta, batch_k), one per batch.
 
     Args:
@@ -265,6 +270,9 @@ def unroll(model: nn.Module, start_params: Mapping[str, Tensor], batches: Sequen
         checkpoint_layers: with ``recompute``, differentiate each step decoder layer by decoder layer (module
             docstring): memory of the hidden states between layers plus one layer's graph, at about twice the time.
             Same gradients up to rounding.
+        micro_batch: with ``recompute``, differentiate each step this many samples at a time (the loss is a mean
+            over tokens, so the groups' gradients and products add up, weighted by their tokens): the memory of a
+            step's graph shrinks with the group. None: the whole minibatch. Same gradients up to rounding.
 
     Returns:
         theta_N, a dict with the keys of ``start_params``, carrying the graph to lr, the prompts and (if they
@@ -284,13 +292,16 @@ def unroll(model: nn.Module, start_params: Mapping[str, Tensor], batches: Sequen
     if checkpoint_layers and not recompute:
         raise ValueError("checkpoint_layers=True needs recompute=True (a kept double-backward graph would hold every "
                          "activation that checkpointing drops)")
+    if micro_batch is not None and (not recompute or micro_batch <= 0):
+        raise ValueError(f"micro_batch must be a positive number of samples and needs recompute=True (a kept graph "
+                         f"holds every group's), got {micro_batch} with recompute={recompute}")
     if recompute:
         if not create_graph:
             raise ValueError("recompute=True is only meaningful with create_graph=True")
         if checkpoint_layers:
             _check_layerwise(model, names)   # fail before the forward pass, not in the backward
         flat = [t for b in batches for t in b.tensors()]
-        outs = _RecomputeUnroll.apply(_Spec(model, names, len(batches), checkpoint_layers), lr,
+        outs = _RecomputeUnroll.apply(_Spec(model, names, len(batches), checkpoint_layers, micro_batch), lr,
                                       *start_params.values(), *flat)
         return dict(zip(names, outs))
     params = [_ensure_leaf(start_params[n]) for n in names]
@@ -545,6 +556,56 @@ def _layerwise(model: nn.Module, names: Sequence[str], theta: Sequence[Tensor], 
     return g, product_theta, product_prompt
 
 
+def _micro_batches(batch: SyntheticBatch, size: int | None) -> list[tuple[Tensor, SyntheticBatch, float]]:
+    """The batch's samples in groups of ``size`` (None: one group of all), each with its share of the loss terms.
+
+    The student loss is a mean over every predicted response token of the batch, so it is the sum over groups of
+    (the group's tokens / the batch's tokens) x the group's own mean loss; so are its gradients and second-order
+    products. A sample predicts its R_b response tokens, less the first when it has no prompt (position 0 predicts
+    nothing). Groups that predict nothing are left out. Returns (rows (G,) long, the group's batch, weight)."""
+    count = batch.batch_size
+    device = batch.prompt_embeds.device
+    if size is None or size >= count:
+        return [(torch.arange(count, device=device), batch, 1.0)]
+    tokens = (batch.response_lengths - (batch.prompt_lengths == 0).long()).tolist()
+    total = sum(tokens)
+    groups = []
+    for first in range(0, count, size):
+        share = sum(tokens[first:first + size])
+        if share == 0:
+            continue
+        rows = torch.arange(first, min(first + size, count), device=device)
+        part = SyntheticBatch(*(t[rows.to(t.device)] for t in batch.tensors()))
+        groups.append((rows, part, share / total))
+    return groups
+
+
+def _double_backward(model: nn.Module, names: Sequence[str], theta: Sequence[Tensor], batch: SyntheticBatch,
+                     vector: Sequence[Tensor] | None = None,
+                     need_prompt: bool = False) -> tuple[list[Tensor], list[Tensor] | None, Tensor | None]:
+    """What :func:`_layerwise` returns (g; with ``vector``, H_theta,theta v and H_x,theta v), by one backward pass
+    with ``create_graph`` and a second one through it: the whole model's double graph at once."""
+    leaves = [t.detach().requires_grad_(True) for t in theta]
+    prompts = batch.prompt_embeds.detach().requires_grad_(need_prompt)
+    frozen = SyntheticBatch(prompts, batch.prompt_lengths, batch.response_ids, batch.response_lengths)
+    loss = student_loss(model, dict(zip(names, leaves)), frozen)
+    grads = torch.autograd.grad(loss, leaves, create_graph=vector is not None, allow_unused=True,
+                                materialize_grads=True)
+    if vector is None:
+        return list(grads), None, None
+    # a materialized zero (a tensor the loss does not reach) has no graph and no second-order product
+    pairs = [(g, v) for g, v in zip(grads, vector) if g.requires_grad]
+    wrt = leaves + ([prompts] if need_prompt else [])
+    got = torch.autograd.grad([g for g, _ in pairs], wrt, grad_outputs=[v.detach() for _, v in pairs],
+                              allow_unused=True, materialize_grads=True)
+    return [g.detach() for g in grads], list(got[:len(leaves)]), (got[len(leaves)] if need_prompt else None)
+
+
+def _weighted_sum(total: list[Tensor] | None, weight: float, terms: Sequence[Tensor]) -> list[Tensor]:
+    scaled = [weight * t for t in terms]
+    return scaled if total is None else [a + b for a, b in zip(total, scaled)]
+
+
 def _pack(tensors: Sequence[Tensor]) -> Tensor | list[Tensor]:
     """One flat copy of the tensors (when they share a dtype and device): a snapshot of a few hundred small LoRA
     tensors kept as one buffer does not fragment the allocator's heap over N steps (results/bench_inner_loop.md)."""
@@ -562,12 +623,24 @@ def _unpack(packed: Tensor | list[Tensor], shapes: Sequence[torch.Size]) -> list
 
 
 class _Spec:
-    """Non-tensor arguments of :class:`_RecomputeUnroll` (model, parameter names, number of batches, whether layers
-    are checkpointed)."""
+    """Non-tensor arguments of :class:`_RecomputeUnroll` (model, parameter names, number of batches, whether each step
+    goes layer by layer, samples differentiated at a time)."""
 
-    def __init__(self, model: nn.Module, names: list[str], n_batches: int, checkpoint_layers: bool = False) -> None:
+    def __init__(self, model: nn.Module, names: list[str], n_batches: int, checkpoint_layers: bool = False,
+                 micro_batch: int | None = None) -> None:
         self.model, self.names, self.n_batches = model, names, n_batches
-        self.checkpoint_layers = checkpoint_layers
+        self.checkpoint_layers, self.micro_batch = checkpoint_layers, micro_batch
+
+    @property
+    def plain(self) -> bool:
+        """Whether each step is differentiated whole (the original recompute mode, kept bit for bit)."""
+        return not self.checkpoint_layers and self.micro_batch is None
+
+    def products(self, theta: Sequence[Tensor], batch: SyntheticBatch, vector: Sequence[Tensor] | None = None,
+                 need_prompt: bool = False) -> tuple[list[Tensor], list[Tensor] | None, Tensor | None]:
+        """g and the second-order products of one (micro-)batch, layer by layer or by a double backward."""
+        differentiate = _layerwise if self.checkpoint_layers else _double_backward
+        return differentiate(self.model, self.names, theta, batch, vector, need_prompt)
 
 
 class _RecomputeUnroll(torch.autograd.Function):
@@ -585,8 +658,10 @@ class _RecomputeUnroll(torch.autograd.Function):
         with torch.enable_grad(), attention_context(spec.model, second_order=True):
             for batch in batches:
                 snapshots.append(_pack(params))
-                if spec.checkpoint_layers:     # one decoder layer's graph at a time
-                    grads, _, _ = _layerwise(spec.model, spec.names, params, batch)
+                if not spec.plain:     # layer by layer and / or a few samples at a time
+                    grads = None
+                    for _, part, weight in _micro_batches(batch, spec.micro_batch):
+                        grads = _weighted_sum(grads, weight, spec.products(params, part)[0])
                     params = [p - lr.detach().to(p.dtype) * g for p, g in zip(params, grads)]
                     continue
                 leaves = [p.detach().requires_grad_(True) for p in params]
@@ -614,16 +689,21 @@ class _RecomputeUnroll(torch.autograd.Function):
         with torch.enable_grad(), attention_context(spec.model, second_order=True):
             for k in reversed(range(n_b)):
                 pe, pl, ri, rl = flat_batches[4 * k: 4 * k + 4]
-                if spec.checkpoint_layers:
+                if not spec.plain:
+                    # theta' = theta - lr * sum_groups w * g(theta, x_group): its vector-Jacobian product for the
+                    # cotangent bar is bar - lr * sum w H v (theta), -sum w <bar, g> (lr), -lr w H_x v (each group)
                     theta = _unpack(ctx.snapshots[k], ctx.shapes)
-                    grads, products, prompt_product = _layerwise(
-                        spec.model, spec.names, theta, SyntheticBatch(pe, pl, ri, rl), bar, need_prompt[k])
-                    # theta' = theta - lr * g(theta, x): its vector-Jacobian product for the cotangent bar
                     step_lr = lr.detach()
-                    if need_lr:
-                        lr_grad = lr_grad - sum((b * g).sum().to(lr.dtype) for b, g in zip(bar, grads))
+                    products = None
                     if need_prompt[k]:
-                        prompt_grads[k] = -step_lr.to(prompt_product.dtype) * prompt_product
+                        prompt_grads[k] = torch.zeros_like(pe)
+                    for rows, part, weight in _micro_batches(SyntheticBatch(pe, pl, ri, rl), spec.micro_batch):
+                        grads, group_products, prompt_product = spec.products(theta, part, bar, need_prompt[k])
+                        products = _weighted_sum(products, weight, group_products)
+                        if need_lr:
+                            lr_grad = lr_grad - weight * sum((b * g).sum().to(lr.dtype) for b, g in zip(bar, grads))
+                        if need_prompt[k]:
+                            prompt_grads[k][rows] = -(step_lr * weight).to(pe.dtype) * prompt_product
                     bar = [b - step_lr.to(b.dtype) * h for b, h in zip(bar, products)]
                     continue
                 pe_leaf = pe.detach().requires_grad_(need_prompt[k])
