@@ -59,7 +59,7 @@ from .errors import ConfigError, DataError, TrainingError
 from .instrument import (Draw, InstrumentConfig, SampleSet, ScoreCache, Scorer, StudentSettings, heldout_report,
                          load_pool, load_student_model, make_draws, resolve_student, sample_minibatches,
                          tokenize_for_experts)
-from .models import autocast_context, resolve_device, resolve_dtype, resolve_precision
+from .models import autocast_context, resolve_dtype, resolve_precision
 from .projection import (input_embedding_matrix, nearest_tokens, neighbour_regularizer, straight_through,
                          vector_distance)
 from .selection import random_indices, read_selection, resolve_budget
