@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def test_two_ranks_equal_one_process_over_the_same_segments(tmp_path, experts_di
     config = CONFIGS[mode]
     one = tmp_path / "one"
     distill(experts=experts_dir, output=one, config=config, device="cpu", progress=False)
+    # so that the 2-rank run scores the held-out instrument itself (its draws shared out) rather than reading it
+    shutil.rmtree(experts_dir / "instrument_cache", ignore_errors=True)
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
     two = tmp_path / "two"
@@ -70,7 +73,12 @@ def test_two_ranks_equal_one_process_over_the_same_segments(tmp_path, experts_di
             assert searches[1]["mean_loss"][lr] == pytest.approx(loss, rel=1e-6)
     run = json.loads((two / "run.json").read_text())
     assert run["world_size"] == 2 and run["segments"] == 3
-    assert (two / "summary.json").is_file()   # rank 0 scored the instrument and wrote the folder
+    assert (two / "summary.json").is_file()   # rank 0 wrote the folder
+    heldout = [json.loads((run / "heldout.json").read_text()) for run in (one, two)]
+    assert heldout[1]["cached_sets"] == 0
+    for name in ("init", "projected", "floor"):
+        assert heldout[1][name]["draws"] == pytest.approx(heldout[0][name]["draws"], rel=1e-6), name
+    assert heldout[1]["random"][0]["draws"] == pytest.approx(heldout[0]["random"][0]["draws"], rel=1e-6)
 
 
 def test_segments_must_be_positive():

@@ -995,14 +995,17 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
         raise
     finally:
         bar.close()
-    if not main:   # every rank holds the same set; rank 0 writes it and scores the instrument alone
-        return {"rank": distributed.rank()}
-    write_jsonl(output / "metrics.jsonl", metrics)
+    # every rank holds the same set: rank 0 writes it, and all score the instrument's draws together
     distill_seconds = time.time() - start_time
-    rows = _write_dataset(output, context, synthetic, loop.log_lr.exp().item(), [examples[i] for i in chosen])
+    rows = None
+    if main:
+        write_jsonl(output / "metrics.jsonl", metrics)
+        rows = _write_dataset(output, context, synthetic, loop.log_lr.exp().item(), [examples[i] for i in chosen])
     # --- the held-out instrument: every set on the same draws
     heldout_start = time.time()
-    projected = [Example(prompt=r["prompt"], response=r["response"]) for r in rows]
+    projected = distributed.broadcast_object(
+        [(r["prompt"], r["response"]) for r in rows] if main else None)   # the decoded text, as rank 0 wrote it
+    projected = [Example(prompt=prompt, response=response) for prompt, response in projected]
     sets: dict[str, SampleSet | None] = {
         "init": synthetic.sample_set(embed_matrix, ids=synthetic.init_token_ids),
         "continuous": (synthetic.sample_set(embed_matrix, synthetic.prompt_embeds.detach())
@@ -1024,6 +1027,8 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
                         "device": scorer.device.type})
     report = heldout_report(scorer, draws, sets, null, pool=pool, embed_matrix=embed_matrix, cache=cache,
                             progress=progress)
+    if not main:
+        return {"rank": distributed.rank()}
     report.update({"heldout_experts": heldout_experts, "student": dataclasses.asdict(student),
                    "seconds": round(time.time() - heldout_start, 1)})
     atomic_write_json(output / "heldout.json", report)

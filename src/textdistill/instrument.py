@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from . import distributed
 from .artifacts import atomic_write_json, environment_versions, machine_description, sha256_json, to_jsonable
 from .errors import ConfigError
 from .unroll import SyntheticBatch, first_order_unroll, matching_loss
@@ -422,47 +423,56 @@ def heldout_report(scorer: Scorer, draws: Sequence[Draw], sets: Mapping[str, Sam
     vectors with the starting samples, and the floor with the mean random subset. With a ``cache``, losses an
     earlier run computed for the same set, draws and lr are read instead of recomputed (``cached_sets`` counts
     them).
+
+    Under ``torchrun`` / ``accelerate launch`` every rank calls it with the same arguments: each scores its share of
+    the draws, the losses are gathered in order on every rank, and rank 0 alone reads and writes the cache (its
+    hits are broadcast, so that every rank takes the same path).
     """
     from tqdm.auto import tqdm
 
     named = {name: s for name, s in sets.items() if s is not None}
     lr = scorer.student.lr
+    main = distributed.is_main()
     # identical sets (e.g. a distillation that changed nothing, next to its starting samples) are scored once
     scored: dict[str, list[float]] = {}
     distinct = {s.fingerprint() for s in [*named.values(), *null]}
-    bar = tqdm(total=(len(distinct) + 1) * len(draws), desc="held-out instrument", disable=not progress,
+    bar = tqdm(total=(len(distinct) + 1) * len(draws), desc="held-out instrument", disable=not progress or not main,
                dynamic_ncols=True)
     hits_before = cache.hits if cache is not None else 0
+
+    def cached(kind: str, key: str) -> list[float] | None:
+        return distributed.broadcast_object(cache.get(kind, key, draws, lr) if cache is not None and main else None)
+
+    def over_draws(loss_of) -> list:
+        """``loss_of(draw)`` for every draw, each rank its share, gathered in draw order."""
+        mine = []
+        for index in distributed.shard_indices(len(draws)):
+            mine.append(loss_of(draws[index]))
+            bar.update(distributed.world_size())
+        return distributed.merge_shards(distributed.all_gather_objects(mine), len(draws))
 
     def score(samples: SampleSet) -> list[float]:
         key = samples.fingerprint()
         if key not in scored:
-            stored = cache.get("set", key, draws, lr) if cache is not None else None
+            stored = cached("set", key)
             if stored is not None:
                 bar.update(len(draws))
             else:
-                stored = []
-                for draw in draws:
-                    stored.append(scorer.loss(samples, draw))
-                    bar.update(1)
-                if cache is not None:
+                stored = over_draws(lambda draw: scorer.loss(samples, draw))
+                if cache is not None and main:
                     cache.put("set", key, draws, lr, stored)
             scored[key] = stored
         return list(scored[key])
 
     losses = {name: score(s) for name, s in named.items()}
     random_losses = [score(s) for s in null]
-    floors: list[float | None] | None = None
-    if pool is not None and cache is not None:
-        floors = cache.get("floor", "", draws, lr)
+    floors: list[float | None] | None = cached("floor", "") if pool is not None else None
     if floors is not None:
         bar.update(len(draws))
     else:
-        floors = []
-        for draw in draws:
-            floors.append(scorer.floor_loss(pool, draw, embed_matrix) if pool is not None else None)
-            bar.update(1)
-        if cache is not None and pool is not None and all(f is not None for f in floors):
+        floors = (over_draws(lambda draw: scorer.floor_loss(pool, draw, embed_matrix)) if pool is not None
+                  else [None] * len(draws))
+        if cache is not None and main and pool is not None and all(f is not None for f in floors):
             cache.put("floor", "", draws, lr, floors)
     bar.close()
     report: dict[str, Any] = {"lr": lr, "draws": [d.to_json() for d in draws],
