@@ -11,8 +11,8 @@ iteration = ``unroll`` with N student steps on that batch, ``matching_loss``, ``
 Every (mode, T, N) runs in a fresh subprocess, which first warms up with the same mode at T=64, then measures one
 outer iteration: peak RSS growth (max RSS sampled every 1 ms, minus RSS just before, with glibc's mmap / trim
 thresholds at 128 KiB so that freed tensors leave RSS) and its CPU time. Modes: ``keep`` (the keep-graph default),
-``recompute`` (replay with a double backward) and ``checkpoint`` (replay forward-over-reverse through checkpointed
-decoder layers); ``recompute_mb1`` / ``checkpoint_mb1``: the same with ``micro_batch=1`` (one sample of the batch
+``recompute`` (replay with a double backward) and ``checkpoint`` (``checkpoint_layers``: each step differentiated
+decoder layer by decoder layer); ``recompute_mb1`` / ``checkpoint_mb1``: the same with ``micro_batch=1`` (one sample of the batch
 differentiated at a time), at the middle T. In the parent process, the two recompute modes' meta-gradients of the lr
 and the prompts are compared at the shortest T (fp32).
 

@@ -336,7 +336,7 @@ def _less_key_settings(less: LessConfig) -> dict[str, Any]:
 
 def _distill_key_settings(distill: DistillConfig) -> dict[str, Any]:
     """The distillation options a stage key depends on: all of them, less ``checkpoint_layers`` when it is off (it
-    was added later; runs made before it keep their keys)."""
+    was added later; runs made before it keep their keys; ``micro_batch`` unset is left out as every None is)."""
     settings = to_jsonable(distill)
     if not distill.checkpoint_layers:
         del settings["checkpoint_layers"]
