@@ -23,6 +23,7 @@ RECIPE = TrainConfig(optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=
                      data=DataSettings(max_length=48, limit=12))
 INSTRUMENT = InstrumentConfig(draws=3, random_subsets=2, heldout_experts=1)
 FAST = DistillConfig(budget="4", iterations=4, student=StudentSettings(syn_steps=2, batch_size=2), checkpoint_every=2,
+                     precision="fp32",   # exact comparisons below: never bf16 autocast, whatever the CPU
                      lr_embeddings=1e-2, instrument=INSTRUMENT, search=TokenSearchSettings(top_k=8, candidates=3))
 
 

@@ -21,10 +21,12 @@ from textdistill.instrument import InstrumentConfig, StudentSettings
 # 3 segments over 2 ranks (2 + 1) and 3 confirmation draws: the shares are uneven on purpose
 CONFIGS = {
     "gcg": DistillConfig(budget="4", iterations=4, segments=3, student=StudentSettings(syn_steps=2, batch_size=2),
+                         precision="fp32",   # compared with one process to rounding: never bf16, whatever the CPU
                          checkpoint_every=2, instrument=InstrumentConfig(draws=2, random_subsets=1, heldout_experts=1),
                          search=TokenSearchSettings(top_k=16, candidates=4, confirm_draws=3)),
     # with a line search of the student lr (its draws shared out over the ranks too)
     "continuous": DistillConfig(budget="4", iterations=4, segments=3, mode="continuous", lr_embeddings=1e-2,
+                                precision="fp32",
                                 student=StudentSettings(syn_steps=2, batch_size=2, lr_grid=(0.1, 0.5)),
                                 checkpoint_every=2,
                                 instrument=InstrumentConfig(draws=2, random_subsets=1, heldout_experts=1)),

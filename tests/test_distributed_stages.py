@@ -34,13 +34,13 @@ from textdistill.training import train, train_on_embeddings
 # without any.
 TRAIN = TrainConfig(optimizer="sgd", lr=0.5, max_steps=5, batch_size=3, grad_accum=2, warmup_ratio=0.2,
                     schedule="linear", max_grad_norm=1.0, lora=LoraSettings(r=2, alpha=4),
-                    data=DataSettings(max_length=64))
+                    data=DataSettings(max_length=64), precision="fp32")   # compared to rounding: pinned
 EXPERTS = ExpertsConfig(num_experts=3, snapshot_every=2, train=TrainConfig(
     optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=0.0, max_steps=4, batch_size=4, max_grad_norm=None,
-    lora=LoraSettings(r=2, alpha=4), data=DataSettings(max_length=64)))
+    lora=LoraSettings(r=2, alpha=4), data=DataSettings(max_length=64), precision="fp32"))
 # the continuous arm (learned prompt vectors, here the prompts' own token embeddings): 5 samples per micro-batch
 VECTORS = TrainConfig(lr=1e-2, max_steps=3, batch_size=5, warmup_ratio=0.0, lora=LoraSettings(r=2, alpha=4),
-                      data=DataSettings(max_length=64))
+                      data=DataSettings(max_length=64), precision="fp32")
 RESPONSES = [" blue", " a dark shade of green", " red, like a brick", " it is yellow"]
 
 _JOB = textwrap.dedent("""

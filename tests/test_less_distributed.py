@@ -199,7 +199,7 @@ SCRIPT = textwrap.dedent('''
     config = less.LessConfig(target=target, warmup_fraction=0.5, warmup_epochs=2, projection_dim=24,
                              max_val_examples=4, batch_size=2, buffer_size=3)
     kwargs = dict(method="less", data=data, budget=4, output=out, seed=5, model=model, config=config,
-                  train_config=TrainConfig(lr=5e-3, batch_size=2, warmup_ratio=0.0), device="cpu", progress=False)
+                  train_config=TrainConfig(lr=5e-3, batch_size=2, warmup_ratio=0.0, precision="fp32"), device="cpu", progress=False)
     real_features, real_train, real_grads = less.gradient_features, less.train_model, less.per_example_grads
     counts = {"features": 0, "train": 0, "crash_at": 3, "rows": 0}
 
@@ -268,7 +268,7 @@ def test_two_ranks_select_the_same_as_one_process_and_resume(tiny_llama_dir, tmp
     config = LessConfig(target=str(target), warmup_fraction=0.5, warmup_epochs=2, projection_dim=PROJ_DIM,
                         max_val_examples=4, batch_size=2, buffer_size=3)
     expected = select(method="less", data=str(data), budget=4, output=one, seed=SEED, model=str(tiny_llama_dir),
-                      config=config, train_config=TrainConfig(lr=5e-3, batch_size=2, warmup_ratio=0.0),
+                      config=config, train_config=TrainConfig(lr=5e-3, batch_size=2, warmup_ratio=0.0, precision="fp32"),
                       device="cpu", progress=False)
     reference = json.loads(one.read_text())
     written = json.loads(two.read_text())

@@ -191,6 +191,8 @@ def environment_versions() -> dict[str, str]:
 def machine_description() -> dict[str, Any]:
     """What a run's speed and low-precision numerics depend on: CPU model, its bf16 support, torch's kernel level
     and thread count, and the CUDA devices (empty when there are none)."""
+    from .hardware import cpu_kind
+
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     cpu_name = capabilities.get("cpu_name") or platform.processor() or "unknown"
     try:  # lscpu's model name is more specific than torch's
@@ -206,7 +208,7 @@ def machine_description() -> dict[str, Any]:
     return {"cpu": cpu_name, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "avx512_bf16": bool(capabilities.get("avx512_bf16")), "amx_bf16": bool(capabilities.get("amx_bf16")),
-            "cuda_devices": cuda}
+            "cpu_kind": cpu_kind(), "cuda_devices": cuda}
 
 
 def write_run_info(run_dir: str | os.PathLike, *, command: str, config: Any, seeds: Mapping[str, int] | None = None,

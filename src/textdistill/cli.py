@@ -272,6 +272,17 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validity(args: argparse.Namespace) -> int:
+    from .validity import load_validity_config, run_validity, summary_table
+
+    config = load_validity_config(args.config, overrides=given_config_flags(args))
+    written = run_validity(config, args.output, device=args.device, progress=not args.no_progress,
+                           report_only=args.report_only)
+    print(summary_table(written))
+    print(f"results: {args.output}/validity/ ({len(written)} files)")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_model, save_distilled_dataset
 
@@ -354,7 +365,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--subjects", help="comma-separated MMLU subjects")
     p.add_argument("--per-subject-limit", type=int, help="MMLU: first N items of each subject")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="bf16 autocast or fp32; auto = bf16 where the device computes it natively")
+                   help="bf16 autocast or fp32; auto = bf16 on CUDA devices with bf16, fp32 on CPUs")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="dtype the weights load in (bf16/fp16 halve their memory; fp16 on a GPU only)")
     _add_task_fields(p, "file tasks")
@@ -387,7 +398,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="bf16 autocast or fp32; auto = bf16 where the device computes it natively")
+                   help="bf16 autocast or fp32; auto = bf16 on CUDA devices with bf16, fp32 on CPUs")
     p.add_argument("--template", choices=["rc", "mc", "chat"])
     p.add_argument("--max-length", type=int)
     p.add_argument("--limit", type=int, help="use the first N rows")
@@ -454,7 +465,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--recompute", action="store_true", default=None, help="constant-memory exact backward")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp64"], help="weights and embeddings dtype")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="autocast of the meta-gradient (auto: bf16 where the device computes it natively)")
+                   help="autocast of the meta-gradient (auto: bf16 on CUDA devices with bf16, fp32 on CPUs)")
     p.add_argument("--projection-metric", choices=["cosine", "l2"])
     p.add_argument("--rerank-top-k", type=int, help="re-rank the k nearest tokens by the model's likelihood")
     p.add_argument("--compare", action="append", metavar="NAME=SELECTION.json",
@@ -511,6 +522,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         add_config_flags(p, ExperimentConfig, title="experiment settings (also: --set KEY=VALUE)")
     p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("validity", help="does an objective predict accuracy? score real subsets, train receivers "
+                                        "on them, report Spearman correlations with intervals")
+    p.add_argument("config", help="YAML file (a validity: section)")
+    p.add_argument("--output", required=True, help="the study's folder; a rerun (or --resume) continues it, and "
+                                                   "one process per core may share it")
+    p.add_argument("--resume", action="store_true", help="continue the study in --output (a rerun does the same)")
+    p.add_argument("--report-only", action="store_true", help="run nothing; write the result files of what is done")
+    _add_common(p, remote_code=False)
+    if command == "validity":
+        from .validity import ValidityConfig
+
+        add_config_flags(p, ValidityConfig, title="validity settings")
+    p.set_defaults(func=_cmd_validity)
 
     p = sub.add_parser("export", help="merge a LoRA adapter into its base model, or save a distilled dataset, "
                        "as folders that Hugging Face libraries load")

@@ -83,8 +83,8 @@ class TrainConfig:
     max_steps: int | None = None
     max_grad_norm: float | None = 1.0
     seed: int = 0
-    # bf16 autocast or fp32; auto = bf16 where it is fast (CUDA with bf16, CPUs with AMX), fp32 elsewhere (see
-    # models.native_bf16: on AVX2-only CPUs bf16 is emulated, ~20x slower; with AVX512-BF16 alone it was 1.7x slower)
+    # bf16 autocast or fp32; auto = bf16 on CUDA devices with bf16, fp32 on every CPU (models.native_bf16: bf16 was
+    # no faster with AMX, slower with AVX512-BF16 alone, ~20x slower where emulated, and made results CPU-dependent)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # weights of the frozen base model (None: fp32); LoRA tensors stay fp32, peft's master copies (fp16: GPU only)
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
@@ -128,6 +128,8 @@ class EvalConfig:
     num_fewshot: int = 0
     fewshot_seed: int = 1234
     limit: int | None = None
+    # skip the first N items (after the subject filter), before limit: offset 1000, limit 1000 = items 1000-1999
+    offset: int | None = None
     subjects: tuple[str, ...] | None = None  # MMLU subject filter
     per_subject_limit: int | None = None  # MMLU: first N items of each subject (a fixed, stated subset)
     max_length: int = 2048
@@ -140,6 +142,8 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if self.offset is not None and self.offset < 0:
+            raise ConfigError(f"offset must be >= 0, got {self.offset}")
         if self.num_fewshot < 0:
             raise ConfigError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.max_length < 1:

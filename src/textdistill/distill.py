@@ -153,7 +153,7 @@ class DistillConfig:
     projection_metric: Literal["cosine", "l2"] = "cosine"
     rerank_top_k: int | None = None  # continuous/straight_through: re-rank the k nearest tokens by likelihood
     dtype: Literal["fp32", "bf16", "fp64"] = "fp32"  # weights and embeddings
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast of the meta-gradient (auto: bf16 where native)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast of the meta-gradient (auto: bf16 on CUDA, fp32 on CPUs)
     instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
     seed: int = 0
     checkpoint_every: int = 10

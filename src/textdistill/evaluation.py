@@ -719,6 +719,11 @@ def _task_requests(config: Any) -> _TaskRequests:
             if seen[item.subject] <= config.per_subject_limit:
                 kept.append(item)
         items = kept
+    if config.offset:
+        items = items[config.offset:]
+        if not items:
+            raise ConfigError(f"offset {config.offset} skips every item of {config.task}:{config.split} "
+                              f"({len(split_items)} items)")
     if config.limit is not None:
         items = items[: config.limit]
     shots_pool: list[Any] = []
@@ -763,7 +768,7 @@ def _evaluate(model: torch.nn.Module, tokenizer: Any, prepared: _TaskRequests,
     if prepared.task.by_subject:
         result.update(aggregate_by_subject(records))
     result.update({"task": config.task, "split": config.split, "template": config.template,
-                   "num_fewshot": config.num_fewshot, "limit": config.limit,
+                   "num_fewshot": config.num_fewshot, "limit": config.limit, "offset": config.offset,
                    "per_subject_limit": config.per_subject_limit,
                    "seconds": round(prepared.seconds + time.time() - start, 1)})
     return result, records

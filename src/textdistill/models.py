@@ -61,31 +61,27 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def native_bf16(device: str | torch.device | None = "auto") -> bool:
-    """Whether ``device`` computes bfloat16 fast enough that bf16 autocast is a speed-up rather than a slow-down.
+    """Whether ``precision: auto`` means bf16 autocast on ``device``: CUDA devices that support bf16, nothing else.
 
-    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: only with AMX (``amx_bf16``) and torch's kernels at the AVX512
-    level or above (``ATEN_CPU_CAPABILITY=avx2`` turns them off). AVX512-BF16 alone is not enough: on this project's
-    Xeon with avx512_bf16 but no AMX (torch 2.13), a bf16 matmul ran at half the fp32 rate, a SmolLM2 LoRA step
-    under bf16 autocast took 1.7x longer and a distillation meta-gradient 1.5x longer
-    (``results/bench_metagrad_precision.md``); on AVX2-only CPUs bf16 is emulated (~20x slower). Anything else
-    (MPS, XPU, ...): False, so fp32 is used.
+    Every CPU gets fp32, whatever its kind (:mod:`textdistill.hardware`). bf16 was measured no faster where it is
+    native: on AMX the demo took 4 min 4 s in bf16 and 4 min 14 s in fp32 and a distillation meta-gradient was
+    about as fast (``results/bench_metagrad_precision.md``); on AVX512-BF16 without AMX it was 1.5-1.7x slower, and
+    on AVX2 it is emulated (about 20x slower). And bf16 on a CPU makes results, tolerances and cache keys depend on
+    the machine: each kind broke the suite once that way. ``--precision bf16`` still asks for it explicitly.
     """
     device = resolve_device(device)
     if device.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    level = torch.backends.cpu.get_cpu_capability()
-    return bool(capabilities.get("amx_bf16")) and level not in ("DEFAULT", "NO AVX", "AVX2", "ZVECTOR")
+    return False
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: str | torch.device | None = "auto") -> str:
-    """``auto`` -> ``bf16`` where the device computes bf16 natively (see :func:`native_bf16`), else ``fp32``;
-    ``fp32`` and ``bf16`` are returned as they are (an explicit bf16 is honoured even where it is emulated)."""
+    """``auto`` -> ``bf16`` on a CUDA device with bf16 (see :func:`native_bf16`), ``fp32`` on every CPU and
+    elsewhere; ``fp32`` and ``bf16`` are returned as they are (an explicit bf16 is honoured even where it is
+    emulated)."""
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
     if precision == "auto":

@@ -1,0 +1,817 @@
+"""The validity study: does an objective tell good training data from bad?
+
+An objective (trajectory matching, performance matching, LESS's alignment...) is worth optimising only if the sets it
+prefers train better models. This stage measures that directly. For one pool, budget and receiver models:
+
+1. **Subsets.** K real subsets of the budget's size: random ones (the first ``instrument_null`` are the very null
+   subsets of the distillation's held-out instrument), subsets that spread the scores out (the best and worst of
+   many random draws under LESS and under trajectory matching, the LESS top and bottom rows) and the match
+   selection. ``subsets.json`` holds their pool indices.
+2. **Scores.** Every objective scores every subset (``scores/<objective>.json``; higher = the objective prefers the
+   set; ``raw`` is the objective's own value, e.g. a matching loss).
+3. **Accuracy.** Each receiver model is trained on each subset with each recipe (seed 0) and scored on a fixed slice
+   of the test split that the reported comparison never uses (``accuracy``: ARC-Easy test questions 1000-1999), so
+   that choosing an objective never touches the reported numbers. ``noise_subsets`` subsets are also trained with
+   the other ``noise_seeds``: the noise ceiling. Performance matching (``pm``) is the loss of held-out validation
+   rows after the receiver's own recipe, taken from an independent training seed (``pm_seed``) so that it shares
+   no seed noise with the accuracy it is correlated with.
+4. **Recipes.** ``comparison`` is the comparison's recipe as it is; ``tuned`` is the same recipe with its number of
+   epochs chosen per model on validation accuracy (``tuning``: a grid, a few random subsets, questions that are
+   neither the accuracy slice nor the reported ones); ``student`` trains the way the distillation's student does
+   (plain SGD at its lr for its N steps of its batch size), the cheap probe of the optimizer mismatch.
+5. **Report.** ``validity/<objective>-<model>-<budget>-<recipe>.json`` per (objective, model, recipe): the Spearman
+   correlation between score and accuracy over the subsets, its bootstrap 95% interval, the noise ceiling, the
+   seconds one score costs, and every point.
+
+Every unit of work (a subset plan, an objective's scores, a fork run, one trained cell) is written atomically under
+the output folder and skipped on a rerun, so the study resumes; several processes (one per core) share a folder by
+file locks, each taking the next unit nobody holds.
+
+Entry of ``textdistill validity``: :func:`run_validity`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from .artifacts import atomic_write_json, read_json, save_tensors, load_tensors, sha256_json, to_jsonable, write_run_info
+from .config import DataSettings, EvalConfig, LoraSettings, TrainConfig, apply_overrides, build_dataclass, read_yaml
+from .errors import ConfigError
+from .instrument import InstrumentConfig, StudentSettings
+
+__all__ = ["RecipeTuning", "ValidityConfig", "ForkSettings", "load_validity_config", "noise_ceiling",
+           "run_validity", "spearman_with_interval"]
+
+OBJECTIVES = ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "less")
+RECIPES = ("comparison", "tuned", "student")
+
+
+@dataclass(frozen=True)
+class RecipeTuning:
+    """The rule that sets the ``tuned`` recipe's length once per model and budget: train ``subsets`` random subsets
+    for each epoch count of ``epochs`` and keep the count with the best mean accuracy on ``validation``."""
+
+    epochs: tuple[float, ...] = (3.0, 6.0, 10.0, 15.0, 25.0)
+    subsets: int = 3
+    seed: int = 5000  # random subsets seeded seed, seed + 1, ... (none of the study's)
+    validation: EvalConfig = field(default_factory=lambda: EvalConfig(task="arc-easy", split="validation",
+                                                                      template="rc", limit=285))
+
+    def __post_init__(self) -> None:
+        if not self.epochs or any(e <= 0 for e in self.epochs):
+            raise ConfigError(f"tuning.epochs must be positive epoch counts, got {list(self.epochs)}")
+        if self.subsets < 1:
+            raise ConfigError(f"tuning.subsets must be at least 1, got {self.subsets}")
+
+
+@dataclass(frozen=True)
+class ForkSettings:
+    """Denoised targets: from each start snapshot of the held-out experts, ``forks`` runs of one segment each (the
+    experts' recipe, other data orders); the target is their mean end point."""
+
+    forks: int = 8
+    seed: int = 7000
+
+
+@dataclass(frozen=True)
+class ValidityConfig:
+    """One validity study: pool, budget, receivers, recipes, subsets and objectives."""
+
+    name: str = "validity"
+    pool: str = "arc-easy:train"
+    budget: str = "1%"
+    models: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
+    recipes: tuple[Literal["comparison", "tuned", "student"], ...] = ("comparison", "tuned")
+    # the accuracy slice: disjoint from the comparison's questions (ARC-Easy test 0-499)
+    accuracy: EvalConfig = field(default_factory=lambda: EvalConfig(task="arc-easy", split="test", template="rc",
+                                                                    offset=1000, limit=1000))
+    # performance matching's held-out rows (never the accuracy slice, the reported questions or tuning's)
+    objective_rows: str = "arc-easy:validation"
+    objective_offset: int = 285
+    objective_limit: int = 285
+    recipe: TrainConfig = field(default_factory=TrainConfig)   # the comparison's recipe
+    tuning: RecipeTuning = field(default_factory=RecipeTuning)
+    experts: str = ""  # the experts folder (trajectory matching, the student; its last expert is held out)
+    instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
+    student: StudentSettings = field(default_factory=lambda: StudentSettings(syn_steps=4, batch_size=8, lr=0.03))
+    forks: ForkSettings = field(default_factory=ForkSettings)
+    less_scores: str = ""  # a LESS selection file with ``all_scores`` over the pool
+    match_selection: str | None = None  # the match selection at this budget (a subset of its own)
+    random_subsets: int = 18
+    instrument_null: int = 10  # the first random subsets are the distillation instrument's null subsets
+    random_seed: int = 9100
+    spread_draws: int = 200  # random draws whose best and worst under LESS become subsets
+    tm_spread_draws: int = 40  # the same under trajectory matching (each draw costs a score)
+    noise_subsets: tuple[str, ...] = ("null-0", "random-0", "less-top", "less-bottom")
+    noise_seeds: tuple[int, ...] = (0, 1, 2)
+    pm_seed: int = 1
+    pm_student_draws: int = 4  # held-out draws the pm-student objective averages over
+    objectives: tuple[str, ...] = ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "less")
+    bootstrap: int = 10000
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown:
+            raise ConfigError(f"unknown objective(s) {', '.join(unknown)}; known: {', '.join(OBJECTIVES)}")
+        bad = [r for r in self.recipes if r not in RECIPES]
+        if bad:
+            raise ConfigError(f"unknown recipe(s) {', '.join(bad)}; known: {', '.join(RECIPES)}")
+        if not self.models:
+            raise ConfigError("list at least one receiver under 'models'")
+        if self.instrument_null > self.random_subsets:
+            raise ConfigError(f"instrument_null ({self.instrument_null}) cannot exceed random_subsets "
+                              f"({self.random_subsets})")
+        if 0 not in self.noise_seeds or len(self.noise_seeds) < 2:
+            raise ConfigError(f"noise_seeds must hold seed 0 and at least one other, got {list(self.noise_seeds)}")
+        if self.pm_seed == 0:
+            raise ConfigError("pm_seed must differ from 0: the accuracy's seed (pm would share its seed noise)")
+
+
+def load_validity_config(path: str, overrides: dict[str, Any] | None = None) -> ValidityConfig:
+    """A validity config from a YAML file (a ``validity:`` section or the bare mapping) and dotted overrides."""
+    values = read_yaml(path)
+    values = apply_overrides(values.get("validity", values), overrides, skip_none=False)
+    return build_dataclass(ValidityConfig, values, "validity")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Statistics (pure)
+# --------------------------------------------------------------------------------------------------------------------
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Average ranks (1-based; ties share the mean of their ranks)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson's of the average ranks); NaN when either side is constant."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"spearman needs two equal-length lists of >= 2 values, got {len(x)} and {len(y)}")
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return math.nan
+    return sxy / math.sqrt(sxx * syy)
+
+
+def spearman_with_interval(x: Sequence[float], y: Sequence[float], *, resamples: int = 10000,
+                           seed: int = 0) -> tuple[float, list[float]]:
+    """Spearman's rho and a percentile bootstrap 95% interval over the points (pairs resampled with replacement;
+    resamples where a side is constant are dropped)."""
+    rho = spearman(x, y)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(x)
+    draws = torch.randint(n, (resamples, n), generator=generator).tolist()
+    values = sorted(v for v in (spearman([x[i] for i in d], [y[i] for i in d]) for d in draws) if not math.isnan(v))
+    if not values:
+        return rho, [math.nan, math.nan]
+    low = values[int(math.floor(0.025 * (len(values) - 1)))]
+    high = values[int(math.ceil(0.975 * (len(values) - 1)))]
+    return rho, [low, high]
+
+
+def noise_ceiling(accuracies: Sequence[float], replicates: Sequence[Sequence[float]]) -> dict[str, float]:
+    """The highest correlation with accuracy that seed noise allows: ``sqrt(1 - within / total)``, where
+    ``within`` is the pooled variance of accuracy over training seeds of one subset (``replicates``: one list of
+    accuracies per subset trained with several seeds) and ``total`` the variance of the study's accuracies (one
+    seed per subset). A perfect objective (one that knows each subset's expected accuracy) correlates with a single
+    seed's accuracy at about this value."""
+    def variance(values: Sequence[float]) -> float:
+        mean = sum(values) / len(values)
+        return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+    groups = [list(g) for g in replicates if len(g) >= 2]
+    if not groups or len(accuracies) < 2:
+        return {"noise_ceiling": math.nan, "seed_std": math.nan, "total_std": math.nan}
+    within = sum(variance(g) * (len(g) - 1) for g in groups) / sum(len(g) - 1 for g in groups)
+    total = variance(accuracies)
+    ceiling = math.sqrt(max(0.0, 1.0 - within / total)) if total > 0 else 0.0
+    return {"noise_ceiling": ceiling, "seed_std": math.sqrt(within), "total_std": math.sqrt(total)}
+
+
+def cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Cosine between two parameter displacements (same keys), flattened."""
+    x = torch.cat([a[k].double().flatten() for k in a])
+    y = torch.cat([b[k].double().flatten() for k in a])
+    return float(x @ y / (x.norm() * y.norm()).clamp_min(1e-300))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Work units, shared by several processes through file locks
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Unit:
+    name: str
+    output: Path                       # its completion mark (written last, atomically)
+    run: Callable[[], None]
+    needs: tuple[str, ...] = ()        # names of units that must be done first
+
+
+def _run_units(units: list[_Unit], *, log: Callable[[str], None], poll_seconds: float = 20.0) -> None:
+    """Run every unit whose output is missing, in order, skipping ones another process holds or whose needs are
+    not done yet; return once every unit is done (waiting for other processes' units at the end)."""
+    from .experiment import try_lock
+
+    by_name = {u.name: u for u in units}
+    done = lambda u: u.output.is_file()   # noqa: E731
+    announced: set[str] = set()
+    while True:
+        pending = [u for u in units if not done(u)]
+        if not pending:
+            return
+        progressed = False
+        for unit in pending:
+            if done(unit) or not all(done(by_name[n]) for n in unit.needs):
+                continue
+            lock = try_lock(unit.output)
+            if lock is None:
+                continue
+            try:
+                if not done(unit):
+                    log(f"[{len(units) - len([u for u in units if not done(u)]) + 1}/{len(units)}] {unit.name}")
+                    start = time.time()
+                    unit.run()
+                    log(f"    done in {time.time() - start:.0f} s")
+            finally:
+                lock.release()
+            progressed = True
+            break   # start again from the top: earlier units may have become runnable
+        if not progressed:
+            waiting = sorted(u.name for u in pending)[:3]
+            key = ",".join(waiting)
+            if key not in announced:
+                log(f"    waiting for {len(pending)} unit(s) held by another process or not yet runnable "
+                    f"({', '.join(waiting)}{', ...' if len(pending) > 3 else ''})")
+                announced.add(key)
+            time.sleep(poll_seconds)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The study
+# --------------------------------------------------------------------------------------------------------------------
+
+class _Study:
+    """Everything one process needs to run units of the study in ``root``."""
+
+    def __init__(self, config: ValidityConfig, root: Path, *, device: str, progress: bool, log):
+        from .data import load_examples
+        from .selection import resolve_budget
+
+        self.config, self.root, self.device, self.progress, self.log = config, root, device, progress, log
+        self.pool = load_examples(config.pool, config.recipe.data)
+        self.count = resolve_budget(config.budget, len(self.pool))
+        self._scorer = None
+
+    # ---- paths ----------------------------------------------------------------------------------------------------
+    @property
+    def subsets_path(self) -> Path:
+        return self.root / "subsets.json"
+
+    def subsets(self) -> dict[str, list[int]]:
+        return read_json(self.subsets_path)["subsets"]
+
+    def score_path(self, objective: str) -> Path:
+        return self.root / "scores" / f"{objective}.json"
+
+    def recipe_config(self, model: str, recipe: str) -> TrainConfig:
+        """The training recipe of ``recipe`` for ``model`` (``tuned`` needs the tuning result)."""
+        config = self.config
+        if recipe == "comparison":
+            return config.recipe
+        if recipe == "tuned":
+            chosen = read_json(self.tuning_path(model))["epochs"]
+            return dataclasses.replace(config.recipe, epochs=float(chosen), max_steps=None)
+        if recipe == "student":   # plain SGD at the student's lr for its N steps of its batch size
+            from .experts import load_experts
+            from .instrument import resolve_student
+
+            student = resolve_student(config.student, load_experts(config.experts))
+            return dataclasses.replace(config.recipe, optimizer="sgd", lr=student.lr, schedule="constant",
+                                       warmup_ratio=0.0, batch_size=student.batch_size, max_steps=student.steps,
+                                       max_grad_norm=None, weight_decay=0.0, momentum=0.0)
+        raise ConfigError(f"unknown recipe {recipe!r}")
+
+    def cell_path(self, model: str, recipe: str, subset: str, seed: int) -> Path:
+        return (self.root / "cells" / model.strip("/").replace("/", "__") / recipe / subset / f"seed{seed}" /
+                "result.json")
+
+    def tuning_path(self, model: str) -> Path:
+        return self.root / "tuning" / f"{model.strip('/').replace('/', '__')}.json"
+
+    def tuning_cell_path(self, model: str, epochs: float, k: int) -> Path:
+        return (self.root / "tuning" / model.strip("/").replace("/", "__") / f"epochs{epochs:g}" / f"subset{k}" /
+                "result.json")
+
+    # ---- shared pieces --------------------------------------------------------------------------------------------
+    def scorer(self):
+        """The trajectory-matching scorer on the held-out experts (model, draws, pool tokenized as the experts)."""
+        if self._scorer is None:
+            from .experts import load_experts
+            from .instrument import Scorer, load_pool, load_student_model, make_draws, resolve_student
+            from .models import resolve_device
+            from .projection import input_embedding_matrix
+
+            trajectories = load_experts(self.config.experts)
+            model, tokenizer = load_student_model(trajectories, device=self.device)
+            student = resolve_student(self.config.student, trajectories)
+            _, heldout = trajectories.split(self.config.instrument.heldout_experts)
+            draws = make_draws(heldout, student, self.count, self.config.instrument.draws, self.config.instrument.seed)
+            _, tokenized = load_pool(tokenizer, trajectories.manifest)
+            embed = input_embedding_matrix(model).float()
+            scorer = Scorer(model, trajectories, student, device=resolve_device(self.device))
+            self._scorer = {"scorer": scorer, "draws": draws, "tokenized": tokenized, "embed": embed,
+                            "trajectories": trajectories, "heldout": heldout, "tokenizer": tokenizer,
+                            "model": model, "student": student}
+        return self._scorer
+
+    def sample_set(self, indices: Sequence[int]):
+        from .instrument import SampleSet
+
+        s = self.scorer()
+        return SampleSet.from_tokenized([s["tokenized"][i] for i in indices], s["embed"])
+
+    def tm_loss(self, indices: Sequence[int], targets: dict | None = None) -> list[float]:
+        """The held-out matching loss of a subset on every instrument draw (``targets``: (expert, start) ->
+        replacement end point, for denoised targets)."""
+        from .unroll import matching_loss
+
+        s = self.scorer()
+        samples = self.sample_set(indices)
+        losses = []
+        for draw in s["draws"]:
+            end, _ = s["scorer"].unroll(samples, draw)
+            start, target = s["scorer"].endpoints(draw)
+            if targets is not None:
+                target = targets[(draw.expert, draw.start)]
+            losses.append(float(matching_loss(end, start, target)))
+        return losses
+
+    # ---- units ----------------------------------------------------------------------------------------------------
+    def make_subsets(self) -> None:
+        from .distill import NULL_SEED_OFFSET
+        from .selection import random_indices, read_selection
+
+        config, n, count = self.config, len(self.pool), self.count
+        less = read_json(config.less_scores)
+        scores = less.get("all_scores")
+        if not scores or len(scores) != n:
+            raise ConfigError(f"{config.less_scores} has no all_scores over the {n} pool rows")
+        row_score = [(-math.inf if s is None else float(s)) for s in scores]
+        subsets: dict[str, list[int]] = {}
+        info: dict[str, Any] = {}
+        for r in range(config.random_subsets):
+            if r < config.instrument_null:   # the distillation's null subsets (distill.py), seed 0
+                subsets[f"null-{r}"] = random_indices(n, count, NULL_SEED_OFFSET + r)
+            else:
+                subsets[f"random-{r - config.instrument_null}"] = random_indices(n, count, config.random_seed + r)
+        ranked = sorted(range(n), key=lambda i: (-row_score[i], i))
+        subsets["less-top"] = ranked[:count]
+        subsets["less-bottom"] = [i for i in ranked if math.isfinite(row_score[i])][-count:]
+        draws = [random_indices(n, count, config.random_seed + 10_000 + r) for r in range(config.spread_draws)]
+        mean_less = [sum(row_score[i] for i in d) / count for d in draws]
+        best = max(range(len(draws)), key=lambda k: mean_less[k])
+        worst = min(range(len(draws)), key=lambda k: mean_less[k])
+        subsets[f"less-best-of-{len(draws)}"], subsets[f"less-worst-of-{len(draws)}"] = draws[best], draws[worst]
+        if config.tm_spread_draws:
+            candidates = [random_indices(n, count, config.random_seed + 20_000 + r)
+                          for r in range(config.tm_spread_draws)]
+            from tqdm.auto import tqdm
+
+            losses = [sum(self.tm_loss(c)) / self.config.instrument.draws
+                      for c in tqdm(candidates, desc="tm spread draws", disable=not self.progress)]
+            best = min(range(len(candidates)), key=lambda k: losses[k])
+            worst = max(range(len(candidates)), key=lambda k: losses[k])
+            subsets[f"tm-best-of-{len(candidates)}"] = candidates[best]
+            subsets[f"tm-worst-of-{len(candidates)}"] = candidates[worst]
+            info["tm_spread_losses"] = losses
+        if config.match_selection:
+            picked = read_selection(config.match_selection)["indices"][:count]
+            if len(picked) < count:
+                raise ConfigError(f"{config.match_selection} holds {len(picked)} rows, fewer than the budget {count}")
+            subsets["match"] = picked
+        missing = [s for s in config.noise_subsets if s not in subsets]
+        if missing:
+            raise ConfigError(f"noise_subsets names subsets the plan does not make: {', '.join(missing)}")
+        atomic_write_json(self.subsets_path, {"budget": config.budget, "count": count, "pool_size": n,
+                                              "subsets": subsets, **info})
+
+    def make_forks(self) -> None:
+        """Fork runs of the held-out experts: ``forks`` segments from each start snapshot with other data orders."""
+        from .training import train_model
+        from .unroll import lora_parameters
+
+        s = self.scorer()
+        trajectories, student = s["trajectories"], s["student"]
+        manifest = trajectories.manifest
+        recipe = TrainConfig(**{**{k: v for k, v in manifest["recipe"].items() if k not in ("lora", "data")},
+                                "lora": LoraSettings(**{**manifest["lora"],
+                                                        "target_modules": tuple(manifest["lora"]["target_modules"])}),
+                                "data": DataSettings(**manifest["data_settings"])})
+        steps = trajectories.snapshot_every * student.span
+        model = s["model"]
+        folder = self.root / "forks"
+        cosines: dict[str, Any] = {}
+        for expert in s["heldout"]:
+            for start in range(student.min_start, student.max_start + 1):
+                ends = []
+                for f in range(self.config.forks.forks):
+                    path = folder / f"expert{expert}-start{start}-fork{f}.safetensors"
+                    if not path.is_file():
+                        params = trajectories.load(expert, start)
+                        with torch.no_grad():
+                            for name, p in model.named_parameters():
+                                if name in params:
+                                    p.copy_(params[name])
+                        # the scorer's model (its LoRA tensors are only ever substituted there, so training them
+                        # in place changes no score)
+                        seed = self.config.forks.seed + 1000 * expert + 100 * start + f
+                        fork_recipe = dataclasses.replace(recipe, seed=seed, max_steps=steps, precision="fp32")
+                        train_model(model, s["tokenized"], fork_recipe, pad_id=s["tokenizer"].pad_token_id,
+                                    progress=False, data_parallel=False)
+                        save_tensors(path, lora_parameters(model), metadata={"seed": str(seed)})
+                    ends.append(load_tensors(path))
+                origin = trajectories.load(expert, start)
+                own = trajectories.load(expert, start + student.span)
+                moves = [{k: e[k] - origin[k] for k in origin} for e in ends]
+                own_move = {k: own[k] - origin[k] for k in origin}
+                half = len(moves) // 2
+                mean = lambda group: {k: sum(m[k] for m in group) / len(group) for k in origin}  # noqa: E731
+                pairs = [cosine(moves[i], moves[j]) for i in range(len(moves)) for j in range(i + 1, len(moves))]
+                cosines[f"{expert}-{start}"] = {
+                    "fork_pairs_mean": sum(pairs) / len(pairs),
+                    "expert_vs_forks": [cosine(own_move, m) for m in moves],
+                    "half_means": cosine(mean(moves[:half]), mean(moves[half:])) if half >= 1 else None,
+                    "expert_vs_fork_mean": cosine(own_move, mean(moves)),
+                    "fork_mean_norm_over_expert_norm": float(
+                        torch.cat([v.flatten() for v in mean(moves).values()]).norm()
+                        / torch.cat([v.flatten() for v in own_move.values()]).norm()),
+                }
+        atomic_write_json(folder / "signal.json", {"forks": self.config.forks.forks, "segment_steps": steps,
+                                                   "batch_size": trajectories.samples_per_step,
+                                                   "by_start": cosines})
+
+    def fork_targets(self) -> dict:
+        s = self.scorer()
+        targets = {}
+        for expert in s["heldout"]:
+            for start in range(s["student"].min_start, s["student"].max_start + 1):
+                origin = s["trajectories"].load(expert, start)
+                ends = [load_tensors(self.root / "forks" / f"expert{expert}-start{start}-fork{f}.safetensors")
+                        for f in range(self.config.forks.forks)]
+                targets[(expert, start)] = {k: sum(e[k] for e in ends) / len(ends) for k in origin}
+        return targets
+
+    def score_objective(self, objective: str) -> None:
+        """Scores of every subset under a model-independent objective (tm, tm-denoised, pm-student, less)."""
+        subsets = self.subsets()
+        scores, raw, seconds = {}, {}, []
+        targets = self.fork_targets() if objective == "tm-denoised" else None
+        less = read_json(self.config.less_scores)["all_scores"] if objective == "less" else None
+        from tqdm.auto import tqdm
+
+        for name, indices in tqdm(subsets.items(), desc=objective, disable=not self.progress):
+            start = time.time()
+            if objective in ("tm", "tm-denoised"):
+                losses = self.tm_loss(indices, targets)
+                raw[name] = {"loss": sum(losses) / len(losses), "draws": losses}
+                scores[name] = -raw[name]["loss"]
+            elif objective == "less":
+                values = [float(less[i]) for i in indices if less[i] is not None]
+                raw[name] = sum(values) / len(values)
+                scores[name] = raw[name]
+            elif objective == "pm-student":
+                losses = self.pm_student(indices)
+                raw[name] = {"loss_change": sum(losses) / len(losses), "draws": losses}
+                scores[name] = -raw[name]["loss_change"]
+            else:
+                raise ConfigError(f"{objective} is not scored on its own")
+            seconds.append(time.time() - start)
+        atomic_write_json(self.score_path(objective), {
+            "objective": objective, "scores": scores, "raw": raw,
+            "seconds_per_score": sum(seconds) / len(seconds), "higher_is_better": True})
+
+    def objective_examples(self, tokenizer: Any, data: DataSettings) -> list:
+        from .data import load_examples, tokenize_examples
+
+        examples = load_examples(self.config.objective_rows, data)
+        examples = examples[self.config.objective_offset: self.config.objective_offset + self.config.objective_limit]
+        if not examples:
+            raise ConfigError(f"objective rows {self.config.objective_rows}[{self.config.objective_offset}:] are empty")
+        return tokenize_examples(tokenizer, examples, max_length=data.max_length, append_eos=data.append_eos)
+
+    def pm_student(self, indices: Sequence[int]) -> list[float]:
+        """Performance matching under the student's unroll: from each of the first ``pm_student_draws`` held-out
+        draws' start snapshot, the student's N SGD steps on the subset, then the change of the mean response loss
+        of the objective rows (negative = the set lowered it)."""
+        s = self.scorer()
+        if "objective_rows" not in s:
+            from .config import DataSettings as Settings
+
+            s["objective_rows"] = self.objective_examples(
+                s["tokenizer"], Settings(**s["trajectories"].manifest["data_settings"]))
+        samples = self.sample_set(indices)
+        changes = []
+        for draw in s["draws"][: self.config.pm_student_draws]:
+            start, _ = s["scorer"].endpoints(draw)
+            end, _ = s["scorer"].unroll(samples, draw)
+            changes.append(_rows_loss(s["model"], s["objective_rows"], end, s["tokenizer"].pad_token_id)
+                           - _rows_loss(s["model"], s["objective_rows"], start, s["tokenizer"].pad_token_id))
+        return changes
+
+    def train_cell(self, model_name: str, recipe_name: str, indices: Sequence[int], seed: int, *,
+                   evaluate: EvalConfig | None, out: Path) -> None:
+        """Train ``model_name`` on the subset with the recipe and seed; record the objective rows' loss and, with
+        ``evaluate``, the accuracy."""
+        from .evaluation import evaluate_model
+        from .training import train_on_examples
+
+        recipe = dataclasses.replace(self.recipe_config(model_name, recipe_name), seed=seed)
+        examples = [self.pool[i] for i in indices]
+        model, tokenizer, result = train_on_examples(model_name=model_name, examples=examples, config=recipe,
+                                                     device=self.device, progress=False)
+        rows = self.objective_examples(tokenizer, recipe.data)
+        start = time.time()
+        row: dict[str, Any] = {"model": model_name, "recipe": recipe_name, "seed": seed, "indices": list(indices),
+                               "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
+                               "train_last_loss": result.losses[-1], "epochs": recipe.epochs,
+                               "objective_loss": _model_rows_loss(model, rows, tokenizer.pad_token_id),
+                               "objective_rows": len(rows)}
+        row["objective_seconds"] = round(time.time() - start, 1)
+        if evaluate is not None:
+            metrics = evaluate_model(model, tokenizer, evaluate, progress=False)
+            row.update({"acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
+                        "eval_seconds": metrics["seconds"]})
+        row["key"] = self.cell_key(model_name, recipe_name, seed, indices, evaluate)
+        atomic_write_json(out, row)
+
+    def cell_key(self, model: str, recipe: str, seed: int, indices: Sequence[int], evaluate: EvalConfig | None) -> str:
+        recipe_config = self.recipe_config(model, recipe) if recipe != "tuned" or self.tuning_path(model).is_file() \
+            else None
+        return sha256_json(to_jsonable([model, recipe_config, seed, list(indices), evaluate, self.config.pool,
+                                        self.config.objective_rows, self.config.objective_offset,
+                                        self.config.objective_limit]))[:12]
+
+    def choose_epochs(self, model: str) -> None:
+        grid = self.config.tuning.epochs
+        means = {}
+        for epochs in grid:
+            accs = [read_json(self.tuning_cell_path(model, epochs, k))["acc"] for k in range(self.config.tuning.subsets)]
+            means[f"{epochs:g}"] = sum(accs) / len(accs)
+        best = max(grid, key=lambda e: (means[f"{e:g}"], -e))   # ties: fewer epochs
+        atomic_write_json(self.tuning_path(model), {"model": model, "epochs": best, "mean_validation_acc": means,
+                                                    "validation": to_jsonable(self.config.tuning.validation)})
+
+    def tuning_cell(self, model: str, epochs: float, k: int) -> None:
+        from .selection import random_indices
+
+        indices = random_indices(len(self.pool), self.count, self.config.tuning.seed + k)
+        config = dataclasses.replace(self.config.recipe, epochs=float(epochs), max_steps=None)
+        from .evaluation import evaluate_model
+        from .training import train_on_examples
+
+        model_obj, tokenizer, result = train_on_examples(model_name=model, examples=[self.pool[i] for i in indices],
+                                                         config=config, device=self.device, progress=False)
+        metrics = evaluate_model(model_obj, tokenizer, self.config.tuning.validation, progress=False)
+        atomic_write_json(self.tuning_cell_path(model, epochs, k), {
+            "model": model, "epochs": epochs, "subset": k, "indices": indices, "train_steps": result.steps,
+            "acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
+            "train_seconds": round(result.seconds, 1), "eval_seconds": metrics["seconds"]})
+
+
+def _rows_loss(model: torch.nn.Module, rows: Sequence[Any], params: dict[str, torch.Tensor], pad_id: int) -> float:
+    """Token-mean response loss of ``rows`` with the model's LoRA tensors set to ``params`` (restored after)."""
+    named = dict(model.named_parameters())
+    saved = {name: named[name].detach().clone() for name in params}
+    try:
+        with torch.no_grad():
+            for name, value in params.items():
+                named[name].copy_(value)
+        return _model_rows_loss(model, rows, pad_id)
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                named[name].copy_(value)
+
+
+def _model_rows_loss(model: torch.nn.Module, rows: Sequence[Any], pad_id: int, batch_size: int = 16) -> float:
+    """Token-mean response loss of ``rows`` under the model as it is (no graph)."""
+    from .training import collate, response_loss
+
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i:i + batch_size], pad_id, next(model.parameters()).device)
+            loss, count = response_loss(model, batch)
+            total += float(loss) * count
+            tokens += count
+    return total / tokens
+
+
+def _units(study: _Study) -> list[_Unit]:
+    config = study.config
+    units: list[_Unit] = [_Unit("subsets", study.subsets_path, study.make_subsets)]
+    needs_forks = "tm-denoised" in config.objectives
+    if needs_forks:
+        units.append(_Unit("forks", study.root / "forks" / "signal.json", study.make_forks))
+    for objective in config.objectives:
+        if objective in ("tm", "tm-denoised", "pm-student", "less"):
+            units.append(_Unit(f"scores {objective}", study.score_path(objective),
+                               lambda o=objective: study.score_objective(o),
+                               needs=("subsets",) + (("forks",) if objective == "tm-denoised" else ())))
+    planned = _planned_subset_names(config)
+    for recipe in config.recipes:
+        for model in config.models:
+            needs = ("subsets",)
+            if recipe == "tuned":
+                grid_units = []
+                for epochs in config.tuning.epochs:
+                    for k in range(config.tuning.subsets):
+                        name = f"tuning {model} epochs {epochs:g} subset {k}"
+                        units.append(_Unit(name, study.tuning_cell_path(model, epochs, k),
+                                           lambda m=model, e=epochs, k=k: study.tuning_cell(m, e, k)))
+                        grid_units.append(name)
+                units.append(_Unit(f"tuning {model}", study.tuning_path(model),
+                                   lambda m=model: study.choose_epochs(m), needs=tuple(grid_units)))
+                needs = ("subsets", f"tuning {model}")
+            for subset in planned:
+                seeds = config.noise_seeds if subset in config.noise_subsets else (0,)
+                for seed in seeds:
+                    units.append(_cell_unit(study, model, recipe, subset, seed, True, needs))
+                if recipe != "student" and config.pm_seed not in seeds and \
+                        ("pm" in config.objectives or "pm-sum" in config.objectives):
+                    units.append(_cell_unit(study, model, recipe, subset, config.pm_seed, False, needs))
+    return units
+
+
+def _cell_unit(study: _Study, model: str, recipe: str, subset: str, seed: int, evaluate: bool,
+               needs: tuple[str, ...]) -> _Unit:
+    out = study.cell_path(model, recipe, subset, seed)
+
+    def run() -> None:
+        indices = study.subsets()[subset]
+        study.train_cell(model, recipe, indices, seed, evaluate=study.config.accuracy if evaluate else None, out=out)
+
+    return _Unit(f"{model} {recipe} {subset} seed {seed}{'' if evaluate else ' (objective rows only)'}", out, run,
+                 needs)
+
+
+def _planned_subset_names(config: ValidityConfig) -> list[str]:
+    """The names :meth:`_Study.make_subsets` gives, in its order (known before the subsets are made)."""
+    names = [f"null-{r}" if r < config.instrument_null else f"random-{r - config.instrument_null}"
+             for r in range(config.random_subsets)]
+    names += ["less-top", "less-bottom", f"less-best-of-{config.spread_draws}", f"less-worst-of-{config.spread_draws}"]
+    if config.tm_spread_draws:
+        names += [f"tm-best-of-{config.tm_spread_draws}", f"tm-worst-of-{config.tm_spread_draws}"]
+    if config.match_selection:
+        names.append("match")
+    # the noise subsets first, so that the ceiling is known early
+    return [n for n in names if n in config.noise_subsets] + [n for n in names if n not in config.noise_subsets]
+
+
+def write_report(study: _Study, output: Path) -> list[Path]:
+    """Write ``output/<objective>-<model>-<budget>-<recipe>.json`` for every combination whose cells are all done
+    (partial combinations are skipped); returns the written paths."""
+    config = study.config
+    subsets = study.subsets()
+    written = []
+    budget = config.budget.replace("%", "pct")
+    for recipe in config.recipes:
+        for model in config.models:
+            cells = {}
+            for name in subsets:
+                path = study.cell_path(model, recipe, name, 0)
+                if path.is_file():
+                    cells[name] = read_json(path)
+            if len(cells) < len(subsets):
+                continue
+            replicates = []
+            for name in config.noise_subsets:
+                accs = [read_json(study.cell_path(model, recipe, name, s))["acc"] for s in config.noise_seeds
+                        if study.cell_path(model, recipe, name, s).is_file()]
+                replicates.append(accs)
+            ceiling = noise_ceiling([cells[n]["acc"] for n in subsets], replicates)
+            for objective in config.objectives:
+                scores, seconds = _objective_scores(study, objective, model, recipe, subsets)
+                if scores is None:
+                    continue
+                points = [{"set": n, "indices": subsets[n], "score": scores[n], "acc": cells[n]["acc"],
+                           "acc_norm": cells[n]["acc_norm"]} for n in subsets]
+                rho, ci = spearman_with_interval([p["score"] for p in points], [p["acc"] for p in points],
+                                                 resamples=config.bootstrap)
+                rho_norm, ci_norm = spearman_with_interval([p["score"] for p in points],
+                                                           [p["acc_norm"] for p in points],
+                                                           resamples=config.bootstrap)
+                path = output / f"{objective}-{_short(model)}-{budget}-{recipe}.json"
+                atomic_write_json(path, {
+                    "objective": objective, "model": model, "budget": config.budget, "recipe": recipe,
+                    "recipe_config": to_jsonable(study.recipe_config(model, recipe)), "n": len(points),
+                    "spearman": rho, "ci95": ci, "spearman_acc_norm": rho_norm, "ci95_acc_norm": ci_norm,
+                    "noise_ceiling": ceiling["noise_ceiling"], "seed_std": ceiling["seed_std"],
+                    "acc_std": ceiling["total_std"], "noise_replicates": dict(zip(config.noise_subsets, replicates)),
+                    "seconds_per_score": seconds, "accuracy": to_jsonable(config.accuracy),
+                    "score_means": "higher = the objective prefers the set", "points": points})
+                written.append(path)
+    return written
+
+
+def _short(model: str) -> str:
+    return {"smollm2-135m": "smollm2", "gemma3-270m": "gemma3"}.get(model, Path(model).name)
+
+
+def _objective_scores(study: _Study, objective: str, model: str, recipe: str,
+                      subsets: dict[str, list[int]]) -> tuple[dict[str, float] | None, float | None]:
+    config = study.config
+    if objective in ("pm", "pm-sum"):
+        models = [model] if objective == "pm" else list(config.models)
+        if recipe == "student":
+            return None, None
+        scores = {n: 0.0 for n in subsets}
+        seconds = 0.0
+        for m in models:
+            for n in subsets:
+                path = study.cell_path(m, recipe, n, config.pm_seed)
+                if not path.is_file():
+                    return None, None
+                cell = read_json(path)
+                scores[n] -= cell["objective_loss"]
+                seconds += cell["train_seconds"] + cell["objective_seconds"]
+        return scores, seconds / len(subsets)
+    path = study.score_path(objective)
+    if not path.is_file():
+        return None, None
+    stored = read_json(path)
+    return stored["scores"], stored["seconds_per_score"]
+
+
+def summary_table(paths: Sequence[Path]) -> str:
+    """A Markdown table of result files: objective, model, recipe, n, Spearman, interval, noise ceiling."""
+    lines = ["| objective | model | recipe | n | Spearman (acc) | 95% interval | noise ceiling | s / score |",
+             "|---|---|---|---:|---:|---|---:|---:|"]
+    for path in sorted(paths):
+        r = read_json(path)
+        seconds = "" if r["seconds_per_score"] is None else f"{r['seconds_per_score']:.1f}"
+        lines.append(f"| {r['objective']} | {r['model']} | {r['recipe']} | {r['n']} | {r['spearman']:+.2f} | "
+                     f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] | {r['noise_ceiling']:.2f} | {seconds} |")
+    return "\n".join(lines)
+
+
+#: Settings that may change between runs on one folder (they add work or only change the report); any other change
+#: would mix cells made under two settings, so it is refused.
+_EXTENSIBLE = ("name", "models", "recipes", "objectives", "bootstrap")
+
+
+def _check_same_study(root: Path, config: ValidityConfig) -> None:
+    settings = {k: v for k, v in to_jsonable(config).items() if k not in _EXTENSIBLE}
+    path = root / "study.json"
+    if path.is_file():
+        if read_json(path)["settings"] != settings:
+            before = read_json(path)["settings"]
+            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            raise ConfigError(f"{root} holds a validity study made with other settings ({', '.join(changed)}); use "
+                              f"another --output (only {', '.join(_EXTENSIBLE)} may change between runs)")
+    else:
+        atomic_write_json(path, {"settings": settings})
+
+
+def run_validity(config: ValidityConfig, output: str | Path, *, device: str = "auto", progress: bool = True,
+                 log=print, report_only: bool = False) -> list[Path]:
+    """Entry of ``textdistill validity``: run every unit of the study not done yet (sharing the folder with other
+    processes), then write the per-(objective, model, recipe) result files under ``output/validity/``. Returns
+    their paths. ``report_only`` runs nothing and reports what is done."""
+    if not config.experts:
+        raise ConfigError("set 'experts' to an experts folder (trajectory matching scores against it)")
+    if not config.less_scores:
+        raise ConfigError("set 'less_scores' to a LESS selection file with all_scores (textdistill select "
+                          "--method less)")
+    root = Path(output)
+    root.mkdir(parents=True, exist_ok=True)
+    _check_same_study(root, config)
+    write_run_info(root, command="validity", config=config)
+    study = _Study(config, root, device=device, progress=progress, log=log)
+    if not report_only:
+        _run_units(_units(study), log=log)
+    if not study.subsets_path.is_file():
+        return []
+    return write_report(study, root / "validity")

@@ -1,0 +1,141 @@
+"""The validity study: its statistics are right, a tiny study runs end to end, writes every result file with
+Spearman figures recomputable from its points, resumes without redoing work, and refuses a changed study."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from textdistill.artifacts import read_json
+from textdistill.config import DataSettings, EvalConfig, LoraSettings, TrainConfig
+from textdistill.errors import ConfigError
+from textdistill.experts import ExpertsConfig, make_experts
+from textdistill.instrument import InstrumentConfig, StudentSettings
+from textdistill.validity import (ForkSettings, RecipeTuning, ValidityConfig, noise_ceiling, run_validity, spearman,
+                                  spearman_with_interval)
+
+
+def test_spearman_matches_scipy_with_ties_and_its_interval_covers_it():
+    from scipy import stats
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 6, (30,), generator=generator).tolist()          # many ties
+    y = [v + float(e) for v, e in zip(x, torch.randn(30, generator=generator))]
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    rho, (low, high) = spearman_with_interval(x, y, resamples=2000)
+    assert low <= rho <= high and high - low > 0.05
+    _, (low, high) = spearman_with_interval(list(range(30)), [-v for v in range(30)], resamples=500)
+    assert low == high == pytest.approx(-1.0)
+
+
+def test_noise_ceiling_is_high_when_seeds_agree_and_zero_when_they_do_not():
+    accuracies = [0.50, 0.55, 0.60, 0.65, 0.70]
+    tight = [[0.500, 0.502, 0.498], [0.650, 0.652]]
+    loose = [[0.45, 0.70, 0.55], [0.50, 0.72]]
+    high = noise_ceiling(accuracies, tight)
+    assert 0.99 < high["noise_ceiling"] <= 1.0 and high["seed_std"] == pytest.approx(0.0018, abs=2e-4)
+    assert noise_ceiling(accuracies, loose)["noise_ceiling"] == 0.0
+    assert math.isnan(noise_ceiling(accuracies, [[0.5]])["noise_ceiling"])
+
+
+RECIPE = TrainConfig(optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=0.0, max_steps=4, batch_size=4,
+                     max_grad_norm=None, precision="fp32", lora=LoraSettings(r=2, alpha=4),
+                     data=DataSettings(max_length=48, limit=12))
+
+
+@pytest.fixture(scope="module")
+def experts_dir(tmp_path_factory, tiny_llama_dir):
+    out = tmp_path_factory.mktemp("experts")
+    make_experts(model_name=str(tiny_llama_dir), data="arc-easy:train", output=out, device="cpu", progress=False,
+                 config=ExpertsConfig(num_experts=3, snapshot_every=2, train=RECIPE))
+    return out
+
+
+def _config(tiny_llama_dir, experts_dir, tmp_path, **changes) -> ValidityConfig:
+    less = tmp_path / "less.json"
+    less.write_text(json.dumps({"all_scores": [float((7 * i) % 12) for i in range(12)]}))
+    config = ValidityConfig(
+        pool="arc-easy:train", budget="4", models=(str(tiny_llama_dir),), recipes=("comparison", "tuned", "student"),
+        accuracy=EvalConfig(task="arc-easy", split="validation", template="rc", offset=4, limit=6),
+        objective_rows="arc-easy:validation", objective_offset=10, objective_limit=5,
+        recipe=TrainConfig(lr=1e-2, epochs=1.0, batch_size=2, warmup_ratio=0.0, precision="fp32",
+                           lora=LoraSettings(r=2, alpha=4), data=DataSettings(max_length=48, limit=12)),
+        tuning=RecipeTuning(epochs=(1.0, 2.0), subsets=1,
+                            validation=EvalConfig(task="arc-easy", split="validation", template="rc", limit=3)),
+        experts=str(experts_dir), instrument=InstrumentConfig(draws=2, heldout_experts=1),
+        student=StudentSettings(syn_steps=2, batch_size=2, lr=0.1), forks=ForkSettings(forks=2),
+        less_scores=str(less), random_subsets=3, instrument_null=1, spread_draws=5, tm_spread_draws=2,
+        noise_subsets=("null-0", "less-top"), noise_seeds=(0, 1), pm_seed=1, pm_student_draws=1, bootstrap=200)
+    return dataclasses.replace(config, **changes)
+
+
+def test_a_tiny_study_writes_every_result_and_resumes(tmp_path, tiny_llama_dir, experts_dir, monkeypatch):
+    from textdistill import validity
+
+    config = _config(tiny_llama_dir, experts_dir, tmp_path)
+    out = tmp_path / "study"
+    written = run_validity(config, out, device="cpu", progress=False, log=lambda *_: None)
+    subsets = read_json(out / "subsets.json")["subsets"]
+    assert len(subsets) == 3 + 4 + 2 and all(len(v) == 4 for v in subsets.values())
+    assert subsets["less-top"] == [5, 10, 3, 8]   # (7 i) mod 12 = 11, 10, 9, 8 at i = 5, 10, 3, 8
+    assert subsets["less-bottom"] == [9, 2, 7, 0]
+    # every objective under comparison and tuned; under student, pm and pm-sum do not apply
+    names = sorted(p.name for p in written)
+    model = tiny_llama_dir.name
+    for objective in ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "less"):
+        for recipe in ("comparison", "tuned"):
+            assert f"{objective}-{model}-4-{recipe}.json" in names
+    assert f"pm-{model}-4-student.json" not in names and f"tm-{model}-4-student.json" in names
+    result = read_json(out / "validity" / f"tm-{model}-4-comparison.json")
+    assert result["n"] == len(result["points"]) == 9
+    assert {"objective", "model", "budget", "recipe", "n", "spearman", "ci95", "noise_ceiling",
+            "seconds_per_score", "points"} <= set(result)
+    points = result["points"]
+    assert {"set", "indices", "score", "acc", "acc_norm"} <= set(points[0])
+    rho = validity.spearman([p["score"] for p in points], [p["acc"] for p in points])
+    assert (math.isnan(rho) and math.isnan(result["spearman"])) or rho == pytest.approx(result["spearman"])
+    # tm scores are minus the held-out matching loss of each subset
+    scores = read_json(out / "scores" / "tm.json")
+    assert all(scores["scores"][n] == -scores["raw"][n]["loss"] for n in subsets)
+    # pm is minus the objective rows' loss of the independent seed-1 run, never the seed-0 run that gives acc
+    pm = read_json(out / "validity" / f"pm-{model}-4-comparison.json")
+    folder = str(tiny_llama_dir).strip("/").replace("/", "__")
+    cell = read_json(out / "cells" / folder / "comparison" / "random-0" / "seed1" / "result.json")
+    assert "acc" not in cell and next(p for p in pm["points"] if p["set"] == "random-0")["score"] == \
+        -cell["objective_loss"]
+    tuned = read_json(out / "tuning" / f"{folder}.json")
+    assert tuned["epochs"] in (1.0, 2.0)
+    assert read_json(out / "validity" / f"tm-{model}-4-tuned.json")["recipe_config"]["epochs"] == tuned["epochs"]
+    student = read_json(out / "cells" / folder / "student" / "null-0" / "seed0" / "result.json")
+    assert student["train_steps"] == 2
+    signal = read_json(out / "forks" / "signal.json")
+    assert signal["forks"] == 2 and all(-1 <= v["fork_pairs_mean"] <= 1 for v in signal["by_start"].values())
+
+    # a rerun does no work: every unit is done
+    monkeypatch.setattr(validity._Study, "train_cell", lambda *a, **k: pytest.fail("a finished cell was redone"))
+    monkeypatch.setattr(validity._Study, "score_objective", lambda *a, **k: pytest.fail("scores were redone"))
+    again = run_validity(config, out, device="cpu", progress=False, log=lambda *_: None)
+    assert sorted(p.name for p in again) == names
+    # another study in the same folder is refused in one line; adding an objective or a recipe is not
+    with pytest.raises(ConfigError, match="made with other settings .*budget"):
+        run_validity(dataclasses.replace(config, budget="3"), out, device="cpu", progress=False)
+    run_validity(dataclasses.replace(config, objectives=("tm", "less")), out, device="cpu", progress=False,
+                 log=lambda *_: None, report_only=True)
+
+
+def test_bad_validity_configs_are_refused(tmp_path, tiny_llama_dir, experts_dir):
+    with pytest.raises(ConfigError, match="unknown objective"):
+        ValidityConfig(objectives=("tm", "vibes"))
+    with pytest.raises(ConfigError, match="pm_seed must differ from 0"):
+        ValidityConfig(pm_seed=0)
+    with pytest.raises(ConfigError, match="set 'experts'"):
+        run_validity(ValidityConfig(less_scores="x.json"), tmp_path / "a", device="cpu")
+    with pytest.raises(ConfigError, match="noise_subsets names subsets the plan does not make: nope"):
+        run_validity(_config(tiny_llama_dir, experts_dir, tmp_path, noise_subsets=("nope",), objectives=("less",),
+                             recipes=("comparison",)), tmp_path / "b", device="cpu", progress=False,
+                     log=lambda *_: None)
