@@ -40,8 +40,8 @@ def main() -> int:
 
     from textdistill.artifacts import machine_description
     from textdistill.experts import load_experts
-    from textdistill.instrument import (SampleSet, StudentSettings, load_pool, load_student_model, make_draws,
-                                        resolve_student)
+    from textdistill.matching import (SampleSet, StudentSettings, load_expert_pool, load_student_model, make_draws,
+                                      resolve_student)
     from textdistill.projection import input_embedding_matrix
     from textdistill.selection import random_indices
     from textdistill.unroll import SyntheticBatch, matching_loss, unroll
@@ -51,7 +51,7 @@ def main() -> int:
     student = resolve_student(StudentSettings(syn_steps=args.syn_steps, batch_size=args.batch_size, lr=args.lr),
                               trajectories)
     train_experts, _ = trajectories.split(1)
-    _, pool = load_pool(tokenizer, trajectories.manifest)
+    _, pool = load_expert_pool(tokenizer, trajectories.manifest)
     embed = input_embedding_matrix(model)
     rows = [pool[i] for i in random_indices(len(pool), args.budget, 7)]
     samples = SampleSet.from_tokenized(rows, embed)

@@ -31,8 +31,8 @@ def main(argv: list[str]) -> int:
     from textdistill.distill import NULL_SEED_OFFSET, DistillConfig, _special_ids, build_synthetic_set
     from textdistill.data import stable_token_ids
     from textdistill.experts import load_experts
-    from textdistill.instrument import (ResolvedStudent, SampleSet, ScoreCache, Scorer, load_pool,
-                                        load_student_model, make_draws, tokenize_for_experts)
+    from textdistill.matching import (ResolvedStudent, SampleSet, ScoreCache, Scorer, load_expert_pool,
+                                      load_student_model, make_draws, tokenize_for_experts)
     from textdistill.models import resolve_dtype
     from textdistill.projection import input_embedding_matrix
     from textdistill.selection import apply_selection, random_indices
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     trajectories = load_experts(experts)
     manifest = trajectories.manifest
     model, tokenizer = load_student_model(trajectories, device="cpu", dtype=config.dtype)
-    examples, pool = load_pool(tokenizer, manifest)
+    examples, pool = load_expert_pool(tokenizer, manifest)
     count = info["budget_count"]
     student = dataclasses.replace(ResolvedStudent(**info["student"]), lr=heldout["lr"])   # the searched lr
     dtype = resolve_dtype(config.dtype)

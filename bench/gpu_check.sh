@@ -29,8 +29,8 @@ timed experts textdistill experts --model smollm2-135m --data arc-easy:train --l
     --max-steps "$STEPS" --snapshot-every $((STEPS / 4)) --batch-size 8 --lr 0.1 --optimizer sgd \
     --train.dtype "$DTYPE" --train.precision "$PRECISION" --device "$DEVICE" --output "$OUT/experts" --no-progress
 DISTILL=(distill --experts "$OUT/experts" --budget 8 --iterations 3 --segments 2 --syn-steps 2 --batch-size 4
-         --dtype "$DTYPE" --precision "$PRECISION" --set instrument.draws=2 --set instrument.random_subsets=1
-         --set instrument.heldout_experts=1 --device "$DEVICE" --no-progress)
+         --dtype "$DTYPE" --precision "$PRECISION" --instrument.draws 2 --instrument.random_subsets 1
+         --instrument.heldout_experts 1 --device "$DEVICE" --no-progress)
 timed distill_1rank textdistill "${DISTILL[@]}" --output "$OUT/distill-1"
 timed distill_2ranks run2 "${DISTILL[@]}" --output "$OUT/distill-2"
 # the layer-by-layer replay, 2 samples at a time (--recompute --checkpoint_layers true --micro_batch 2): the same

@@ -34,13 +34,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from textdistill.experts import load_experts
-    from textdistill.instrument import (SampleSet, Scorer, StudentSettings, load_pool, load_student_model,
-                                        make_draws, resolve_student)
+    from textdistill.matching import (SampleSet, Scorer, StudentSettings, load_expert_pool, load_student_model,
+                                      make_draws, resolve_student)
     from textdistill.projection import input_embedding_matrix
 
     trajectories = load_experts(args.experts)
     model, tokenizer = load_student_model(trajectories, device="cpu")
-    _, pool = load_pool(tokenizer, trajectories.manifest)
+    _, pool = load_expert_pool(tokenizer, trajectories.manifest)
     embed = input_embedding_matrix(model).float()
     _, heldout = trajectories.split(1)
     for spec in json.loads(args.settings):

@@ -73,6 +73,10 @@ DATA_FILES = {
                        ["a.jsonl row 0: field 'response' is empty", "give every row a response"]),
     "prompt that is not text": ("a.jsonl", b'{"prompt": ["p", "q"], "response": "r"}\n',
                                 ["a.jsonl row 0: field 'prompt' must be text, got a list", "write it as a string"]),
+    "prompt that is a number": ("a.jsonl", b'{"prompt": 42, "response": "r"}\n',
+                                ["a.jsonl row 0: field 'prompt' must be text, got a int (42)", "write it as a string"]),
+    "response that is a boolean": ("a.jsonl", b'{"prompt": "p", "response": true}\n',
+                                   ["a.jsonl row 0: field 'response' must be text, got a bool"]),
     "chat without a response": ("a.jsonl", b'{"messages": [{"role": "user", "content": "hi"}, '
                                            b'{"role": "assistant", "content": ""}]}\n',
                                 ["a.jsonl row 0", "assistant's response", "is empty", "give every row a response"]),
@@ -535,6 +539,13 @@ def test_export_of_a_damaged_distilled_file(tmp_path):
     expect_error(lambda: save_distilled_dataset(run, tmp_path / "out"), "distilled.jsonl:2: malformed JSON line",
                  "distil again", kind=DataError)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_a_thread_count_below_one_is_refused(capsys, threads):
+    expect_cli_error(capsys, ["train", "--model", "smollm2-135m", "--data", "arc-easy:train", "--output", "never",
+                              "--threads", threads],
+                     f"--threads must be a positive number of threads, got {threads}")
 
 
 def test_a_bad_flag_value_is_one_line_naming_the_commands_help(capsys):

@@ -112,7 +112,7 @@ def test_select_less_flags_fill_a_less_config_and_bad_values_are_one_line_errors
     import textdistill.less as less
 
     calls = []
-    monkeypatch.setattr(less, "select", lambda **kwargs: calls.append(kwargs) or {"count": 0})
+    monkeypatch.setattr(less, "select_less", lambda **kwargs: calls.append(kwargs) or {"count": 0})
     argv = ["select", "--method", "less", "--data", "arc-easy:train", "--budget", "5%", "--model", "smollm2-135m",
             "--target", "arc-easy:validation", "--output", str(tmp_path / "s.json")]
     assert main(argv) == 0 and main(argv + ["--warmup-epochs", "2", "--max-val-examples", "8"]) == 0
@@ -152,18 +152,17 @@ def test_demo_dispatches_the_demo_preset(tmp_path, monkeypatch, capsys):
     assert "| m | base | - | 0.5000 | 0.4000 | 1 |" in capsys.readouterr().out
 
 
-def _help(command: str, capsys) -> str:
+def _help(command: str, capsys, method: str | None = None) -> str:
     import pytest
 
     with pytest.raises(SystemExit):
-        main([command, "--help"])
+        main([command, *(["--method", method] if method else []), "--help"])
     return " ".join(capsys.readouterr().out.split())   # argparse wraps lines: compare with single spaces
 
 
 def test_every_config_field_is_a_flag_with_its_default_in_help(capsys):
-    """For each stage command, every (nested) field of its config dataclasses is a flag of the command (its
-    generated dotted flag, or the hand-written flag of exactly that name) whose help names the field's default, and
-    --help prints it."""
+    """For each stage command, every (nested) field of its config dataclasses is a flag of the command, spelled as
+    its YAML key, whose help is the field's help metadata and its default, and --help prints it."""
     import pytest
 
     from textdistill.cli import build_parser
@@ -172,25 +171,28 @@ def test_every_config_field_is_a_flag_with_its_default_in_help(capsys):
     from textdistill.experiment import ExperimentConfig
     from textdistill.experts import ExpertsConfig
     from textdistill.flags import config_fields
-    from textdistill.instrument import InstrumentConfig, StudentSettings
+    from textdistill.instrument import InstrumentConfig
+    from textdistill.matching import StudentSettings
     from textdistill.less import LessConfig
     from textdistill.match_selection import MatchSelectionConfig
 
     commands = {"train": [(TrainConfig, "")], "experts": [(ExpertsConfig, "")], "distill": [(DistillConfig, "")],
                 "eval": [(EvalConfig, "")], "experiment": [(ExperimentConfig, "")],
-                "select": [(LessConfig, "less."), (MatchSelectionConfig, "match.")],
+                "select less": [(LessConfig, "less.")], "select match": [(MatchSelectionConfig, "match.")],
                 "match-eval": [(InstrumentConfig, "instrument."), (StudentSettings, "student.")]}
-    for command, configs in commands.items():
-        subparser = build_parser(command)._subparsers._group_actions[0].choices[command]
-        text = " ".join(_help(command, capsys).split())
+    for key, configs in commands.items():
+        command, _, method = key.partition(" ")
+        subparser = build_parser(command, method or None)._subparsers._group_actions[0].choices[command]
+        text = " ".join(_help(command, capsys, method).split())
         for cls, prefix in configs:
             fields = config_fields(cls, prefix=prefix)
             assert len(fields) >= 4
             for name, _, default, _ in fields:
                 action = subparser._option_string_actions.get(f"--{name}")
                 assert action is not None, (command, name)
-                shown = "null" if default is None else str(default)
+                shown = "null" if default is None else str(list(default) if isinstance(default, tuple) else default)
                 assert f"default: {shown.replace('%', '%%')}" in action.help, (command, name, action.help)
+                assert len(action.help) > len(f"default: {shown}") + 5, (command, name, "no help text")
                 assert f"--{name} " in text
     with pytest.raises(SystemExit):   # the generated flags parse like any flag: a missing value is a usage error
         main(["distill", "--experts", "x", "--output", "y", "--search.top_k"])
@@ -223,3 +225,37 @@ def test_eval_loads_the_weights_in_the_dtype_asked_for(tiny_llama_dir, tmp_path)
     assert runs["bf16"]["config"]["model_dtype"] == "bfloat16"
     assert main(["eval", "--model", str(tiny_llama_dir), "--task", "arc-easy", "--dtype", "fp16", "--device",
                  "cpu"]) == 2
+
+
+def test_each_field_is_one_flag_and_the_old_names_are_its_aliases(capsys):
+    """distill --help lists every field once: the old hyphenated and short names (--lr-embeddings, --syn-steps) are
+    other names of the same flag, on its help line, not flags of their own; setting either sets the field."""
+    from textdistill.cli import ALIASES, build_parser
+
+    for command in ("eval", "train", "experts", "distill", "match-eval", "experiment"):
+        subparser = build_parser(command)._subparsers._group_actions[0].choices[command]
+        dests = [a.dest for a in subparser._actions if a.dest.startswith("config:")]
+        assert len(dests) == len(set(dests)), command
+        for field, aliases in ALIASES.get(command, {}).items():
+            action = subparser._option_string_actions[f"--{field}"]
+            assert all(subparser._option_string_actions[a] is action for a in aliases), (command, field)
+    text = _help("distill", capsys)
+    assert text.count("--lr_embeddings") == 2 and "--lr_embeddings LR_EMBEDDINGS, --lr-embeddings" not in text
+    assert "--lr_embeddings, --lr-embeddings float" in text or "--lr_embeddings float, --lr-embeddings float" in text
+    args = build_parser("distill").parse_args(["distill", "--experts", "e", "--output", "o", "--syn-steps", "3",
+                                               "--recompute", "--search.confirm_draws", "null"])
+    from textdistill.flags import given_config_flags
+
+    assert given_config_flags(args) == {"student.syn_steps": 3, "recompute": True, "search.confirm_draws": None}
+
+
+def test_select_offers_only_the_flags_of_its_method(capsys):
+    random_help = _help("select", capsys, "random")
+    for absent in ("--model", "--target", "--set", "--checkpoint", "--less.", "--match.", "--device", "--threads",
+                   "--experts", "--scores", "--resume"):
+        assert absent not in random_help, absent
+    less_help = _help("select", capsys, "less")
+    assert "--less.target" in less_help and "--model" in less_help and "--match." not in less_help
+    match_help = _help("select", capsys, "match")
+    assert "--match.segments" in match_help and "--experts" in match_help and "--less." not in match_help
+    assert "--data" not in match_help

@@ -20,21 +20,16 @@ import pytest
 from textdistill.hardware import CPU_KIND_VARIABLE, CPU_KINDS, _probed_kind, kernel_env
 
 ROOT = Path(__file__).parents[1]
-#: Every cell key of every committed config and shipped preset, made by the code that made results/ (fp32 on CPU).
+#: Every cell and stage key of every committed config and shipped preset, as the code that made results/ printed it
+#: (``python bench/cell_keys.py``).
 PINNED_KEYS = json.loads((Path(__file__).parent / "data" / "cell_keys.json").read_text())
 
 
 def committed_cell_keys() -> dict[str, dict[str, str]]:
-    """What the pinned file holds, computed by this code: ``{config stem: {method: cell key}}``."""
-    from textdistill.experiment import METHODS, cell_key, load_experiment_config, resolve_precisions
+    """What the pinned file holds, computed by this code."""
+    import runpy
 
-    keys = {}
-    for name in PINNED_KEYS:
-        path = ROOT / "configs" / f"{name}.yaml"
-        config = load_experiment_config(str(path) if path.is_file() else name)
-        config = resolve_precisions(config, "cpu")
-        keys[name] = {m: cell_key(config, m) for m in METHODS}
-    return keys
+    return runpy.run_path(str(ROOT / "bench" / "cell_keys.py"))["all_keys"]()
 
 
 @pytest.mark.parametrize("kind", CPU_KINDS)

@@ -41,7 +41,7 @@ def test_mmlu_subject_filter_and_limit():
 
 @requires_data
 def test_pool_contains_no_eval_question_and_reports_removals():
-    items, report = data.load_pool(["arc-easy", "arc-challenge", "openbookqa"])
+    items, report = data.load_mcqa_pool(["arc-easy", "arc-challenge", "openbookqa"])
     banned = data.eval_question_keys()
     assert not [i for i in items if data._question_key(i.question) in banned]
     assert report.removed > 0  # ARC train splits do overlap the eval splits a little

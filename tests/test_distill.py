@@ -15,7 +15,8 @@ from textdistill.distill import (DistillConfig, read_distilled_rows, Regularizer
                                  sample_swaps, top_k_swaps)
 from textdistill.errors import ConfigError, TrainingError, TrajectoryError
 from textdistill.experts import ExpertsConfig, load_experts, make_experts
-from textdistill.instrument import InstrumentConfig, StudentSettings
+from textdistill.instrument import InstrumentConfig
+from textdistill.matching import StudentSettings
 
 # fp32 experts, so that replaying an expert's own batches reproduces its snapshots exactly
 RECIPE = TrainConfig(optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=0.0, max_steps=4, batch_size=4,
@@ -196,7 +197,7 @@ def test_repeated_faults_stop_the_run_with_the_last_checkpoint_intact(experts_di
 
 def test_continuing_from_a_snapshot_equals_a_full_unroll(experts_dir, tiny_llama_dir):
     # _score_proposals scores a swap in sample i from i's first minibatch on; that must equal scoring from scratch
-    from textdistill.instrument import Draw, SampleSet, Scorer, load_student_model, resolve_student
+    from textdistill.matching import Draw, SampleSet, Scorer, load_student_model, resolve_student
     from textdistill.projection import input_embedding_matrix
 
     trajectories = load_experts(experts_dir)
@@ -320,9 +321,9 @@ def test_existing_run_needs_resume_and_bad_budget_fails_early(gcg_run, experts_d
 
 
 def test_resume_does_not_depend_on_how_the_selection_path_is_written(experts_dir, tmp_path, monkeypatch):
-    from textdistill.less import select
+    from textdistill.selection import select_random
 
-    select(method="random", data="arc-easy:train", budget=4, output=tmp_path / "sel.json", seed=3,
+    select_random(data="arc-easy:train", budget=4, output=tmp_path / "sel.json", seed=3,
            data_settings=DataSettings(max_length=48, limit=12))
     config = dataclasses.replace(FAST, iterations=2, init="selection", selection=str(tmp_path / "sel.json"))
     distill(experts=experts_dir, output=tmp_path / "run", config=config, device="cpu", progress=False)
@@ -405,7 +406,7 @@ def test_fluent_candidates_are_the_models_own_next_tokens(experts_dir):
     from textdistill.distill import _fluent_allowed
 
     trajectories = load_experts(experts_dir)
-    from textdistill.instrument import load_student_model
+    from textdistill.matching import load_student_model
 
     model, _ = load_student_model(trajectories, device="cpu")
     ids = torch.tensor([[5, 17, 300, 42], [7, 8, -1, -1]])
@@ -457,3 +458,16 @@ def test_resuming_a_finished_run_changes_nothing_and_says_so(gcg_run, experts_di
         again = distill(experts=experts_dir, output=out, config=config, resume=True, device="cpu", progress=False)
     assert again == json.loads((out / "summary.json").read_text())
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_report_to_tensorboard_mirrors_the_search(experts_dir, tmp_path):
+    """The matching loss, lr and changed tokens of every iteration also go to TensorBoard (<output>/runs/)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    distill(experts=experts_dir, output=out, config=dataclasses.replace(FAST, iterations=2, report_to=("tensorboard",)),
+            device="cpu", progress=False)
+    events = EventAccumulator(str(out / "runs")).Reload()
+    assert {"distill/matching_loss", "distill/lr", "distill/tokens_changed_fraction"} <= set(events.Tags()["scalars"])
+    logged = [m["matching_loss"] for m in _metrics(out)]
+    assert [e.value for e in events.Scalars("distill/matching_loss")] == pytest.approx(logged)

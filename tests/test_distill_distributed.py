@@ -16,7 +16,8 @@ from test_distill import experts_dir  # noqa: F401  (the same 3 tiny SGD experts
 from textdistill.artifacts import load_tensors
 from textdistill.distill import DistillConfig, TokenSearchSettings, distill
 from textdistill.errors import ConfigError
-from textdistill.instrument import InstrumentConfig, StudentSettings
+from textdistill.instrument import InstrumentConfig
+from textdistill.matching import StudentSettings
 
 # 3 segments over 2 ranks (2 + 1) and 3 confirmation draws: the shares are uneven on purpose
 CONFIGS = {
@@ -129,8 +130,8 @@ def test_a_bf16_model_distils_without_upcasting_its_base_weights_and_with_fp32_l
 def test_the_command_line_on_two_ranks_reports_once(tmp_path, experts_dir):
     out = tmp_path / "cli"
     proc = torchrun("textdistill.cli", "distill", "--experts", experts_dir, "--budget", "4", "--iterations", "2",
-                    "--syn-steps", "2", "--batch-size", "2", "--set", "instrument.draws=2",
-                    "--set", "instrument.random_subsets=1", "--set", "instrument.heldout_experts=1", "--device", "cpu",
+                    "--syn-steps", "2", "--batch-size", "2", "--instrument.draws", "2",
+                    "--instrument.random_subsets", "1", "--instrument.heldout_experts", "1", "--device", "cpu",
                     "--no-progress", "--output", out, module=True, timeout=240)
     assert proc.stdout.count("held-out matching loss") == 1, proc.stdout   # rank 0 reports, rank 1 stays quiet
     assert json.loads((out / "run.json").read_text())["segments"] == 2   # one segment per rank by default

@@ -347,7 +347,7 @@ def test_stages_made_by_another_package_version_or_stage_code_are_not_reused(mon
     """Keys name the code: another package version changes every key (nothing made before is reused); a bumped
     stage version changes the keys of that stage and of the cells built on it, and no other."""
     import textdistill
-    from textdistill import experiment as experiment_module
+    from textdistill import keys as keys_module
     from textdistill.experiment import METHODS, cell_key, load_experiment_config, resolve_precisions
 
     config = resolve_precisions(load_experiment_config("demo"), "cpu")
@@ -356,7 +356,7 @@ def test_stages_made_by_another_package_version_or_stage_code_are_not_reused(mon
     assert all(cell_key(config, m) != before[m] for m in METHODS)
     monkeypatch.setattr(textdistill, "__version__", "0.1.0")
     assert {m: cell_key(config, m) for m in METHODS} == before
-    monkeypatch.setitem(experiment_module.STAGE_CODE_VERSIONS, "distill", 2)
+    monkeypatch.setitem(keys_module.STAGE_CODE_VERSIONS, "distill", 2)
     after = {m: cell_key(config, m) for m in METHODS}
     changed = {m for m in METHODS if after[m] != before[m]}
     assert changed == {"distill-init", "distilled", "continuous"}
@@ -389,3 +389,40 @@ def test_ranks_of_a_launcher_share_out_the_cells(tmp_path, tiny_llama_dir):
     assert ranks[0]["acc"] == ranks[1]["acc"] and len(ranks[0]["acc"]) == 3
     alone = run_experiment(config, tmp_path / "one", device="cpu", progress=False, log=lambda *_: None)
     assert sorted((r["method"], r.get("seed"), r["acc"]) for r in alone) == [tuple(x) for x in ranks[0]["acc"]]
+
+
+def test_the_match_selection_and_the_instrument_hold_out_the_same_experts(tmp_path, tiny_llama_dir):
+    """One held-out expert set: a config whose match selection would train on the expert the instrument holds out is
+    refused in one line; without distillation (no instrument) or without match the two never meet."""
+    with pytest.raises(ConfigError, match=r"match.heldout_experts \(0\) and distill.instrument.heldout_experts "
+                                          r"\(1\) differ"):
+        _config(tmp_path, tiny_llama_dir, methods=["match", "distilled"], distill_init="match",
+                match={"heldout_experts": 0}, distill={"instrument": {"heldout_experts": 1}})
+    _config(tmp_path, tiny_llama_dir, methods=["match"], match={"heldout_experts": 0})
+    _config(tmp_path, tiny_llama_dir, methods=["distilled"], distill_init="random", match={"heldout_experts": 0})
+    _config(tmp_path, tiny_llama_dir, methods=["match", "distilled"], distill_init="match",
+            match={"heldout_experts": 2}, distill={"instrument": {"heldout_experts": 2}})
+
+
+def test_a_bumped_key_schema_changes_every_key_and_each_field_says_if_it_is_keyed(monkeypatch):
+    """What enters a key is decided by the fields' metadata (keys.py): a field marked keyed=False never changes a
+    key, one that does not act where it stands (the confirmation draws outside gcg) drops out, and a bumped
+    KEY_SCHEMA changes every key."""
+    from textdistill import keys as keys_module
+    from textdistill.experiment import METHODS, resolve_precisions
+
+    config = resolve_precisions(load_experiment_config("demo"), "cpu")
+    before = {m: cell_key(config, m) for m in METHODS}
+    buffered = dataclasses.replace(config, less=dataclasses.replace(config.less, buffer_size=7, batch_size=3,
+                                                                    keep_checkpoints=True))
+    assert {m: cell_key(buffered, m) for m in METHODS} == before
+    def draws(base, mode, count):
+        search = dataclasses.replace(base.distill.search, confirm=True, confirm_draws=count)
+        return dataclasses.replace(base, distill=dataclasses.replace(base.distill, mode=mode, search=search))
+
+    # no effect outside gcg: no key change
+    assert cell_key(draws(config, "continuous", 9), "distilled") == cell_key(draws(config, "continuous", 6),
+                                                                              "distilled")
+    assert cell_key(draws(config, "gcg", 9), "distilled") != cell_key(draws(config, "gcg", 6), "distilled")
+    monkeypatch.setattr(keys_module, "KEY_SCHEMA", 2)
+    assert all(cell_key(config, m) != before[m] for m in METHODS)

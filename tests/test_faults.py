@@ -137,7 +137,8 @@ def test_distill_killed_at_random_moments_resumes_bit_identically(experts, tmp_p
                 "--batch-size", "2", "--precision", "fp32"]
     for pair in ("checkpoint_every=1", "search.top_k=8", "search.candidates=3", "search.confirm_draws=2",
                  "instrument.draws=2", "instrument.random_subsets=2", "student.lr_grid=[]"):
-        settings += ["--set", pair]
+        key, value = pair.split("=")
+        settings += [f"--{key}", value]
     _run([*settings, "--output", str(tmp_path / "reference")])
     killed = tmp_path / "killed"
     landed = kill_and_resume([*settings, "--output", str(killed)], [*settings, "--output", str(killed), "--resume"],

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from textdistill.errors import ConfigError
-from textdistill.instrument import (Draw, InstrumentConfig, ResolvedStudent, SampleSet, ScoreCache, Scorer,
-                                    StudentSettings, heldout_report, make_draws, paired_difference, resolve_student)
+from textdistill.instrument import InstrumentConfig, heldout_report, paired_difference
+from textdistill.matching import (Draw, ResolvedStudent, SampleSet, ScoreCache, Scorer, StudentSettings, make_draws,
+                                  resolve_student)
 
 STUDENT = ResolvedStudent(steps=3, batch_size=2, span=1, lr=0.1, min_start=0, max_start=2)
 
@@ -80,7 +81,7 @@ def test_every_set_is_scored_on_the_same_draws_in_the_same_order():
 def test_identical_sets_give_identical_losses_and_a_zero_paired_difference(tiny_llama_dir, tmp_path):
     from textdistill.config import DataSettings, LoraSettings, TrainConfig
     from textdistill.experts import ExpertsConfig, load_experts, make_experts
-    from textdistill.instrument import load_pool, load_student_model
+    from textdistill.matching import load_expert_pool, load_student_model
     from textdistill.projection import input_embedding_matrix
 
     recipe = TrainConfig(optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=0.0, max_steps=4, batch_size=2,
@@ -90,7 +91,7 @@ def test_identical_sets_give_identical_losses_and_a_zero_paired_difference(tiny_
                  progress=False, config=ExpertsConfig(num_experts=2, snapshot_every=2, train=recipe))
     trajectories = load_experts(tmp_path)
     model, tokenizer = load_student_model(trajectories, device="cpu")
-    _, pool = load_pool(tokenizer, trajectories.manifest)
+    _, pool = load_expert_pool(tokenizer, trajectories.manifest)
     embed = input_embedding_matrix(model)
     student = resolve_student(StudentSettings(), trajectories)
     scorer = Scorer(model, trajectories, student, device="cpu")

@@ -15,8 +15,8 @@ from textdistill.config import LoraSettings, TaskFields, TrainConfig
 from textdistill.data import Example, item_to_example, load_task, tokenize_examples
 from textdistill.errors import ConfigError, DataError, ModelError
 from textdistill.less import (LessConfig, RandomProjection, WarmupCheckpoint, adam_direction, flatten_grads,
-                              per_example_grads, select, target_examples)
-from textdistill.selection import apply_selection, read_selection, reselect
+                              per_example_grads, select_less, target_examples)
+from textdistill.selection import apply_selection, read_selection, reselect, select_random
 from textdistill.training import collate, lr_multiplier, response_loss
 from textdistill.unroll import lora_parameters
 
@@ -132,11 +132,11 @@ def less_run(tiny_llama_dir, tmp_path_factory):
     output = folder / "less.json"
     with pytest.warns(UserWarning, match="repeat a arc-easy evaluation prompt"):
         config = LessConfig(target="arc-easy:validation", warmup_fraction=0.25, warmup_epochs=2,
-                            projection_dim=PROJ_DIM, max_val_examples=2, batch_size=4, buffer_size=5)
-        result = select(method="less", data=data, budget="50%", output=output, seed=SEED, model=str(tiny_llama_dir),
-                        config=config,
-                        train_config=TrainConfig(lr=5e-3, batch_size=2, warmup_ratio=0.0, schedule="linear"),
-                        device="cpu", save_checkpoints=True, progress=False)
+                            projection_dim=PROJ_DIM, max_val_examples=2, batch_size=4, buffer_size=5,
+                            warmup=TrainConfig(lr=5e-3, batch_size=2, warmup_ratio=0.0, schedule="linear"),
+                            keep_checkpoints=True)
+        result = select_less(data=data, budget="50%", output=output, seed=SEED, model=str(tiny_llama_dir),
+                        config=config, device="cpu", progress=False)
     return {"rows": rows, "data": data, "output": output, "result": result, "record": read_selection(output)}
 
 
@@ -216,7 +216,7 @@ def test_less_budget_larger_than_clean_pool_fails_before_model(less_run, tiny_ll
 
     monkeypatch.setattr(less, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     with pytest.raises(ConfigError, match=r"larger than the 6 pool rows left after removing 2"):
-        select(method="less", data=less_run["data"], budget=7, output=tmp_path / "x.json",
+        select_less(data=less_run["data"], budget=7, output=tmp_path / "x.json",
                model=str(tiny_llama_dir), config=LessConfig(target="arc-easy:validation"), device="cpu",
                progress=False)
     assert not (tmp_path / "x.json").exists()
@@ -237,17 +237,17 @@ def test_less_scores_cut_to_another_budget_without_model_work(less_run, tmp_path
     source = tmp_path / "boosted.json"
     source.write_text(json.dumps(boosted))
     out = tmp_path / "less-2.json"
-    result = select(method="less", data=less_run["data"], budget=2, output=out, scores_from=source)
+    result = select_less(data=less_run["data"], budget=2, output=out, scores_from=source)
     cut = read_selection(out)
     assert result["count"] == 2 and cut["indices"] == record["indices"][:2]
     assert cut["reselected_from"] == str(source) and cut["budget"] == "2"
     assert cut["excluded_eval_overlap"] == ["leak0", "leak1"] and cut["all_scores"] == scores
     with pytest.raises(ConfigError, match=r"larger than the 6 pool rows left after removing 2"):
-        select(method="less", data=less_run["data"], budget=7, output=tmp_path / "x.json", scores_from=source)
+        select_less(data=less_run["data"], budget=7, output=tmp_path / "x.json", scores_from=source)
     random_file = tmp_path / "random.json"
-    select(method="random", data=less_run["data"], budget=2, output=random_file)
+    select_random(data=less_run["data"], budget=2, output=random_file)
     with pytest.raises(DataError, match="not a LESS selection with 'all_scores'"):
-        select(method="less", data=less_run["data"], budget=2, output=tmp_path / "y.json", scores_from=random_file)
+        select_less(data=less_run["data"], budget=2, output=tmp_path / "y.json", scores_from=random_file)
     with pytest.raises(DataError, match="scored 8 rows, the pool has 5"):
         reselect(source, 2, tmp_path / "z.json", pool[:5])
     renamed = [type(e)(e.prompt, e.response, f"other{i}") for i, e in enumerate(pool)]
@@ -264,15 +264,16 @@ def test_less_target_can_be_a_multiple_choice_file(tiny_llama_dir, tmp_path):
     leak = {"id": "leak", "prompt": f"Question: {rows[0]['q']}\nAnswer:", "response": " red ball"}
     data = _write_jsonl(tmp_path / "pool.jsonl", _rows(5) + [leak])
     config = LessConfig(target=str(target), target_fields=TaskFields(question="q", choices="options", answer="label"),
-                        warmup_fraction=0.5, warmup_epochs=1, projection_dim=PROJ_DIM, max_val_examples=4)
+                        warmup_fraction=0.5, warmup_epochs=1, projection_dim=PROJ_DIM, max_val_examples=4,
+                        warmup=TrainConfig(batch_size=2))
     with pytest.warns(UserWarning, match="1 pool rows repeat a .*target.jsonl evaluation prompt"):
-        result = select(method="less", data=data, budget=5, output=tmp_path / "less.json", model=str(tiny_llama_dir),
-                        config=config, train_config=TrainConfig(batch_size=2), device="cpu", progress=False)
+        result = select_less(data=data, budget=5, output=tmp_path / "less.json", model=str(tiny_llama_dir),
+                        config=config, device="cpu", progress=False)
     record = read_selection(tmp_path / "less.json")
     assert record["target"] == f"{target}:test" and record["val_examples"] == 4
     assert record["excluded_eval_overlap"] == ["leak"] and sorted(result["indices"]) == [0, 1, 2, 3, 4]
     with pytest.raises(DataError, match=r"row 0: missing field 'question'"):
-        select(method="less", data=data, budget=2, output=tmp_path / "x.json", model=str(tiny_llama_dir),
+        select_less(data=data, budget=2, output=tmp_path / "x.json", model=str(tiny_llama_dir),
                config=dataclasses.replace(config, target_fields=None), device="cpu", progress=False)
 
 
@@ -319,7 +320,6 @@ def test_projection_roughly_preserves_inner_products(kind):
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, error, message", [
-    ({"method": "influence"}, ConfigError, "unknown selection method 'influence'"),
     ({"budget": 13}, ConfigError, r"larger than the pool \(12 samples\)"),
     ({"budget": "0%"}, ConfigError, r"must be in \(0%, 100%\]"),
     ({"budget": "2.5"}, ConfigError, "whole count"),
@@ -335,12 +335,12 @@ def test_projection_roughly_preserves_inner_products(kind):
     ({"warmup_fraction": 1.5}, ConfigError, r"warmup_fraction must be in \(0, 1\]"),
     ({"projection_dim": 0}, ConfigError, "projection_dim must be a positive integer"),
     ({"max_val_examples": 0}, ConfigError, "max_val_examples must be a positive integer"),
-    ({"train_config": TrainConfig(optimizer="sgd")}, ConfigError, "needs AdamW"),
+    ({"warmup": TrainConfig(optimizer="sgd")}, ConfigError, "needs AdamW"),
     ({"data": "missing-file.jsonl"}, DataError, "dataset not found"),
 ])
 def test_bad_less_configs_fail_before_any_model_work(tmp_path, tiny_llama_dir, no_model_loading, overrides, error,
                                                     message):
-    kwargs = {"method": "less", "data": _write_jsonl(tmp_path / "pool.jsonl", _rows(12)), "budget": 4,
+    kwargs = {"data": _write_jsonl(tmp_path / "pool.jsonl", _rows(12)), "budget": 4,
               "output": tmp_path / "sel.json", "model": str(tiny_llama_dir), "target": "arc-easy:validation",
               "device": "cpu", "progress": False}
     kwargs.update(overrides)
@@ -348,7 +348,7 @@ def test_bad_less_configs_fail_before_any_model_work(tmp_path, tiny_llama_dir, n
         kwargs["data"] = str(tmp_path / "missing-file.jsonl")
     options = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(LessConfig) if f.name in kwargs}
     with pytest.raises(error, match=message):
-        select(config=LessConfig(**options), **kwargs)
+        select_less(config=LessConfig(**options), **kwargs)
     assert not (tmp_path / "sel.json").exists()
 
 
@@ -387,10 +387,10 @@ def test_a_pool_row_with_nan_gradients_is_never_selected_and_the_file_stays_json
 
     monkeypatch.setattr(less_module, "per_example_grads", poisoned)
     config = LessConfig(target=str(target), warmup_fraction=0.5, warmup_epochs=1, projection_dim=PROJ_DIM,
-                        max_val_examples=4, batch_size=8)
+                        max_val_examples=4, batch_size=8, warmup=TrainConfig(batch_size=2))
     with pytest.warns(UserWarning, match="1 pool row.*NaN/inf LESS gradients"):
-        result = select(method="less", data=data, budget=5, output=tmp_path / "less.json", model=str(tiny_llama_dir),
-                        config=config, train_config=TrainConfig(batch_size=2), device="cpu", progress=False)
+        result = select_less(data=data, budget=5, output=tmp_path / "less.json", model=str(tiny_llama_dir),
+                        config=config, device="cpu", progress=False)
     record = json.loads((tmp_path / "less.json").read_text())    # strict JSON: no NaN
     assert len(record["gradient_faults"]) == 1
     bad = [i for i, s in enumerate(record["all_scores"]) if s is None]

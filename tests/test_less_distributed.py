@@ -17,7 +17,7 @@ from launch import torchrun
 from textdistill.config import LoraSettings, TrainConfig
 from textdistill.data import Example, tokenize_examples
 from textdistill.less import (LessConfig, RandomProjection, WarmupCheckpoint, adam_direction, flatten_grads,
-                              gradient_features, less_scores, pack_bits, per_example_grads, select)
+                              gradient_features, less_scores, pack_bits, per_example_grads, select_less)
 from textdistill.training import collate
 from textdistill.unroll import lora_parameters
 
@@ -197,9 +197,10 @@ SCRIPT = textwrap.dedent('''
 
     data, target, model, out, report = sys.argv[1:6]
     config = less.LessConfig(target=target, warmup_fraction=0.5, warmup_epochs=2, projection_dim=24,
-                             max_val_examples=4, batch_size=2, buffer_size=3)
-    kwargs = dict(method="less", data=data, budget=4, output=out, seed=5, model=model, config=config,
-                  train_config=TrainConfig(lr=5e-3, batch_size=2, warmup_ratio=0.0, precision="fp32"), device="cpu", progress=False)
+                             max_val_examples=4, batch_size=2, buffer_size=3,
+                             warmup=TrainConfig(lr=5e-3, batch_size=2, warmup_ratio=0.0, precision="fp32"))
+    kwargs = dict(data=data, budget=4, output=out, seed=5, model=model, config=config, device="cpu",
+                  progress=False)
     real_features, real_train, real_grads = less.gradient_features, less.train_model, less.per_example_grads
     counts = {"features": 0, "train": 0, "crash_at": 3, "rows": 0}
 
@@ -219,14 +220,14 @@ SCRIPT = textwrap.dedent('''
 
     less.gradient_features, less.train_model, less.per_example_grads = features, train, grads
     try:
-        less.select(**kwargs)
+        less.select_less(**kwargs)
         raise SystemExit("the first run should have been interrupted")
     except KeyboardInterrupt:
         pass
     partial = sorted(p.name for p in (__import__("pathlib").Path(out).parent / (".less.json.partial")).iterdir())
     distributed.barrier()
     counts.update(features=0, train=0, crash_at=-1, rows=0)
-    result = less.select(**kwargs)
+    result = less.select_less(**kwargs)
     resumed = dict(counts)
     # the features of every row computed by 2 ranks and by this rank alone
     tok = less.load_tokenizer(model)
@@ -266,10 +267,10 @@ def test_two_ranks_select_the_same_as_one_process_and_resume(tiny_llama_dir, tmp
 
     one = tmp_path / "one" / "less.json"
     config = LessConfig(target=str(target), warmup_fraction=0.5, warmup_epochs=2, projection_dim=PROJ_DIM,
-                        max_val_examples=4, batch_size=2, buffer_size=3)
-    expected = select(method="less", data=str(data), budget=4, output=one, seed=SEED, model=str(tiny_llama_dir),
-                      config=config, train_config=TrainConfig(lr=5e-3, batch_size=2, warmup_ratio=0.0, precision="fp32"),
-                      device="cpu", progress=False)
+                        max_val_examples=4, batch_size=2, buffer_size=3,
+                        warmup=TrainConfig(lr=5e-3, batch_size=2, warmup_ratio=0.0, precision="fp32"))
+    expected = select_less(data=str(data), budget=4, output=one, seed=SEED, model=str(tiny_llama_dir),
+                      config=config, device="cpu", progress=False)
     reference = json.loads(one.read_text())
     written = json.loads(two.read_text())
     scores = torch.tensor(reference["all_scores"])

@@ -8,8 +8,8 @@ import pytest
 
 from textdistill.data import Example
 from textdistill.errors import ConfigError, DataError
-from textdistill.less import select
-from textdistill.selection import apply_selection, random_indices, read_selection, resolve_budget, write_selection
+from textdistill.selection import (apply_selection, random_indices, read_selection, resolve_budget, select_random,
+                                   write_selection)
 
 
 def _rows(n: int) -> list[dict]:
@@ -24,12 +24,12 @@ def _write_jsonl(path, rows):
 
 def test_random_selection_is_seeded_and_respects_budget(tmp_path):
     data = _write_jsonl(tmp_path / "pool.jsonl", _rows(20))
-    first = select(method="random", data=data, budget="25%", output=tmp_path / "a.json", seed=5)
-    again = select(method="random", data=data, budget="25%", output=tmp_path / "b.json", seed=5)
-    other = select(method="random", data=data, budget="25%", output=tmp_path / "c.json", seed=6)
+    first = select_random(data=data, budget="25%", output=tmp_path / "a.json", seed=5)
+    again = select_random(data=data, budget="25%", output=tmp_path / "b.json", seed=5)
+    other = select_random(data=data, budget="25%", output=tmp_path / "c.json", seed=6)
     assert first["count"] == 5 and first["indices"] == again["indices"] != other["indices"]
     assert len(set(first["indices"])) == 5 and all(0 <= i < 20 for i in first["indices"])
-    counted = select(method="random", data=data, budget=7, output=tmp_path / "d.json", seed=5)
+    counted = select_random(data=data, budget=7, output=tmp_path / "d.json", seed=5)
     assert counted["count"] == 7 == len(set(counted["indices"]))
     record = read_selection(tmp_path / "a.json")
     assert record["method"] == "random" and record["ids"] == [f"row{i}" for i in first["indices"]]

@@ -354,3 +354,26 @@ def test_cuda_generators_are_restored_in_device_order(monkeypatch):
                **{f"rng/cuda/{i}": torch.tensor([i], dtype=torch.uint8) for i in range(12)}}
     checkpoint._restore_rngs(state, tensors)
     assert got == list(range(12))
+
+
+def test_report_to_tensorboard_writes_live_curves_beside_metrics(tiny_llama_dir, tmp_path):
+    """--report_to tensorboard mirrors the loss and lr of every step into TensorBoard event files under
+    <output>/runs/ (metrics.jsonl stays); an unknown reporter is refused by name."""
+    import pytest
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from textdistill.errors import ConfigError
+    from textdistill.training import train
+
+    config = TrainConfig(max_steps=3, batch_size=2, lr=1e-3, warmup_ratio=0.0, precision="fp32",
+                         lora=LoraSettings(r=2, alpha=4), data=DataSettings(max_length=48, limit=6),
+                         report_to=("tensorboard",))
+    out = tmp_path / "run"
+    train(model_name=str(tiny_llama_dir), data="arc-easy:train", output=out, config=config, device="cpu",
+          progress=False)
+    events = EventAccumulator(str(out / "runs")).Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    logged = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3] and losses == pytest.approx(logged)
+    with pytest.raises(ConfigError, match="unknown reporter.*wandb; known: tensorboard"):
+        TrainConfig(report_to=("wandb",))

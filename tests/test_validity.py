@@ -14,7 +14,8 @@ from textdistill.artifacts import read_json
 from textdistill.config import DataSettings, EvalConfig, LoraSettings, TrainConfig
 from textdistill.errors import ConfigError
 from textdistill.experts import ExpertsConfig, make_experts
-from textdistill.instrument import InstrumentConfig, StudentSettings
+from textdistill.instrument import InstrumentConfig
+from textdistill.matching import StudentSettings
 from textdistill.validity import (ForkSettings, RecipeTuning, ValidityConfig, noise_ceiling, run_validity, spearman,
                                   spearman_with_interval)
 
@@ -61,6 +62,7 @@ def _config(tiny_llama_dir, experts_dir, tmp_path, **changes) -> ValidityConfig:
     less.write_text(json.dumps({"all_scores": [float((7 * i) % 12) for i in range(12)]}))
     config = ValidityConfig(
         pool="arc-easy:train", budget="4", models=(str(tiny_llama_dir),), recipes=("comparison", "tuned", "student"),
+        student_models=(str(tiny_llama_dir),),
         accuracy=EvalConfig(task="arc-easy", split="validation", template="rc", offset=4, limit=6),
         objective_rows="arc-easy:validation", objective_offset=10, objective_limit=5,
         recipe=TrainConfig(lr=1e-2, epochs=1.0, batch_size=2, warmup_ratio=0.0, precision="fp32",

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import yaml
 
@@ -22,14 +22,41 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
+_ABSENT = object()
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+           keyed: bool = True, omit_when: Any = _ABSENT, acts: Callable[..., bool] | None = None,
+           resume: bool = True) -> Any:
+    """A config field that carries, in its metadata (as peft's configs carry their help), what the command line and
+    the keys need to know of it:
+
+    * ``help``: the help of its generated flag (:mod:`textdistill.flags`);
+    * ``keyed=False``: never part of a key (:mod:`textdistill.keys`): how work is done, not what it computes;
+    * ``omit_when``: a value at which the field is left out of keys (an option added after results were cached has
+      its old behaviour there, so they keep their keys);
+    * ``acts(*configs)``: False when the field has no effect (``configs``: the configs enclosing it, outermost
+      first, ending with its own); it then drops out of result keys;
+    * ``resume=False``: a resumed run may change it (it stays out of the distillation's resume fingerprint).
+    """
+    metadata: dict[str, Any] = {"help": help, "keyed": keyed, "resume": resume}
+    if omit_when is not _ABSENT:
+        metadata["omit_when"] = omit_when
+    if acts is not None:
+        metadata["acts"] = acts
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA adapter shape (peft ``LoraConfig``)."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    r: int = option(8, "LoRA rank")
+    alpha: int = option(16, "LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = option(0.0, "LoRA dropout")
+    target_modules: tuple[str, ...] = option(("q_proj", "v_proj"), "module names that get LoRA adapters")
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -42,16 +69,20 @@ class LoraSettings:
 class DataSettings:
     """How rows of a dataset become prompt/response text."""
 
-    template: Literal["rc", "mc", "chat"] = "rc"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str = "messages"
-    max_length: int = 256
-    append_eos: bool = True
-    limit: int | None = None  # keep the first N rows (after sampling)
-    decontaminate: bool = False  # drop rows whose question is in an ARC/MMLU evaluation split
-    sample: int | None = None  # keep a seeded random subset of N rows, in dataset order (e.g. of the 157k mcqa-pool)
-    sample_seed: int = 0
+    template: Literal["rc", "mc", "chat"] = option(
+        "rc", "how a multiple-choice row becomes text: rc (Question/Answer + the choice's text), mc (lettered "
+              "options, answer letter) or chat (the model's chat template)")
+    prompt_field: str = option("prompt", "a file's prompt field")
+    response_field: str = option("response", "a file's response field")
+    messages_field: str = option("messages", "a file's chat field (a list of {role, content}; the last turn is "
+                                             "the response)")
+    max_length: int = option(256, "tokens kept per row (prompt + response)")
+    append_eos: bool = option(True, "end each response with the tokenizer's EOS token")
+    limit: int | None = option(None, "keep the first N rows (after sampling)")
+    decontaminate: bool = option(False, "drop rows whose question is in an ARC/MMLU evaluation split")
+    sample: int | None = option(None, "keep a seeded random subset of N rows, in dataset order (e.g. of the 157k "
+                                      "mcqa-pool)")
+    sample_seed: int = option(0, "seed of data.sample")
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
@@ -68,28 +99,34 @@ class DataSettings:
 class TrainConfig:
     """A fine-tuning recipe: LoRA (default) or full fine-tuning, response-only loss."""
 
-    method: Literal["lora", "full"] = "lora"
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    schedule: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_ratio: float = 0.03
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    # bf16 autocast or fp32; auto = bf16 on CUDA devices with bf16, fp32 on every CPU (models.native_bf16: bf16 was
-    # no faster with AMX, slower with AVX512-BF16 alone, ~20x slower where emulated, and made results CPU-dependent)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # weights of the frozen base model (None: fp32); LoRA tensors stay fp32, peft's master copies (fp16: GPU only)
-    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    method: Literal["lora", "full"] = option("lora", "LoRA adapters on a frozen base, or full fine-tuning")
+    lora: LoraSettings = option(factory=LoraSettings, help="the LoRA adapters")
+    data: DataSettings = option(factory=DataSettings, help="how rows become text")
+    optimizer: Literal["adamw", "sgd"] = option("adamw", "optimizer")
+    lr: float = option(2e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "weight decay")
+    momentum: float = option(0.0, "SGD momentum")
+    schedule: Literal["constant", "linear", "cosine"] = option("linear", "learning-rate schedule after the warm-up")
+    warmup_ratio: float = option(0.03, "fraction of the steps spent warming the learning rate up from 0")
+    batch_size: int = option(8, "rows per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    epochs: float = option(1.0, "passes over the data (unless max_steps)")
+    max_steps: int | None = option(None, "optimizer steps (overrides epochs)")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm (null: none)")
+    seed: int = option(0, "seed of the LoRA initialisation and the data order")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "bf16 autocast or fp32; auto = bf16 on CUDA devices with bf16, fp32 on every CPU (bf16 was no faster "
+                "with AMX, slower with AVX512-BF16 alone, ~20x slower where emulated; models.native_bf16)")
+    dtype: Literal["fp32", "bf16", "fp16"] | None = option(
+        None, "weights of the frozen base model (null: fp32); LoRA tensors stay fp32 (fp16: GPU only)")
+    report_to: tuple[str, ...] = option((), "live curves of the loss and lr: tensorboard (event files in "
+                                            "<output>/runs/); metrics.jsonl is always written", keyed=False,
+                                        resume=False)
 
     def __post_init__(self) -> None:
+        from .reporting import check_report_to
+
+        check_report_to(self.report_to)
         if self.dtype not in (None, "fp32") and self.method == "full":
             raise ConfigError(f"dtype {self.dtype} applies to the frozen base of a LoRA recipe; full fine-tuning "
                               f"keeps fp32 weights (leave dtype unset)")
@@ -111,9 +148,9 @@ class TaskFields:
     """The field names of a multiple-choice task read from a file: the question text, the list of choices and the
     answer (a 0-based index, a letter, or the text of a choice)."""
 
-    question: str = "question"
-    choices: str = "choices"
-    answer: str = "answer"
+    question: str = option("question", "the question's field")
+    choices: str = option("choices", "the field with the list of choices")
+    answer: str = option("answer", "the answer's field (a 0-based index, a letter or the choice's text)")
 
 
 @dataclass(frozen=True)
@@ -121,21 +158,21 @@ class EvalConfig:
     """Log-likelihood multiple-choice evaluation of a named task (``arc-easy``, ``arc-challenge``, ``mmlu``) or of a
     multiple-choice file (``.jsonl``/``.json``/``.csv``/``.parquet`` or a ``datasets`` folder)."""
 
-    task: str = "arc-easy"
-    split: str = "test"
-    # None: the task's default template (data.with_task_template fills it in before the config is used or keyed)
-    template: Literal["rc", "mc"] | None = None
-    num_fewshot: int = 0
-    fewshot_seed: int = 1234
-    limit: int | None = None
-    # skip the first N items (after the subject filter), before limit: offset 1000, limit 1000 = items 1000-1999
-    offset: int | None = None
-    subjects: tuple[str, ...] | None = None  # MMLU subject filter
-    per_subject_limit: int | None = None  # MMLU: first N items of each subject (a fixed, stated subset)
-    max_length: int = 2048
-    # fp32 by default so that scores do not depend on the machine; auto/bf16 trade that for speed
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    fields: TaskFields | None = None  # a file task's field names (None: question, choices, answer)
+    task: str = option("arc-easy", "arc-easy, arc-challenge, mmlu or a multiple-choice file")
+    split: str = option("test", "train/validation/test (mmlu: dev/validation/test; a file is its own split)")
+    template: Literal["rc", "mc"] | None = option(
+        None, "rc (each choice's text as the continuation) or mc (lettered options); null: the task's default")
+    num_fewshot: int = option(0, "few-shot examples before each question")
+    fewshot_seed: int = option(1234, "seed of the few-shot draw")
+    limit: int | None = option(None, "evaluate the first N items")
+    offset: int | None = option(None, "skip the first N items (after the subject filter), before limit: offset "
+                                      "1000, limit 1000 = items 1000-1999")
+    subjects: tuple[str, ...] | None = option(None, "MMLU subject filter (a list, or comma-separated)")
+    per_subject_limit: int | None = option(None, "MMLU: first N items of each subject (a fixed, stated subset)")
+    max_length: int = option(2048, "longest context + continuation in tokens")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "fp32", "fp32 by default so that scores do not depend on the machine; auto/bf16 trade that for speed")
+    fields: TaskFields | None = option(None, "a file task's field names (null: question, choices, answer)")
 
     def __post_init__(self) -> None:
         for name in ("limit", "per_subject_limit"):
@@ -302,12 +339,13 @@ def read_preset(name: str) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], *, path: str | Path | None = None, section: str | None = None,
-                overrides: dict[str, Any] | None = None, sets: dict[str, Any] | None = None) -> T:
-    """Resolve a config: dataclass defaults <- YAML file (optionally one top-level section) <- overrides <- sets.
+                keys: tuple[str, ...] | None = None, overrides: dict[str, Any] | None = None,
+                sets: dict[str, Any] | None = None) -> T:
+    """Resolve a config: dataclass defaults <- YAML file (optionally one top-level section, and of it only
+    ``keys``: e.g. a distillation config's instrument and student) <- overrides <- sets.
 
-    Overrides use dotted keys (``{"lora.r": 4}``) and ``None`` values are ignored, so unset CLI flags keep
-    the file's values; ``sets`` (the flags generated from the config, ``--set``) are applied last and a ``None``
-    there really sets ``None``.
+    Overrides use dotted keys (``{"lora.r": 4}``) and ``None`` values are ignored; ``sets`` (the flags generated
+    from the config) are applied last and a ``None`` there really sets ``None``.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -318,6 +356,8 @@ def load_config(cls: type[T], *, path: str | Path | None = None, section: str | 
               and section not in {f.name for f in dataclasses.fields(cls)}):  # type: ignore[arg-type]
             raise ConfigError(f"{path}: section '{section}' must be a mapping of settings (indented key: value "
                               f"lines), got {values[section]!r}")
+        if keys is not None:
+            values = {k: v for k, v in values.items() if k in keys}
     try:
         values = apply_overrides(apply_overrides(values, overrides), sets, skip_none=False)
         return build_dataclass(cls, values, cls.__name__)

@@ -372,7 +372,7 @@ class PoolReport:
         return sum(self.removed_per_source.values())
 
 
-def load_pool(sources: Sequence[str] | None = None) -> tuple[list[MultipleChoiceItem], PoolReport]:
+def load_mcqa_pool(sources: Sequence[str] | None = None) -> tuple[list[MultipleChoiceItem], PoolReport]:
     """The ``mcqa-pool``: train splits of the multiple-choice QA sources with every ARC/MMLU eval question removed."""
     chosen = list(sources) if sources else list(POOL_SOURCES)
     unknown = [s for s in chosen if s not in POOL_SOURCES]
@@ -583,10 +583,10 @@ def rows_to_examples(rows: Iterable[dict[str, Any]], *, prompt_field: str = "pro
                             f"set --prompt-field/--response-field or provide '{messages_field}')"
                             + _bom_hint(row))
         for name in (prompt_field, response_field):
-            if isinstance(row[name], (dict, list, tuple)):
+            if not isinstance(row[name], str):
+                hint = f" (a chat goes in '{messages_field}')" if isinstance(row[name], (dict, list, tuple)) else ""
                 raise DataError(f"{origin} row {index}: field '{name}' must be text, got a "
-                                f"{type(row[name]).__name__}; write it as a string (a chat goes in "
-                                f"'{messages_field}')")
+                                f"{type(row[name]).__name__} ({row[name]!r:.40}); write it as a string{hint}")
         prompt, response = str(row[prompt_field]), str(row[response_field])
         for name, text in ((prompt_field, prompt), (response_field, response)):
             if not text.strip():
@@ -651,7 +651,7 @@ def load_examples(spec: str, settings: Any | None = None, *, tokenizer: Any | No
             examples = rows_to_examples([{"prompt": e.prompt, "response": e.response, "id": e.id} for e in examples],
                                         chat_tokenizer=chat, origin=spec)
     elif parsed.kind == "pool":
-        items, _ = load_pool()
+        items, _ = load_mcqa_pool()
         examples = [item_to_example(it, template) for it in items]
         if chat is not None:
             examples = rows_to_examples([{"prompt": e.prompt, "response": e.response, "id": e.id} for e in examples],

@@ -37,7 +37,6 @@ Run folder::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -52,14 +51,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed
-from .artifacts import (atomic_write_json, atomic_write_text, exclusive, load_tensors, read_json, save_tensors,
+from .artifacts import (atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors,
                         sha256_json, write_jsonl, write_run_info)
+from .config import option
 from .data import Example, TokenizedExample, scaffold_mask, stable_token_ids, uses_bos
 from .errors import ConfigError, DataError, TrainingError
-from .instrument import (Draw, InstrumentConfig, SampleSet, ScoreCache, Scorer, StudentSettings, heldout_report,
-                         load_pool, load_student_model, make_draws, resolve_student, sample_minibatches,
-                         tokenize_for_experts)
+from .instrument import InstrumentConfig, heldout_report
+from .keys import resume_settings
+from .matching import (Draw, SampleSet, ScoreCache, Scorer, StudentSettings, load_expert_pool, load_student_model,
+                       make_draws, resolve_student, sample_minibatches, tokenize_for_experts)
 from .models import autocast_context, resolve_dtype, resolve_precision
+from .reporting import LiveCurves
 from .projection import (input_embedding_matrix, nearest_tokens, neighbour_regularizer, straight_through,
                          vector_distance)
 from .selection import random_indices, read_selection, resolve_budget
@@ -81,14 +83,19 @@ LR_SEARCH_SEED_OFFSET = 3_000_017
 MODES = ("gcg", "straight_through", "continuous")
 
 
+def _searching(distill: Any, search: Any) -> bool:
+    """Whether the token search's confirmation draws act: gcg mode with the confirmation on (``acts`` below)."""
+    return getattr(distill, "mode", "gcg") == "gcg" and search.confirm
+
+
 @dataclass(frozen=True)
 class RegularizerSettings:
     """Neighbour penalty of the ``continuous`` mode: ``weight`` x mean distance of each learned vector to its
     nearest token (0 turns it off)."""
 
-    weight: float = 0.1
-    metric: Literal["cosine", "l2"] = "cosine"
-    refresh_every: int = 1  # iterations between nearest-token lookups (the lookup is the expensive part)
+    weight: float = option(0.1, "continuous mode: weight of the neighbour penalty (0: off)")
+    metric: Literal["cosine", "l2"] = option("cosine", "distance of a vector to its nearest token")
+    refresh_every: int = option(1, "iterations between nearest-token lookups (the lookup is the expensive part)")
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -101,15 +108,17 @@ class RegularizerSettings:
 class TokenSearchSettings:
     """Greedy coordinate gradient search (``mode: gcg``)."""
 
-    top_k: int = 32  # candidate tokens per position, by first-order gain
-    candidates: int = 8  # single-token swaps scored exactly per iteration
-    combine: int = 4  # the best improving swaps (at most this many) are also tried together
-    confirm: bool = True  # keep a proposal only if it also lowers the loss on a second, independent draw
-    # K: the proposal must lower the mean loss over K training draws fixed for the whole run (paired: the same draws
-    # judge every proposal, so draw noise cannot accept one; the best mode on the held-out instrument, results/README
-    # section 7.4); None: one fresh draw per proposal (the runs made before it)
-    confirm_draws: int | None = 6
-    fluent_top_k: int | None = None  # only tokens among the model's own top-k next tokens there (readable text)
+    top_k: int = option(32, "candidate tokens per position, by first-order gain")
+    candidates: int = option(8, "single-token swaps scored exactly per iteration")
+    combine: int = option(4, "the best improving swaps (at most this many) are also tried together")
+    confirm: bool = option(True, "keep a proposal only if it also lowers the loss on a second, independent draw")
+    confirm_draws: int | None = option(
+        6, "K: the proposal must lower the mean loss over K training draws fixed for the whole run (paired: the "
+           "same draws judge every proposal, so draw noise cannot accept one; the best mode on the held-out "
+           "instrument, results/README section 7.4); null: one fresh draw per proposal (the runs made before it)",
+        omit_when=None, acts=lambda *configs: _searching(configs[-2] if len(configs) > 1 else None, configs[-1]))
+    fluent_top_k: int | None = option(None, "only tokens among the model's own top-k next tokens there (readable "
+                                            "text)")
 
     def __post_init__(self) -> None:
         for name in ("top_k", "candidates", "combine"):
@@ -127,39 +136,54 @@ class TokenSearchSettings:
 class DistillConfig:
     """Options of trajectory matching. The README says which were measured and how."""
 
-    budget: str = "5%"
-    mode: Literal["gcg", "straight_through", "continuous"] = "gcg"
-    iterations: int = 100
-    student: StudentSettings = field(default_factory=StudentSettings)
-    init: Literal["real", "selection", "random"] = "real"
-    selection: str | None = None  # selection file for init=selection
-    prompt_length: int | None = None  # None: each sample's own prompt length; else fixed (random init only)
-    freeze_scaffold: bool = True  # template scaffolding ("Question:", "\nAnswer:") never changes
-    # continuous: Adam lr of the vectors; straight_through: the Adam step as a fraction of the median token norm
-    lr_embeddings: float = 1e-3
-    lr_lr: float = 1e-2  # Adam on log(student lr); 0 keeps the student lr fixed
-    recompute: bool = False  # exact constant-memory backward through the unroll
-    # with recompute: differentiate each student step decoder layer by decoder layer (about a tenth of the memory at
-    # 1.8x the time; same meta-gradients up to rounding; results/bench_checkpoint_layers.md)
-    checkpoint_layers: bool = False
-    # with recompute: differentiate each student step this many samples at a time (memory of a step's graph shrinks
-    # with the group; same meta-gradients up to rounding); None: the whole minibatch
-    micro_batch: int | None = None
-    # expert segments matched per iteration (the mean of their losses); None: one per process, so that under
-    # torchrun / accelerate launch each rank draws its own (an explicit number is shared out over the ranks)
-    segments: int | None = None
-    regularizer: RegularizerSettings = field(default_factory=RegularizerSettings)
-    search: TokenSearchSettings = field(default_factory=TokenSearchSettings)
-    projection_metric: Literal["cosine", "l2"] = "cosine"
-    rerank_top_k: int | None = None  # continuous/straight_through: re-rank the k nearest tokens by likelihood
-    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"  # weights and embeddings
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast of the meta-gradient (auto: bf16 on CUDA, fp32 on CPUs)
-    instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
-    seed: int = 0
-    checkpoint_every: int = 10
-    sample_every: int = 25
+    budget: str = option("5%", "synthetic samples: a count or a percentage of the pool, e.g. 113 or 5%")
+    mode: Literal["gcg", "straight_through", "continuous"] = option(
+        "gcg", "token search (gcg), straight-through projection, or continuous vectors")
+    iterations: int = option(100, "outer iterations", resume=False)
+    student: StudentSettings = option(factory=StudentSettings, help="how the student follows an expert segment")
+    init: Literal["real", "selection", "random"] = option(
+        "real", "starting samples: random real rows, a selection file's rows, or random tokens")
+    selection: str | None = option(None, "selection file for init=selection")
+    prompt_length: int | None = option(None, "null: each sample's own prompt length; else fixed (random init only)")
+    freeze_scaffold: bool = option(True, "template scaffolding (\"Question:\", \"\\nAnswer:\") never changes")
+    lr_embeddings: float = option(
+        1e-3, "continuous: Adam lr of the vectors; straight_through: the Adam step as a fraction of the median "
+              "token norm")
+    lr_lr: float = option(1e-2, "Adam on log(student lr); 0 keeps the student lr fixed")
+    recompute: bool = option(False, "exact constant-memory backward through the unroll")
+    checkpoint_layers: bool = option(
+        False, "with recompute: differentiate each student step decoder layer by decoder layer (about a tenth of "
+               "the memory at 1.8x the time; same meta-gradients up to rounding; results/bench_checkpoint_layers.md)",
+        omit_when=False)
+    micro_batch: int | None = option(
+        None, "with recompute: differentiate each student step this many samples at a time (memory of a step's "
+              "graph shrinks with the group; same meta-gradients up to rounding); null: the whole minibatch",
+        omit_when=None)
+    segments: int | None = option(
+        None, "expert segments matched per iteration (the mean of their losses); null: one per process, so that "
+              "under torchrun / accelerate launch each rank draws its own (a number is shared out over the ranks)",
+        resume=False)
+    regularizer: RegularizerSettings = option(factory=RegularizerSettings, help="continuous mode's neighbour penalty")
+    search: TokenSearchSettings = option(factory=TokenSearchSettings, help="gcg mode's token search")
+    projection_metric: Literal["cosine", "l2"] = option("cosine", "nearest-token projection of vectors",
+                                                        resume=False)
+    rerank_top_k: int | None = option(None, "continuous/straight_through: re-rank the k nearest tokens by "
+                                            "likelihood", resume=False)
+    dtype: Literal["fp32", "bf16", "fp64"] = option("fp32", "weights and embeddings")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "autocast of the meta-gradient (auto: bf16 on CUDA devices with bf16, fp32 on CPUs)")
+    instrument: InstrumentConfig = option(factory=InstrumentConfig, help="the held-out instrument", resume=False)
+    seed: int = option(0, "seed of the starting samples and the draws")
+    checkpoint_every: int = option(10, "iterations between checkpoints (resume points)", resume=False)
+    sample_every: int = option(25, "iterations between decoded samples in samples.jsonl", resume=False)
+    report_to: tuple[str, ...] = option((), "live curves of the matching loss, lr and accepted swaps: tensorboard "
+                                            "(event files in <output>/runs/); metrics.jsonl is always written",
+                                        keyed=False, resume=False)
 
     def __post_init__(self) -> None:
+        from .reporting import check_report_to
+
+        check_report_to(self.report_to)
         for name in ("iterations", "checkpoint_every", "sample_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -821,17 +845,60 @@ def distill(*, experts: str | Path, output: str | Path, config: DistillConfig, r
     be able to read, for ``resume``), scores the held-out instrument and returns the summary; the others return
     ``{"rank": r}``.
     """
-    device = distributed.init(device)
-    lock = (exclusive(Path(output) / ".lock", f"the distillation run {output}") if distributed.is_main()
-            else contextlib.nullcontext())
-    with lock:
+    with distributed.main_process_owns(Path(output) / ".lock", f"the distillation run {output}", device) as device:
         return _distill(experts=experts, output=output, config=config, resume=resume, compare=compare, device=device,
                         progress=progress, trust_remote_code=trust_remote_code)
+
+
+@dataclass
+class _Run:
+    """One distillation run as its three steps share it (:func:`_prepare`, :func:`_search`, :func:`_finish`)."""
+
+    experts: Path
+    output: Path
+    config: DistillConfig
+    resume: bool
+    main: bool                 # this process writes the run folder (rank 0, or the only one)
+    progress: bool
+    trajectories: Any
+    student: Any               # the resolved student (its lr after the line search)
+    train_experts: list[int]
+    heldout_experts: list[int]
+    tokenizer: Any
+    examples: list[Example]    # the pool as text
+    pool: list[Any]            # the pool tokenized as the experts saw it
+    chosen: list[int]          # the starting samples' pool rows
+    embed_matrix: Tensor       # (V, H)
+    synthetic: SyntheticSet
+    loop: _Loop
+    context: _Context
+    scorer: Scorer
+    lr_search: dict[str, Any] | None
+    fingerprint: str           # of everything a resumed run must share with the run it continues
+    precision: str
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.trajectories.manifest
 
 
 def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, resume: bool = False,
              compare: Mapping[str, str | Path] | None = None, device: str = "auto", progress: bool = True,
              trust_remote_code: bool = False) -> dict[str, Any]:
+    """The run in three steps: prepare (the model, the starting samples, the checkpoint to resume), search
+    (the outer iterations), finish (the text, the held-out instrument, the summary)."""
+    run = _prepare(experts=experts, output=output, config=config, resume=resume, device=device, progress=progress,
+                   trust_remote_code=trust_remote_code)
+    if isinstance(run, dict):   # a finished run: its summary
+        return run
+    metrics, distill_seconds = _search(run)
+    return _finish(run, metrics, distill_seconds, compare)
+
+
+def _prepare(*, experts: str | Path, output: str | Path, config: DistillConfig, resume: bool, device: str,
+             progress: bool, trust_remote_code: bool) -> _Run | dict[str, Any]:
+    """Load the experts and the student model, choose the starting samples, search the student lr, and resume
+    the checkpoint or start the run folder (rank 0)."""
     from .experts import load_experts
 
     output = Path(output)
@@ -854,7 +921,7 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
     dtype = resolve_dtype(config.dtype)
     model, tokenizer = load_student_model(trajectories, device=device, dtype=config.dtype,
                                           trust_remote_code=trust_remote_code)
-    examples, pool = load_pool(tokenizer, manifest)
+    examples, pool = load_expert_pool(tokenizer, manifest)
     count = resolve_budget(config.budget, len(examples))
     if config.init == "selection":
         from .selection import apply_selection
@@ -913,15 +980,7 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
         context.confirm_draws = [_draw(context, count, fixed) for _ in range(config.search.confirm_draws)]
     if main:
         output.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in dataclasses.asdict(config).items()
-                if k not in ("iterations", "checkpoint_every", "sample_every", "rerank_top_k", "projection_metric",
-                             "instrument", "segments")}
-    if settings["search"]["confirm_draws"] is None:   # added later: runs made before it resume as they were
-        del settings["search"]["confirm_draws"]
-    if not settings["checkpoint_layers"]:   # added later, off by default: runs made before it resume
-        del settings["checkpoint_layers"]
-    if settings["micro_batch"] is None:     # likewise
-        del settings["micro_batch"]
+    settings = resume_settings(config)
     identity = {"chosen": chosen, "experts": manifest.get("experts"), "pool": manifest["pool_sha256"],
                 "precision": precision}
     if context.segments != 1:   # how many segments, not how they are shared out over ranks (runs of one resume)
@@ -946,6 +1005,18 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
                                                  "init": config.init, "lr_search": lr_search})
         write_jsonl(output / "metrics.jsonl", [])
         write_jsonl(output / "samples.jsonl", [])
+    return _Run(experts=Path(experts), output=output, config=config, resume=resume, main=main, progress=progress,
+                trajectories=trajectories, student=student, train_experts=train_experts,
+                heldout_experts=heldout_experts, tokenizer=tokenizer, examples=examples, pool=pool, chosen=chosen,
+                embed_matrix=embed_matrix, synthetic=synthetic, loop=loop, context=context, scorer=scorer,
+                lr_search=lr_search, fingerprint=fingerprint, precision=precision)
+
+
+def _search(run: _Run) -> tuple[list[dict[str, Any]], float]:
+    """The outer iterations from where the run stands; checkpoints every ``checkpoint_every``. Returns the metrics
+    of every iteration and the search's seconds (a resumed run's included)."""
+    config, output, loop, context, synthetic = run.config, run.output, run.loop, run.context, run.synthetic
+    main, resume, count = run.main, run.resume, len(run.chosen)
     metrics = _read_jsonl(output / "metrics.jsonl", loop.iteration) if resume or main else []
     samples = _read_jsonl(output / "samples.jsonl", loop.iteration) if resume or main else []
     learnable_count = int(synthetic.learnable.sum())
@@ -953,7 +1024,8 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
     # seconds count on from a resumed run's last record, so that distill_seconds is the search's whole time
     start_time = time.time() - (metrics[-1]["seconds"] if metrics else 0.0)
     bar = tqdm(total=config.iterations, initial=loop.iteration, desc=f"distill ({config.mode})",
-               disable=not progress, dynamic_ncols=True)
+               disable=not run.progress, dynamic_ncols=True)
+    curves = LiveCurves(config.report_to, output, active=main)
     faults_in_a_row = 0
     try:
         while loop.iteration < config.iterations:
@@ -977,17 +1049,18 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
             record = {"iteration": iteration, **record, "tokens_changed_fraction": changed / learnable_count,
                       "seconds": round(time.time() - start_time, 2)}
             metrics.append(record)
+            curves.log(iteration, {f"distill/{k}": v for k, v in record.items() if k != "iteration"})
             shown = math.nan if record["matching_loss"] is None else record["matching_loss"]
             bar.set_postfix(match=f"{shown:.4f}", lr=f"{record['lr']:.2e}",
                             changed=f"{record['tokens_changed_fraction']:.3f}")
             bar.update(1)
             if iteration % config.sample_every == 0 or iteration == config.iterations:
                 samples.append({"iteration": iteration, "prompts": [
-                    tokenizer.decode(synthetic.text_ids(i)) for i in range(min(3, count))]})
+                    run.tokenizer.decode(synthetic.text_ids(i)) for i in range(min(3, count))]})
             if main and (iteration % config.checkpoint_every == 0 or iteration == config.iterations):
                 write_jsonl(output / "metrics.jsonl", metrics)
                 write_jsonl(output / "samples.jsonl", samples)
-                _save_checkpoint(output, loop, fingerprint)
+                _save_checkpoint(output, loop, run.fingerprint)
     except TrainingError:
         if main:
             write_jsonl(output / "metrics.jsonl", metrics)
@@ -995,8 +1068,19 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
         raise
     finally:
         bar.close()
-    # every rank holds the same set: rank 0 writes it, and all score the instrument's draws together
-    distill_seconds = time.time() - start_time
+        curves.close()
+    return metrics, time.time() - start_time
+
+
+def _finish(run: _Run, metrics: list[dict[str, Any]], distill_seconds: float,
+            compare: Mapping[str, str | Path] | None) -> dict[str, Any]:
+    """Write the distilled dataset, score it (and the starting samples, the vectors, ``compare``'s selections and
+    random subsets) on the held-out instrument, and write the summary and dataset card. Every rank holds the same
+    set: rank 0 writes it, and all score the instrument's draws together."""
+    config, output, loop, context, synthetic = run.config, run.output, run.loop, run.context, run.synthetic
+    main, tokenizer, manifest, examples, pool = run.main, run.tokenizer, run.manifest, run.examples, run.pool
+    chosen, embed_matrix, scorer, student = run.chosen, run.embed_matrix, run.scorer, run.student
+    count = len(chosen)
     rows = None
     if main:
         write_jsonl(output / "metrics.jsonl", metrics)
@@ -1020,22 +1104,22 @@ def _distill(*, experts: str | Path, output: str | Path, config: DistillConfig, 
     null = [SampleSet.from_tokenized([pool[i] for i in random_indices(len(pool), count,
                                                                        config.seed + NULL_SEED_OFFSET + r)],
                                      embed_matrix) for r in range(config.instrument.random_subsets)]
-    draws = make_draws(heldout_experts, student, count, config.instrument.draws, config.instrument.seed)
+    draws = make_draws(run.heldout_experts, student, count, config.instrument.draws, config.instrument.seed)
     # runs sharing these experts (an ablation, a rerun) reuse each other's random subsets, floor and starting samples
-    cache = ScoreCache(Path(experts) / "instrument_cache",
+    cache = ScoreCache(run.experts / "instrument_cache",
                        {"manifest": manifest, "student": dataclasses.asdict(student), "dtype": str(scorer.dtype),
                         "device": scorer.device.type})
     report = heldout_report(scorer, draws, sets, null, pool=pool, embed_matrix=embed_matrix, cache=cache,
-                            progress=progress)
+                            progress=run.progress)
     if not main:
         return {"rank": distributed.rank()}
-    report.update({"heldout_experts": heldout_experts, "student": dataclasses.asdict(student),
+    report.update({"heldout_experts": run.heldout_experts, "student": dataclasses.asdict(student),
                    "seconds": round(time.time() - heldout_start, 1)})
     atomic_write_json(output / "heldout.json", report)
     summary = _summary(synthetic, loop.log_lr.exp().item(), metrics, rows, report, config, distill_seconds)
-    summary.update({"student": dataclasses.asdict(student), "lr_search": lr_search})
+    summary.update({"student": dataclasses.asdict(student), "lr_search": run.lr_search})
     atomic_write_json(output / "summary.json", summary)
-    atomic_write_text(output / "README.md", _dataset_card(summary, config, manifest, str(experts), rows))
+    atomic_write_text(output / "README.md", _dataset_card(summary, config, manifest, str(run.experts), rows))
     return summary
 
 

@@ -82,6 +82,19 @@ def init(device: str | torch.device | None = "auto", *, timeout_minutes: float =
     return target
 
 
+
+@contextlib.contextmanager
+def main_process_owns(lock_path: str | os.PathLike, what: str, device: str | torch.device | None = "auto"
+                      ) -> Iterator[torch.device]:
+    """The entry of a command that writes one output (``distill``, ``experts``, ``train``, LESS): join the launch's
+    process group, if any, and hold the output's lock (``artifacts.exclusive``) on rank 0 alone (the other ranks of
+    the same run would find it taken) while the body runs; yields this rank's device."""
+    from .artifacts import exclusive
+
+    target = init(device)
+    with exclusive(lock_path, what) if is_main() else contextlib.nullcontext():
+        yield target
+
 def _leave() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -24,21 +24,24 @@ import dataclasses
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from filelock import FileLock, Timeout
 
 from . import distributed
-from .artifacts import atomic_write_json, read_json, sha256_json, to_jsonable, write_run_info
-from .config import DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, read_preset, read_yaml
+from .artifacts import atomic_write_json, read_json, sha256_json, write_run_info
+from .config import (DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, option, read_preset,
+                     read_yaml)
 from .data import Example, load_examples, load_task, rows_to_examples, with_task_template
 from .distill import DistillConfig
 from .errors import ConfigError, TextDistillError
+from .keys import code_identity, settings_key
 from .experts import ExpertsConfig
-from .less import LessConfig, parse_target, select
+from .less import LessConfig, parse_target, select_less
 from .match_selection import MatchSelectionConfig
+from .report import CellResult
 
 METHODS = ("base", "full", "random", "less", "match", "distill-init", "distilled", "continuous")
 #: Methods whose data come from the distillation run.
@@ -49,23 +52,25 @@ DISTILL_METHODS = ("distill-init", "distilled", "continuous")
 class ExperimentConfig:
     """A whole comparison: pool, target, models, budgets, methods, seeds and the one training recipe."""
 
-    name: str = "experiment"
-    pool: str = "arc-easy:train"
-    pool_limit: int | None = None
-    target: EvalConfig = field(default_factory=EvalConfig)  # the task split every cell is scored on
-    distill_model: str = "smollm2-135m"
-    models: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
-    budgets: tuple[str, ...] = ("5%",)
-    methods: tuple[str, ...] = ("base", "full", "random", "less", "distilled")
-    seeds: tuple[int, ...] = (0, 1, 2)
-    recipe: TrainConfig = field(default_factory=TrainConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    # LESS on distill_model's gradients, for ARC-Easy's validation split unless the config names another target
-    less: LessConfig = field(default_factory=lambda: LessConfig(target="arc-easy:validation"))
-    match: MatchSelectionConfig = field(default_factory=MatchSelectionConfig)
-    distill_init: Literal["random", "less", "match"] = "match"  # the distillation's starting samples
-    distill_per_seed: bool = True  # False: one distillation (seed 0) shared by all training seeds
+    name: str = option("experiment", "the comparison's name (reports)", keyed=False)
+    pool: str = option("arc-easy:train", "the pool every arm selects from or distils")
+    pool_limit: int | None = option(None, "keep the first N pool rows")
+    target: EvalConfig = option(factory=EvalConfig, help="the task split every cell is scored on")
+    distill_model: str = option("smollm2-135m", "the model that makes the experts, LESS, match and the distillation")
+    models: tuple[str, ...] = option(("smollm2-135m", "gemma3-270m"), "the receivers: trained and scored per arm",
+                                     keyed=False)
+    budgets: tuple[str, ...] = option(("5%",), "budgets: counts or percentages of the pool", keyed=False)
+    methods: tuple[str, ...] = option(("base", "full", "random", "less", "distilled"),
+                                      f"arms, among {', '.join(METHODS)}", keyed=False)
+    seeds: tuple[int, ...] = option((0, 1, 2), "training seeds (a random subset is redrawn per seed)", keyed=False)
+    recipe: TrainConfig = option(factory=TrainConfig, help="the one training recipe of every cell")
+    experts: ExpertsConfig = option(factory=ExpertsConfig, help="the expert runs (match, distillation)")
+    distill: DistillConfig = option(factory=DistillConfig, help="the distillation")
+    less: LessConfig = option(factory=lambda: LessConfig(target="arc-easy:validation"),
+                              help="LESS on distill_model's gradients, for ARC-Easy's validation split unless set")
+    match: MatchSelectionConfig = option(factory=MatchSelectionConfig, help="selection by the matching objective")
+    distill_init: Literal["random", "less", "match"] = option("match", "the distillation's starting samples")
+    distill_per_seed: bool = option(True, "false: one distillation (seed 0) shared by all training seeds")
 
     def __post_init__(self) -> None:
         # the target's template is part of every cell key: an unset one becomes the task's default, as it always was
@@ -77,6 +82,14 @@ class ExperimentConfig:
             raise ConfigError("list at least one model under 'models'")
         if not self.seeds:
             raise ConfigError("list at least one seed under 'seeds'")
+        distilling = bool(set(self.methods) & set(DISTILL_METHODS))
+        matching = "match" in self.methods or (distilling and self.distill_init == "match")
+        held_by_match, held_by_instrument = self.match.heldout_experts, self.distill.instrument.heldout_experts
+        if distilling and matching and held_by_match != held_by_instrument:
+            raise ConfigError(f"match.heldout_experts ({held_by_match}) and distill.instrument.heldout_experts "
+                              f"({held_by_instrument}) differ: the match selection (the distillation's start) would "
+                              f"see experts the instrument holds out, or skip ones it could use; give both the same "
+                              f"value")
 
 
 def load_experiment_config(path_or_preset: str, overrides: dict[str, Any] | None = None,
@@ -89,20 +102,6 @@ def load_experiment_config(path_or_preset: str, overrides: dict[str, Any] | None
     values = read_yaml(path) if path.suffix in (".yaml", ".yml") or path.exists() else read_preset(path_or_preset)
     values = apply_overrides(values.get("experiment", values), overrides)
     return build_dataclass(ExperimentConfig, apply_overrides(values, sets, skip_none=False), "experiment")
-
-
-def _without_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_without_none(v) for v in value]
-    return value
-
-
-def settings_key(settings: Any) -> str:
-    """Content hash of settings, leaving out unset (``None``) options: an option added later with a ``None``
-    default keeps the keys, and so the finished work, of runs that do not use it."""
-    return sha256_json(_without_none(to_jsonable(settings)))
 
 
 def _pool_settings(config: ExperimentConfig) -> DataSettings:
@@ -240,13 +239,13 @@ class _Stages:
         return path
 
     def _make_selection(self, method: str, budget: str, seed: int, key: str, path: Path) -> None:
-        from .selection import reselect
+        from .selection import reselect, select_random
 
         # LESS scores do not depend on the budget: cut this budget from another budget's scores when there are any
         scored = sorted(path.parent.glob(f"less-*-seed0-{key}.json")) if method == "less" else []
         if method == "random":
-            self._timed("select-random", lambda: select(method="random", data=self.config.pool, budget=budget,
-                                                        output=path, seed=seed, examples=self.pool))
+            self._timed("select-random", lambda: select_random(data=self.config.pool, budget=budget, output=path,
+                                                               seed=seed, examples=self.pool))
         elif method == "match":
             from .match_selection import cut_selection, select_by_matching
             from .selection import resolve_budget
@@ -274,8 +273,8 @@ class _Stages:
         elif scored:
             reselect(scored[0], budget, path, self.pool)
         else:
-            self._timed("select-less", lambda: select(
-                method="less", data=self.config.pool, budget=budget, output=path, seed=0, examples=self.pool,
+            self._timed("select-less", lambda: select_less(
+                data=self.config.pool, budget=budget, output=path, seed=0, examples=self.pool,
                 model=self.config.distill_model, config=self.config.less, device=self.device, progress=self.progress,
                 data_settings=_pool_settings(self.config), trust_remote_code=self.trust_remote_code))
 
@@ -322,47 +321,6 @@ class _Stages:
         return rows_to_examples(rows, origin=str(folder / "distilled.jsonl")), {"distill_run": str(folder)}
 
 
-#: The options the experiment's ``less:`` block had when results were first cached; LESS's other options enter a key
-#: only when they differ from their defaults, so the selections and cells made before keep their keys.
-_LESS_KEYED_OPTIONS = ("target", "warmup_fraction", "warmup_epochs", "projection_dim", "max_val_examples")
-
-
-def _less_key_settings(less: LessConfig) -> dict[str, Any]:
-    """The LESS options a stage key depends on (see ``_LESS_KEYED_OPTIONS``)."""
-    default = LessConfig()
-    return {f.name: getattr(less, f.name) for f in dataclasses.fields(less)
-            if f.name in _LESS_KEYED_OPTIONS or getattr(less, f.name) != getattr(default, f.name)}
-
-
-def _distill_key_settings(distill: DistillConfig) -> dict[str, Any]:
-    """The distillation options a stage key depends on: all of them, less ``checkpoint_layers`` when it is off (it
-    was added later; runs made before it keep their keys; ``micro_batch`` unset is left out as every None is)."""
-    settings = to_jsonable(distill)
-    if not distill.checkpoint_layers:
-        del settings["checkpoint_layers"]
-    return settings
-
-
-#: The version of the code of each stage. Bump a stage's number (or the package version) whenever a change of code
-#: changes what that stage produces: the stages and cells made by the earlier code then have other keys and are made
-#: again instead of reused. A cell's key covers the code of its training and scoring ("cell") and of every stage its
-#: data come from.
-STAGE_CODE_VERSIONS = {"experts": 1, "random": 1, "less": 1, "match": 1, "distill": 1, "cell": 1}
-#: The package version and stage versions every run folder under results/ was made with: keys leave the code out
-#: while it is at these, so that those folders stay reusable; any other version enters every key it concerns.
-_UNKEYED_CODE = ("0.1.0", 1)
-
-
-def code_identity(*stages: str) -> list[dict[str, Any]]:
-    """The part of a key that names the code of ``stages``: empty at the versions of ``_UNKEYED_CODE``."""
-    from . import __version__
-
-    versions = {stage: STAGE_CODE_VERSIONS[stage] for stage in stages}
-    if __version__ == _UNKEYED_CODE[0] and all(v == _UNKEYED_CODE[1] for v in versions.values()):
-        return []
-    return [{"textdistill": __version__, "code": versions}]
-
-
 def stage_settings(config: ExperimentConfig, method: str) -> list[Any]:
     """Every setting the data of a ``method`` cell depend on, beyond the pool, and the version of the code that makes
     them (a cell or stage is reused only when these are unchanged, so changing the distillation never redoes the
@@ -372,14 +330,13 @@ def stage_settings(config: ExperimentConfig, method: str) -> list[Any]:
     if method == "random":
         return code_identity("random")
     if method == "less":
-        return [config.distill_model, _less_key_settings(config.less), *code_identity("less")]
+        return [config.distill_model, config.less, *code_identity("less")]
     if method == "match":
         return [config.distill_model, config.experts, config.match, *code_identity("experts", "match")]
     if method in DISTILL_METHODS:
-        init = {"random": None, "less": _less_key_settings(config.less),
-                "match": (config.experts, config.match)}[config.distill_init]
+        init = {"random": None, "less": config.less, "match": (config.experts, config.match)}[config.distill_init]
         init_stages = {"random": ("random",), "less": ("less",), "match": ("match",)}[config.distill_init]
-        return [config.distill_model, config.experts, _distill_key_settings(config.distill), config.distill_init, init,
+        return [config.distill_model, config.experts, config.distill, config.distill_init, init,
                 config.distill_per_seed, *code_identity("experts", "distill", *init_stages)]
     raise ConfigError(f"unknown method '{method}'")
 
@@ -394,10 +351,6 @@ def cell_key(config: ExperimentConfig, method: str) -> str:
 def training_data_key(examples: list[Example]) -> str:
     """Hash of what training sees of a cell's data: the ordered (prompt, response) pairs."""
     return sha256_json([[e.prompt, e.response] for e in examples])[:16]
-
-
-#: Fields of a result row that describe its training run and scores (copied when two cells train on the same data).
-_RUN_FIELDS = ("train_steps", "train_seconds", "train_last_loss", "acc", "acc_norm", "n", "eval_seconds", "adapter")
 
 
 def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method: str, budget: str,
@@ -453,7 +406,7 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
         row["data_key"] = training_data_key(examples)
         twin = (same_data or {}).get((model_name, seed, row["data_key"]))
         if twin is not None:
-            row.update({k: twin[k] for k in _RUN_FIELDS if k in twin})
+            row.update({k: twin[k] for k in CellResult.run_fields() if k in twin})
             if adapter is not None:   # an adapter this cell trained under other settings is not its run any more
                 shutil.rmtree(adapter, ignore_errors=True)
             row.update({"train_examples": len(examples), "cell_seconds": round(time.time() - start, 1),
@@ -586,7 +539,8 @@ def _run_experiment(config: ExperimentConfig, output: str | Path, *, device: str
                                same_data=_finished_by_data(root, every_key), adapter=folder / "adapter",
                                checkpoint_dir=folder / "checkpoint")
                 row["config_key"] = keys[method]
-                atomic_write_json(folder / "result.json", row)
+                row["row_schema"] = CellResult.ROW_SCHEMA
+                atomic_write_json(folder / "result.json", CellResult.check(row))
                 shutil.rmtree(folder / "checkpoint", ignore_errors=True)   # the result is the cell's completion mark
             finally:
                 lock.release()

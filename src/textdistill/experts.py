@@ -12,24 +12,25 @@ An expert whose last snapshot exists is skipped on a rerun (resumable at expert 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from . import distributed
-from .artifacts import (atomic_write_json, exclusive, load_tensors, read_json, save_tensors, sha256_json, to_jsonable,
+from .artifacts import (atomic_write_json, load_tensors, read_json, save_tensors, sha256_json, to_jsonable,
                         write_run_info)
 from .checkpoint import TrainCheckpointer
-from .config import TrainConfig
+from .config import TrainConfig, option
 from .data import load_examples, tokenize_examples
 from .errors import ConfigError, TrajectoryError
+from .keys import keyed
 from .models import ModelIdentity, add_lora, load_model, load_tokenizer, model_identity
+from .reporting import LiveCurves
 from .training import base_dtype, planned_steps, train_model
 from .unroll import lora_parameters
 
@@ -41,11 +42,11 @@ DATA_ORDER = "data_order.json"
 class ExpertsConfig:
     """How expert trajectories are made: E runs of one recipe with different seeds (and so data orders)."""
 
-    num_experts: int = 3
-    snapshot_every: int | None = None  # optimizer steps between snapshots; None: once per epoch
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+    num_experts: int = option(3, "expert runs (seeds seed, seed + 1, ...: other LoRA inits and data orders)")
+    snapshot_every: int | None = option(None, "optimizer steps between snapshots; null: once per epoch")
+    train: TrainConfig = option(factory=lambda: TrainConfig(
         optimizer="sgd", lr=1e-2, schedule="constant", warmup_ratio=0.0, epochs=2.0, batch_size=8,
-        max_grad_norm=None))
+        max_grad_norm=None), help="the experts' recipe (plain SGD, so that the student can follow it)")
 
     def __post_init__(self) -> None:
         if self.num_experts <= 0:
@@ -144,10 +145,7 @@ def make_experts(*, model_name: str, data: str, output: str | Path, config: Expe
     round's experts (a barrier first), and only then does each rank remove its expert's checkpoint, so a finished
     expert is in the manifest as on one process. Rank 0 holds the lock and writes ``run.json``; every rank returns
     the trajectories."""
-    distributed.init(device)
-    lock = (exclusive(Path(output) / ".lock", f"the experts folder {output}") if distributed.is_main()
-            else contextlib.nullcontext())
-    with lock:
+    with distributed.main_process_owns(Path(output) / ".lock", f"the experts folder {output}", device):
         return _make_experts(model_name=model_name, data=data, output=output, config=config, device=device,
                              trust_remote_code=trust_remote_code, progress=progress,
                              checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds)
@@ -181,7 +179,8 @@ def _make_experts(*, model_name: str, data: str, output: str | Path, config: Exp
         "data": data, "data_settings": dataclasses.asdict(recipe.data), "pool_size": len(examples),
         "pool_sha256": pool_hash, "optimizer": recipe.optimizer, "lr": recipe.lr, "momentum": recipe.momentum,
         "batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum, "schedule": recipe.schedule,
-        "recipe": {k: v for k, v in dataclasses.asdict(recipe).items() if k != "seed"}, "base_seed": recipe.seed,
+        # what the trajectories depend on (keys.keyed: not report_to), less the seed (each expert's is recorded)
+        "recipe": {k: v for k, v in keyed(recipe).items() if k != "seed"}, "base_seed": recipe.seed,
         "total_steps": total, "snapshot_steps": steps, "num_experts": config.num_experts,
         "experts": [],
     }
@@ -224,9 +223,13 @@ def _make_experts(*, model_name: str, data: str, output: str | Path, config: Exp
                                              fingerprint={"manifest": {k: manifest[k] for k in _RESUME_KEYS},
                                                           "expert": expert})
             start = time.time()
-            result = train_model(model, tokenized, dataclasses.replace(recipe, seed=recipe.seed + expert),
-                                 pad_id=tokenizer.pad_token_id, on_step=save_snapshot, progress=progress and main,
-                                 checkpointer=checkpointer, data_parallel=False)
+            curves = LiveCurves(recipe.report_to, folder)   # each rank writes its own expert's folder
+            try:
+                result = train_model(model, tokenized, dataclasses.replace(recipe, seed=recipe.seed + expert),
+                                     pad_id=tokenizer.pad_token_id, on_step=save_snapshot, progress=progress and main,
+                                     checkpointer=checkpointer, data_parallel=False, curves=curves)
+            finally:
+                curves.close()
             atomic_write_json(folder / DATA_ORDER, {"batch_indices": result.batch_indices})
             entry = {"index": expert, "seed": recipe.seed + expert, "folder": folder.name,
                      "seconds": round(time.time() - start, 1), "first_loss": result.losses[0],

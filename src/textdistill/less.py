@@ -1,5 +1,5 @@
-"""LESS (Xia et al., 2024), "Selecting Influential Data for Targeted Instruction Tuning", and :func:`select`, the entry
-of ``textdistill select`` for random rows and LESS.
+"""LESS (Xia et al., 2024), "Selecting Influential Data for Targeted Instruction Tuning", and :func:`select_less`, the
+entry of ``textdistill select --method less``.
 
 1. *Warm-up*: a fresh LoRA adapter is trained with AdamW (:func:`textdistill.training.train_model`) on a seeded
    random ``warmup_fraction`` of the pool for ``warmup_epochs`` epochs. After every epoch a
@@ -38,7 +38,6 @@ The options are one :class:`LessConfig`; the model, the pool and the warm-up rec
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -58,18 +57,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed
-from .artifacts import atomic_write_json, exclusive, load_tensors, read_json, save_tensors, sha256_json, to_jsonable
+from .artifacts import atomic_write_json, load_tensors, read_json, save_tensors, sha256_json, to_jsonable
 from .checkpoint import TrainCheckpointer
-from .config import DataSettings, TaskFields, TrainConfig
+from .config import DataSettings, TaskFields, TrainConfig, option
 from .data import (TASKS, Example, TokenizedExample, get_task, item_to_example, load_examples, load_task,
                    normalize_split, rows_to_examples, tokenize_examples)
 from .errors import ConfigError, DataError, TrainingError
 from .models import add_lora, load_model, load_tokenizer, resolve_model_path
-from .selection import random_indices, reselect, resolve_budget, top_indices, write_selection
+from .selection import reselect, resolve_budget, top_indices, write_selection
 from .training import base_dtype, collate, lr_multiplier, planned_steps, train_model
 
 IGNORE_INDEX = -100
-METHODS = ("random", "less")
 PROJECTIONS = ("rademacher", "gaussian")
 #: Rows of the random projection generated from one seed (part of the matrix's definition: changing it changes
 #: the matrix). 1024 rows x 8192 columns is 32 MiB in float32.
@@ -86,16 +84,21 @@ MIN_WARMUP_ROWS = 4
 class LessConfig:
     """LESS's options; the gradient model, the pool and the warm-up recipe are given to :func:`select`."""
 
-    target: str | None = None          # the task split to select for: "arc-easy:validation", "mmlu:dev", a file
-    target_fields: TaskFields | None = None  # a file target's field names (None: question, choices, answer)
-    warmup_fraction: float = 0.05      # share of the pool the warm-up trains on
-    warmup_epochs: int = 4             # warm-up epochs, one checkpoint each
-    projection_dim: int = 8192         # dimension of the random projection
-    max_val_examples: int | None = 64  # target validation examples used (None: all)
-    projection: str = "rademacher"     # or "gaussian"
-    bias_correction: bool = False      # Adam bias correction of the pool's update directions
-    batch_size: int = 8                # examples per batched gradient pass
-    buffer_size: int = 512             # raw gradient rows held before they are projected
+    target: str | None = option(None, "the task split to select for: arc-easy:validation, mmlu:dev, a file")
+    target_fields: TaskFields | None = option(None, "a file target's field names (null: question, choices, answer)")
+    warmup_fraction: float = option(0.05, "share of the pool the warm-up trains on")
+    warmup_epochs: int = option(4, "warm-up epochs, one checkpoint each")
+    projection_dim: int = option(8192, "dimension of the random projection")
+    max_val_examples: int | None = option(64, "target validation examples used (null: all)")
+    projection: str = option("rademacher", "random projection: rademacher or gaussian", omit_when="rademacher")
+    bias_correction: bool = option(False, "Adam bias correction of the pool's update directions", omit_when=False)
+    batch_size: int = option(8, "examples per batched gradient pass", keyed=False)
+    buffer_size: int = option(512, "raw gradient rows held before they are projected", keyed=False)
+    warmup: TrainConfig | None = option(
+        None, "the warm-up recipe (LoRA with AdamW; its epochs and seed are warmup_epochs and the selection's "
+              "seed); null: the training defaults")
+    keep_checkpoints: bool = option(False, "keep the warm-up checkpoints (LoRA tensors, Adam moments) as "
+                                           "safetensors in <output stem>.less/ beside the selection", keyed=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.warmup_fraction, (int, float)) or not 0 < self.warmup_fraction <= 1:
@@ -701,25 +704,24 @@ def warmup_indices(pool_size: int, fraction: float, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(pool_size), count))
 
 
-def select(*, method: str, data: str, budget: str | int, output: str | Path, seed: int = 0,
-           examples: Sequence[Example] | None = None, model: str | None = None, config: LessConfig | None = None,
-           data_settings: DataSettings | None = None, max_length: int | None = None,
-           train_config: TrainConfig | None = None, device: str = "auto", save_checkpoints: bool = False,
-           trust_remote_code: bool = False, progress: bool = True,
-           scores_from: str | Path | None = None, checkpoint_every: int | None = None,
-           checkpoint_seconds: float | None = 300.0) -> dict[str, Any]:
-    """Entry of ``textdistill select``: choose ``budget`` rows of ``data`` by ``method`` and write a selection file.
+def select_less(*, data: str, budget: str | int, output: str | Path, seed: int = 0,
+                examples: Sequence[Example] | None = None, model: str | None = None, config: LessConfig | None = None,
+                data_settings: DataSettings | None = None, device: str = "auto", trust_remote_code: bool = False,
+                progress: bool = True, scores_from: str | Path | None = None, checkpoint_every: int | None = None,
+                checkpoint_seconds: float | None = 300.0) -> dict[str, Any]:
+    """Entry of ``textdistill select --method less``: choose ``budget`` rows of ``data`` by LESS and write a
+    selection file (random rows: :func:`textdistill.selection.select_random`).
 
     ``examples`` (optional) are the already loaded rows of ``data``; otherwise ``data`` is loaded with
-    ``data_settings`` (``max_length`` overrides its token limit). ``random`` uses only ``seed``. ``less`` (see the
-    module docstring) also needs ``model`` and ``config`` (a :class:`LessConfig` naming its ``target``, e.g.
+    ``data_settings`` (default: the warm-up recipe's). LESS (see the module docstring) needs ``model`` and
+    ``config`` (a :class:`LessConfig` naming its ``target``, e.g.
     ``"arc-easy:validation"``, ``"mmlu:dev"`` or a multiple-choice file); ``seed`` drives the warm-up rows, the LoRA
-    init and warm-up order, the validation sample and the projection. ``train_config`` is the warm-up recipe (LoRA +
-    AdamW; epochs and seed are replaced). ``save_checkpoints`` keeps the warm-up checkpoints as safetensors in
-    ``<output stem>.less/`` beside the output file. ``scores_from`` (LESS only) cuts the budget from the
+    init and warm-up order, the validation sample and the projection; ``config.warmup`` is the warm-up recipe (LoRA +
+    AdamW; epochs and seed are replaced), and ``config.keep_checkpoints`` keeps the warm-up checkpoints as
+    safetensors in ``<output stem>.less/`` beside the output file. ``scores_from`` cuts the budget from the
     ``all_scores`` of an earlier LESS selection file of the same data (no model work).
 
-    Under ``torchrun`` / ``accelerate launch`` (LESS only) every rank runs this: the warm-up as
+    Under ``torchrun`` / ``accelerate launch`` every rank runs this: the warm-up as
     :func:`textdistill.training.train_model` runs it, the gradient features sharded over the ranks and gathered,
     and rank 0 alone writes the selection file and the unfinished work; every rank returns the same result.
 
@@ -728,55 +730,41 @@ def select(*, method: str, data: str, budget: str | int, output: str | Path, see
     rerun with the same settings continues it, and gives the same selection as an uninterrupted run.
 
     The pool, the budget, the model and the target are checked before a model is loaded (ConfigError / DataError /
-    ModelError; ``config`` checks its own options when it is made). Returns ``{"count", "indices", "scores"}`` (and
-    LESS details).
+    ModelError; ``config`` checks its own options when it is made). Returns ``{"count", "indices", "scores"}`` and
+    LESS's details.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown selection method '{method}'; use {' or '.join(METHODS)}")
     config = config or LessConfig()
-    settings = data_settings or (train_config.data if train_config is not None else DataSettings())
-    if max_length is not None:
-        settings = dataclasses.replace(settings, max_length=max_length)
+    settings = data_settings or (config.warmup.data if config.warmup is not None else DataSettings())
     task = split = None
     tokenizer = None
     if scores_from is not None:
-        if method != "less":
-            raise ConfigError("scores_from reuses LESS scores; it only applies to method 'less'")
         pool = list(examples) if examples is not None else load_examples(data, settings)
         return reselect(scores_from, budget, output, pool)
-    if method == "less":
-        if not model:
-            raise ConfigError("LESS needs a model for its gradients (model='smollm2-135m', a folder or a hub id)")
-        task, split = parse_target(config.target)
-        resolve_model_path(model)                       # ModelError for a missing folder / unknown name
-        load_task(task, split, limit=1, fields=config.target_fields)   # the target's files exist and read
-        warmup_config(train_config, epochs=config.warmup_epochs, seed=seed)
-    if examples is None and settings.template == "chat" and method == "less":
+    if not model:
+        raise ConfigError("LESS needs a model for its gradients (model='smollm2-135m', a folder or a hub id)")
+    task, split = parse_target(config.target)
+    resolve_model_path(model)                       # ModelError for a missing folder / unknown name
+    load_task(task, split, limit=1, fields=config.target_fields)   # the target's files exist and read
+    warmup_config(config.warmup, epochs=config.warmup_epochs, seed=seed)
+    if examples is None and settings.template == "chat":
         tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     pool = list(examples) if examples is not None else load_examples(data, settings, tokenizer=tokenizer)
     if not pool:
         raise DataError(f"dataset '{data}' is empty")
     count = resolve_budget(budget, len(pool))
-    if method == "random":
-        indices = random_indices(len(pool), count, seed)
-        write_selection(output, method=method, data=data, budget=budget, seed=seed, examples=pool, indices=indices)
-        return {"count": count, "indices": indices, "scores": None}
     output = Path(output)
-    distributed.init(device)   # under torchrun / accelerate launch: join the group (features are sharded)
-    # rank 0 alone holds the output's lock (the other ranks of the same run would find it taken)
-    lock = (exclusive(output.parent / f".{output.name}.lock", f"the LESS selection {output}")
-            if distributed.is_main() else contextlib.nullcontext())
-    with lock:
+    # under torchrun / accelerate launch every rank joins (the features are sharded)
+    with distributed.main_process_owns(output.parent / f".{output.name}.lock", f"the LESS selection {output}", device):
         return _select_less(pool=pool, count=count, data=data, budget=budget, output=output, seed=seed,
                             model_name=model, task=task, split=split, settings=settings, tokenizer=tokenizer,
-                            config=config, train_config=train_config, device=device, save_checkpoints=save_checkpoints,
+                            config=config, device=device,
                             trust_remote_code=trust_remote_code, progress=progress, checkpoint_every=checkpoint_every,
                             checkpoint_seconds=checkpoint_seconds)
 
 
 def _select_less(*, pool: list[Example], count: int, data: str, budget: str | int, output: Path, seed: int,
                  model_name: str, task: str, split: str, settings: DataSettings, tokenizer: Any | None,
-                 config: LessConfig, train_config: TrainConfig | None, device: str, save_checkpoints: bool,
+                 config: LessConfig, device: str,
                  trust_remote_code: bool, progress: bool, checkpoint_every: int | None = None,
                  checkpoint_seconds: float | None = 300.0) -> dict[str, Any]:
     if tokenizer is None:
@@ -798,7 +786,7 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
         for row in rows:
             if not row.prompt_ids and len(row.response_ids) < 2:   # nothing precedes the only response token
                 raise DataError(f"{name} example {row.id or '?'} has no predicted response token")
-    recipe = warmup_config(train_config, epochs=config.warmup_epochs, seed=seed, data=settings)
+    recipe = warmup_config(config.warmup, epochs=config.warmup_epochs, seed=seed, data=settings)
     warm_rows = warmup_indices(len(pool), config.warmup_fraction, seed)
 
     # --- model work starts here
@@ -826,7 +814,7 @@ def _select_less(*, pool: list[Example], count: int, data: str, budget: str | in
                                  work_dir / "warmup", fingerprint=fingerprint, every_steps=checkpoint_every,
                                  every_seconds=checkpoint_seconds))
     checkpoint_dir = None
-    if save_checkpoints:
+    if config.keep_checkpoints:
         checkpoint_dir = output.parent / f"{output.stem}.less"
         for ck in checkpoints if distributed.is_main() else ():
             ck.save(checkpoint_dir / f"warmup-epoch{ck.epoch}.safetensors")

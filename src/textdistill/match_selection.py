@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from .config import option
 from .errors import ConfigError
-from .instrument import StudentSettings, resolve_student
+from .matching import StudentSettings, resolve_student
 
 __all__ = ["CountSketch", "MatchSelectionConfig", "cut_selection", "greedy_match", "select_by_matching"]
 
@@ -35,13 +36,13 @@ __all__ = ["CountSketch", "MatchSelectionConfig", "cut_selection", "greedy_match
 class MatchSelectionConfig:
     """Selection by gradient alignment with the experts' segments."""
 
-    segments: int = 4  # (expert, start) segments of the non-held-out experts whose displacement is matched
-    heldout_experts: int = 1  # the last K experts are never used (they are the instrument's)
-    sketch_dim: int = 8192  # count-sketch width of the per-example gradients
-    greedy: bool = True  # greedy on the summed gradient; False: top rows by their own alignment
-    batch_size: int = 8  # rows per vmap'ed per-example gradient pass
-    seed: int = 0
-    student: StudentSettings = field(default_factory=StudentSettings)  # expert_epochs and the start window
+    segments: int = option(4, "(expert, start) segments of the non-held-out experts whose displacement is matched")
+    heldout_experts: int = option(1, "the last K experts are never used (they are the instrument's)")
+    sketch_dim: int = option(8192, "count-sketch width of the per-example gradients")
+    greedy: bool = option(True, "greedy on the summed gradient; false: top rows by their own alignment")
+    batch_size: int = option(8, "rows per vmap'ed per-example gradient pass")
+    seed: int = option(0, "seed of the segments and the sketch")
+    student: StudentSettings = option(factory=StudentSettings, help="expert_epochs and the start window")
 
     def __post_init__(self) -> None:
         for name in ("segments", "sketch_dim", "batch_size"):
@@ -122,7 +123,7 @@ def select_by_matching(*, experts: str | Path, budget: str | int, output: str | 
     from tqdm.auto import tqdm
 
     from .experts import load_experts
-    from .instrument import load_pool, load_student_model
+    from .matching import load_expert_pool, load_student_model
     from .less import flatten_grads, per_example_grads
     from .selection import resolve_budget, write_selection
     from .training import collate
@@ -133,7 +134,7 @@ def select_by_matching(*, experts: str | Path, budget: str | int, output: str | 
     student = resolve_student(config.student, trajectories)
     usable, _ = trajectories.split(config.heldout_experts)
     model, tokenizer = load_student_model(trajectories, device=device, trust_remote_code=trust_remote_code)
-    examples, pool = load_pool(tokenizer, manifest)
+    examples, pool = load_expert_pool(tokenizer, manifest)
     count = resolve_budget(budget, len(examples))
     segments = _segments(trajectories, usable, student, config.segments, config.seed)
     device_ = next(model.parameters()).device

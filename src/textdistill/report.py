@@ -3,17 +3,73 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from .artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .errors import DataError
 
-CSV_COLUMNS = ("model", "method", "budget", "seed", "task", "acc", "acc_norm", "n", "train_examples",
-               "train_steps", "train_seconds", "eval_seconds", "data_seconds", "cell_seconds", "prompt_tokens_mean",
-               "same_data_as", "data_key")
+
+def _column(*, run: bool = False, csv: bool = True, default: Any = None) -> Any:
+    """A field of a result row: ``run`` = it describes the cell's training run and scores (copied to a cell that
+    trains on the same data), ``csv`` = a column of results.csv."""
+    return field(default=default, metadata={"run": run, "csv": csv})
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One finished experiment cell, as ``cells/.../result.json`` and a row of ``results.csv`` hold it.
+
+    Rows are plain JSON mappings on disk; this class says which keys a row may have, what each means, which are
+    the training run's (copied when two cells train on the same data) and which are CSV columns. ``ROW_SCHEMA``
+    versions it: rows written before a change of meaning carry an older number."""
+
+    ROW_SCHEMA = 1
+
+    model: str = _column()
+    method: str = _column()
+    budget: str = _column()                      # "" for base
+    seed: int | str = _column()                  # "" for base
+    task: str = _column()                        # "task:split" the cell is scored on
+    acc: float = _column(run=True)
+    acc_norm: float = _column(run=True)
+    n: int = _column(run=True)                   # questions scored
+    train_examples: int = _column()
+    train_steps: int | None = _column(run=True)
+    train_seconds: float | None = _column(run=True)
+    train_last_loss: float | None = _column(run=True, csv=False)
+    eval_seconds: float | None = _column(run=True)
+    data_seconds: float | None = _column()       # making or reading the cell's training data
+    cell_seconds: float | None = _column()
+    prompt_tokens_mean: float | None = _column()  # distilled text: mean prompt tokens under the cell's tokenizer
+    same_data_as: str | None = _column()         # the cell whose run was reused (same training data)
+    data_key: str | None = _column()             # hash of the training data
+    adapter: str | None = _column(run=True, csv=False)   # the trained LoRA adapter, relative to the run folder
+    distill_run: str | None = _column(csv=False)  # the distillation the cell's data came from
+    reused_from: str | None = _column(csv=False)  # an earlier run folder the cell was copied from
+    config_key: str | None = _column(csv=False)  # the cell key it was made under (experiment.cell_key)
+    row_schema: int = _column(csv=False, default=ROW_SCHEMA)
+
+    @classmethod
+    def check(cls, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` as it is, after checking that every key is a field (a typo'd key fails here, not in a report)."""
+        unknown = sorted(set(row) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise DataError(f"a result row has unknown field(s) {', '.join(unknown)}")
+        return row
+
+    @classmethod
+    def run_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["run"])
+
+    @classmethod
+    def csv_columns(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["csv"])
 
 
 def summarize(rows: Sequence[dict[str, Any]], metric: str = "acc") -> list[dict[str, Any]]:
@@ -231,10 +287,11 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
     """Write ``results.csv``, ``results.json``, ``report.md`` and the PNG plots into ``root``."""
     rows = _sorted_rows(rows)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    columns = CellResult.csv_columns()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
     atomic_write_text(root / "results.csv", buffer.getvalue())
     atomic_write_json(root / "results.json", {"rows": rows, "summary": summarize(rows),
                                               "stage_seconds": stage_seconds})

@@ -4,10 +4,10 @@ distillation accept.
 A selection file is JSON: ``{"method", "data", "budget", "seed", "pool_size", "indices", "ids", "scores"}``;
 ``indices`` point into the examples of ``data`` in load order and ``ids`` double-check them.
 
-Methods: ``random`` (``budget`` distinct rows drawn with ``seed``, indices sorted), ``less``
-(:mod:`textdistill.less`) and ``match`` (:mod:`textdistill.match_selection`). The entry of ``textdistill select``
-for random rows and LESS is :func:`textdistill.less.select`: training reads selection files from here and LESS
-trains, so this module imports neither (no import cycle).
+Methods: ``random`` (``budget`` distinct rows drawn with ``seed``, indices sorted; :func:`select_random`, the entry
+of ``textdistill select --method random``), ``less`` (:func:`textdistill.less.select_less`) and ``match``
+(:func:`textdistill.match_selection.select_by_matching`). Training reads selection files from here and LESS trains,
+so this module imports neither (no import cycle).
 """
 
 from __future__ import annotations
@@ -59,6 +59,22 @@ def resolve_budget(budget: str | int | float, pool_size: int) -> int:
 def random_indices(pool_size: int, count: int, seed: int) -> list[int]:
     """``count`` distinct pool indices drawn with ``seed`` (sorted)."""
     return sorted(random.Random(seed).sample(range(pool_size), count))
+
+
+def select_random(*, data: str, budget: str | int, output: str | Path, seed: int = 0,
+                  examples: Sequence[Example] | None = None, data_settings: Any | None = None) -> dict[str, Any]:
+    """Entry of ``textdistill select --method random``: ``budget`` distinct rows of ``data`` drawn with ``seed``,
+    written as a selection file. ``examples`` are the already loaded rows of ``data`` (else it is loaded with
+    ``data_settings``). Returns ``{"count", "indices", "scores": None}``."""
+    from .data import load_examples
+
+    pool = list(examples) if examples is not None else load_examples(data, data_settings)
+    if not pool:
+        raise DataError(f"dataset '{data}' is empty")
+    count = resolve_budget(budget, len(pool))
+    indices = random_indices(len(pool), count, seed)
+    write_selection(output, method="random", data=data, budget=budget, seed=seed, examples=pool, indices=indices)
+    return {"count": count, "indices": indices, "scores": None}
 
 
 def pool_ids_hash(examples: Sequence[Example]) -> str:

@@ -8,7 +8,6 @@ every micro-batch, weighted so that their sum over the ranks (all-reduce) is the
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -21,13 +20,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .artifacts import (atomic_write_json, exclusive, read_json, sha256_json, to_jsonable, write_jsonl,
+from .artifacts import (atomic_write_json, read_json, sha256_json, write_jsonl,
                         write_run_info)
 from .checkpoint import STATE_FILE, LoopPosition, TrainCheckpointer
 from .config import TrainConfig
 from .data import TokenizedExample, load_examples, tokenize_examples
 from .errors import ConfigError, TrainingError
+from .keys import keyed
 from .models import add_lora, autocast_context, load_model, load_tokenizer, output_head_only_at, resolve_precision
+from .reporting import LiveCurves
 from .selection import apply_selection
 
 MAX_FAULTS_IN_A_ROW = 3   # NaN/inf steps skipped in a row before training stops
@@ -164,7 +165,8 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
                 on_step: StepCallback | None = None, progress: bool = True,
                 metrics_log: list[dict[str, Any]] | None = None,
                 batch_loss: Callable[[list[int]], tuple[torch.Tensor, int]] | None = None,
-                checkpointer: TrainCheckpointer | None = None, data_parallel: bool = True) -> TrainResult:
+                checkpointer: TrainCheckpointer | None = None, data_parallel: bool = True,
+                curves: Any | None = None) -> TrainResult:
     """Train the model's trainable parameters on ``examples`` with ``config``'s recipe, in place.
 
     ``examples`` are :class:`TokenizedExample` rows, or, with ``batch_loss``, one ``(loss terms, tokens)`` pair per
@@ -303,6 +305,8 @@ def train_model(model: Any, examples: Sequence[Any], config: TrainConfig, *, pad
             record["skipped"] = fault
         if metrics_log is not None:
             metrics_log.append(record)
+        if curves is not None:
+            curves.log(step, {"train/loss": record["loss"], "train/lr": record["lr"], "train/tokens": tokens})
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
         bar.update(1)
         if on_step is not None:
@@ -337,7 +341,8 @@ def train_on_examples(*, model_name: str, examples: Sequence[Any], config: Train
                       trust_remote_code: bool = False, progress: bool = True,
                       metrics_log: list[dict[str, Any]] | None = None,
                       tokenizer: Any | None = None,
-                      checkpointer: TrainCheckpointer | None = None) -> tuple[Any, Any, TrainResult]:
+                      checkpointer: TrainCheckpointer | None = None,
+                      curves: Any | None = None) -> tuple[Any, Any, TrainResult]:
     """Load ``model_name``, add LoRA (or unfreeze everything for full fine-tuning) and train on ``examples``
     (prompt/response pairs, tokenized here with the model's own tokenizer, loaded unless given).
     Returns (model, tokenizer, result)."""
@@ -353,7 +358,7 @@ def train_on_examples(*, model_name: str, examples: Sequence[Any], config: Train
         for p in model.parameters():
             p.requires_grad_(True)
     result = train_model(model, tokenized, config, pad_id=tokenizer.pad_token_id, progress=progress,
-                         metrics_log=metrics_log, checkpointer=checkpointer)
+                         metrics_log=metrics_log, checkpointer=checkpointer, curves=curves)
     return model, tokenizer, result
 
 
@@ -420,10 +425,7 @@ def train(*, model_name: str, data: str, output: str | Path, config: TrainConfig
     others restore from the same checkpoint on ``resume``), ``evaluate_on`` is scored by all ranks together, and
     every rank returns the summary.
     """
-    distributed.init(device)
-    lock = (exclusive(Path(output) / ".lock", f"the training run {output}") if distributed.is_main()
-            else contextlib.nullcontext())
-    with lock:
+    with distributed.main_process_owns(Path(output) / ".lock", f"the training run {output}", device):
         return _train(model_name=model_name, data=data, output=output, config=config, device=device,
                       selection=selection, evaluate_on=evaluate_on, eval_limit=eval_limit,
                       trust_remote_code=trust_remote_code, progress=progress, resume=resume,
@@ -454,7 +456,7 @@ def _train(*, model_name: str, data: str, output: str | Path, config: TrainConfi
     main = distributed.is_main()
     checkpointer = TrainCheckpointer(
         checkpoint_dir, every_steps=checkpoint_every, every_seconds=checkpoint_seconds,
-        fingerprint={"model": model_name, "config": to_jsonable(config),
+        fingerprint={"model": model_name, "config": keyed(config),
                      "data_sha256": sha256_json([[e.prompt, e.response] for e in examples])})
     if main:
         output.mkdir(parents=True, exist_ok=True)
@@ -464,12 +466,14 @@ def _train(*, model_name: str, data: str, output: str | Path, config: TrainConfi
                               "resumed_from_step": read_json(checkpoint_dir / STATE_FILE)["position"]["step"]
                               if checkpointer.exists else None})
     log: list[dict[str, Any]] = []
+    curves = LiveCurves(config.report_to, output, active=main)
     try:
         model, tokenizer, result = train_on_examples(model_name=model_name, examples=examples, config=config,
                                                      device=device, trust_remote_code=trust_remote_code,
                                                      progress=progress, metrics_log=log, tokenizer=tokenizer,
-                                                     checkpointer=checkpointer)
+                                                     checkpointer=checkpointer, curves=curves)
     finally:
+        curves.close()
         if log and main:
             write_jsonl(output / "metrics.jsonl", log)
     if main:

@@ -35,16 +35,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 
 from .artifacts import atomic_write_json, read_json, save_tensors, load_tensors, sha256_json, to_jsonable, write_run_info
-from .config import DataSettings, EvalConfig, LoraSettings, TrainConfig, apply_overrides, build_dataclass, read_yaml
+from .config import (DataSettings, EvalConfig, LoraSettings, TrainConfig, apply_overrides, build_dataclass, option,
+                     read_yaml)
 from .errors import ConfigError
-from .instrument import InstrumentConfig, StudentSettings
+from .instrument import InstrumentConfig
+from .matching import StudentSettings
 
 __all__ = ["RecipeTuning", "ValidityConfig", "ForkSettings", "load_validity_config", "noise_ceiling",
            "run_validity", "spearman_with_interval"]
@@ -58,11 +60,13 @@ class RecipeTuning:
     """The rule that sets the ``tuned`` recipe's length once per model and budget: train ``subsets`` random subsets
     for each epoch count of ``epochs`` and keep the count with the best mean accuracy on ``validation``."""
 
-    epochs: tuple[float, ...] = (3.0, 6.0, 10.0, 15.0, 25.0)
-    subsets: int = 3
-    seed: int = 5000  # random subsets seeded seed, seed + 1, ... (none of the study's)
-    validation: EvalConfig = field(default_factory=lambda: EvalConfig(task="arc-easy", split="validation",
-                                                                      template="rc", limit=285))
+    epochs: tuple[float, ...] = option((3.0, 6.0, 10.0, 15.0, 25.0), "the epoch counts tried")
+    subsets: int = option(3, "random subsets trained per epoch count")
+    seed: int = option(5000, "the subsets are seeded seed, seed + 1, ... (none of the study's)")
+    validation: EvalConfig = option(factory=lambda: EvalConfig(task="arc-easy", split="validation", template="rc",
+                                                               limit=285),
+                                    help="the questions the count is chosen on (neither the accuracy slice nor the "
+                                         "reported ones)")
 
     def __post_init__(self) -> None:
         if not self.epochs or any(e <= 0 for e in self.epochs):
@@ -76,45 +80,55 @@ class ForkSettings:
     """Denoised targets: from each start snapshot of the held-out experts, ``forks`` runs of one segment each (the
     experts' recipe, other data orders); the target is their mean end point."""
 
-    forks: int = 8
-    seed: int = 7000
+    forks: int = option(8, "fork runs per start snapshot")
+    seed: int = option(7000, "seed of the forks' data orders")
 
 
 @dataclass(frozen=True)
 class ValidityConfig:
     """One validity study: pool, budget, receivers, recipes, subsets and objectives."""
 
-    name: str = "validity"
-    pool: str = "arc-easy:train"
-    budget: str = "1%"
-    models: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
-    recipes: tuple[Literal["comparison", "tuned", "student"], ...] = ("comparison", "tuned")
-    # the accuracy slice: disjoint from the comparison's questions (ARC-Easy test 0-499)
-    accuracy: EvalConfig = field(default_factory=lambda: EvalConfig(task="arc-easy", split="test", template="rc",
-                                                                    offset=1000, limit=1000))
-    # performance matching's held-out rows (never the accuracy slice, the reported questions or tuning's)
-    objective_rows: str = "arc-easy:validation"
-    objective_offset: int = 285
-    objective_limit: int = 285
-    recipe: TrainConfig = field(default_factory=TrainConfig)   # the comparison's recipe
-    tuning: RecipeTuning = field(default_factory=RecipeTuning)
-    experts: str = ""  # the experts folder (trajectory matching, the student; its last expert is held out)
-    instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
-    student: StudentSettings = field(default_factory=lambda: StudentSettings(syn_steps=4, batch_size=8, lr=0.03))
-    forks: ForkSettings = field(default_factory=ForkSettings)
-    less_scores: str = ""  # a LESS selection file with ``all_scores`` over the pool
-    match_selection: str | None = None  # the match selection at this budget (a subset of its own)
-    random_subsets: int = 18
-    instrument_null: int = 10  # the first random subsets are the distillation instrument's null subsets
-    random_seed: int = 9100
-    spread_draws: int = 200  # random draws whose best and worst under LESS become subsets
-    tm_spread_draws: int = 40  # the same under trajectory matching (each draw costs a score)
-    noise_subsets: tuple[str, ...] = ("null-0", "random-0", "less-top", "less-bottom")
-    noise_seeds: tuple[int, ...] = (0, 1, 2)
-    pm_seed: int = 1
-    pm_student_draws: int = 4  # held-out draws the pm-student objective averages over
-    objectives: tuple[str, ...] = ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "less")
-    bootstrap: int = 10000
+    name: str = option("validity", "the study's name")
+    pool: str = option("arc-easy:train", "the pool the subsets are drawn from")
+    budget: str = option("1%", "subset size: a count or a percentage of the pool")
+    models: tuple[str, ...] = option(("smollm2-135m", "gemma3-270m"), "the receivers")
+    recipes: tuple[Literal["comparison", "tuned", "student"], ...] = option(
+        ("comparison", "tuned"), "comparison: the recipe as it is; tuned: its epochs chosen on validation; "
+                                 "student: plain SGD the way the distillation's student trains")
+    student_models: tuple[str, ...] = option(("smollm2-135m",), "the receivers of the student recipe (the "
+                                                                "distilling model's own mismatch)")
+    accuracy: EvalConfig = option(factory=lambda: EvalConfig(task="arc-easy", split="test", template="rc",
+                                                             offset=1000, limit=1000),
+                                  help="the accuracy slice: disjoint from the comparison's questions (test 0-499)")
+    objective_rows: str = option("arc-easy:validation", "performance matching's held-out rows (never the accuracy "
+                                                        "slice, the reported questions or tuning's)")
+    objective_offset: int = option(285, "first row of objective_rows used")
+    objective_limit: int = option(285, "rows of objective_rows used")
+    recipe: TrainConfig = option(factory=TrainConfig, help="the comparison's recipe")
+    tuning: RecipeTuning = option(factory=RecipeTuning, help="the rule of the tuned recipe")
+    experts: str = option("", "the experts folder (trajectory matching, the student; its last expert is held out)")
+    instrument: InstrumentConfig = option(factory=InstrumentConfig, help="trajectory matching's held-out draws")
+    student: StudentSettings = option(factory=lambda: StudentSettings(syn_steps=4, batch_size=8, lr=0.03),
+                                      help="the student of trajectory matching")
+    forks: ForkSettings = option(factory=ForkSettings, help="denoised targets")
+    less_scores: str = option("", "a LESS selection file with all_scores over the pool")
+    match_selection: str | None = option(None, "the match selection at this budget (a subset of its own)")
+    random_subsets: int = option(18, "random subsets")
+    instrument_null: int = option(10, "the first random subsets are the distillation instrument's null subsets")
+    random_seed: int = option(9100, "seed of the other random subsets and of the spread draws")
+    spread_draws: int = option(200, "random draws whose best and worst under LESS become subsets")
+    tm_spread_draws: int = option(40, "random draws whose best and worst under trajectory matching become subsets "
+                                      "(each costs a score)")
+    noise_subsets: tuple[str, ...] = option(("null-0", "random-0", "less-top", "less-bottom"),
+                                            "subsets also trained with the other noise_seeds (the noise ceiling)")
+    noise_seeds: tuple[int, ...] = option((0, 1, 2), "training seeds of the noise subsets (seed 0 is every "
+                                                     "subset's)")
+    pm_seed: int = option(1, "the training seed whose run gives performance matching's score (not 0: it would "
+                             "share the accuracy's seed noise)")
+    pm_student_draws: int = option(4, "held-out draws the pm-student objective averages over")
+    objectives: tuple[str, ...] = option(("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "less"),
+                                         f"objectives, among {', '.join(OBJECTIVES)}")
+    bootstrap: int = option(10000, "bootstrap resamples of each interval")
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
@@ -304,7 +318,7 @@ class _Study:
             return dataclasses.replace(config.recipe, epochs=float(chosen), max_steps=None)
         if recipe == "student":   # plain SGD at the student's lr for its N steps of its batch size
             from .experts import load_experts
-            from .instrument import resolve_student
+            from .matching import resolve_student
 
             student = resolve_student(config.student, load_experts(config.experts))
             return dataclasses.replace(config.recipe, optimizer="sgd", lr=student.lr, schedule="constant",
@@ -328,7 +342,7 @@ class _Study:
         """The trajectory-matching scorer on the held-out experts (model, draws, pool tokenized as the experts)."""
         if self._scorer is None:
             from .experts import load_experts
-            from .instrument import Scorer, load_pool, load_student_model, make_draws, resolve_student
+            from .matching import Scorer, load_expert_pool, load_student_model, make_draws, resolve_student
             from .models import resolve_device
             from .projection import input_embedding_matrix
 
@@ -337,7 +351,7 @@ class _Study:
             student = resolve_student(self.config.student, trajectories)
             _, heldout = trajectories.split(self.config.instrument.heldout_experts)
             draws = make_draws(heldout, student, self.count, self.config.instrument.draws, self.config.instrument.seed)
-            _, tokenized = load_pool(tokenizer, trajectories.manifest)
+            _, tokenized = load_expert_pool(tokenizer, trajectories.manifest)
             embed = input_embedding_matrix(model).float()
             scorer = Scorer(model, trajectories, student, device=resolve_device(self.device))
             self._scorer = {"scorer": scorer, "draws": draws, "tokenized": tokenized, "embed": embed,
@@ -346,7 +360,7 @@ class _Study:
         return self._scorer
 
     def sample_set(self, indices: Sequence[int]):
-        from .instrument import SampleSet
+        from .matching import SampleSet
 
         s = self.scorer()
         return SampleSet.from_tokenized([s["tokenized"][i] for i in indices], s["embed"])
@@ -512,13 +526,17 @@ class _Study:
             "seconds_per_score": sum(seconds) / len(seconds), "higher_is_better": True})
 
     def objective_examples(self, tokenizer: Any, data: DataSettings) -> list:
+        """Performance matching's held-out rows, tokenized by ``tokenizer`` as ``data`` says (read once)."""
         from .data import load_examples, tokenize_examples
 
-        examples = load_examples(self.config.objective_rows, data)
-        examples = examples[self.config.objective_offset: self.config.objective_offset + self.config.objective_limit]
-        if not examples:
-            raise ConfigError(f"objective rows {self.config.objective_rows}[{self.config.objective_offset}:] are empty")
-        return tokenize_examples(tokenizer, examples, max_length=data.max_length, append_eos=data.append_eos)
+        if not hasattr(self, "_objective_rows"):
+            examples = load_examples(self.config.objective_rows, data)
+            offset, limit = self.config.objective_offset, self.config.objective_limit
+            self._objective_rows = examples[offset: offset + limit]
+            if not self._objective_rows:
+                raise ConfigError(f"objective rows {self.config.objective_rows}[{offset}:{offset + limit}] are empty")
+        return tokenize_examples(tokenizer, self._objective_rows, max_length=data.max_length,
+                                 append_eos=data.append_eos)
 
     def pm_student(self, indices: Sequence[int]) -> list[float]:
         """Performance matching under the student's unroll: from each of the first ``pm_student_draws`` held-out
@@ -550,14 +568,14 @@ class _Study:
         examples = [self.pool[i] for i in indices]
         model, tokenizer, result = train_on_examples(model_name=model_name, examples=examples, config=recipe,
                                                      device=self.device, progress=False)
-        rows = self.objective_examples(tokenizer, recipe.data)
-        start = time.time()
         row: dict[str, Any] = {"model": model_name, "recipe": recipe_name, "seed": seed, "indices": list(indices),
                                "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
-                               "train_last_loss": result.losses[-1], "epochs": recipe.epochs,
-                               "objective_loss": _model_rows_loss(model, rows, tokenizer.pad_token_id),
-                               "objective_rows": len(rows)}
-        row["objective_seconds"] = round(time.time() - start, 1)
+                               "train_last_loss": result.losses[-1], "epochs": recipe.epochs}
+        if seed == self.config.pm_seed:   # performance matching's score comes from this seed's run only
+            start = time.time()
+            rows = self.objective_examples(tokenizer, recipe.data)
+            row.update({"objective_loss": _model_rows_loss(model, rows, tokenizer.pad_token_id),
+                        "objective_rows": len(rows), "objective_seconds": round(time.time() - start, 1)})
         if evaluate is not None:
             metrics = evaluate_model(model, tokenizer, evaluate, progress=False)
             row.update({"acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
@@ -643,6 +661,8 @@ def _units(study: _Study) -> list[_Unit]:
     planned = _planned_subset_names(config)
     for recipe in config.recipes:
         for model in config.models:
+            if recipe == "student" and model not in config.student_models:
+                continue
             needs = ("subsets",)
             if recipe == "tuned":
                 grid_units = []
@@ -699,6 +719,8 @@ def write_report(study: _Study, output: Path) -> list[Path]:
     budget = config.budget.replace("%", "pct")
     for recipe in config.recipes:
         for model in config.models:
+            if recipe == "student" and model not in config.student_models:
+                continue
             cells = {}
             for name in subsets:
                 path = study.cell_path(model, recipe, name, 0)
@@ -783,7 +805,9 @@ _EXTENSIBLE = ("name", "models", "recipes", "objectives", "bootstrap")
 
 
 def _check_same_study(root: Path, config: ValidityConfig) -> None:
-    settings = {k: v for k, v in to_jsonable(config).items() if k not in _EXTENSIBLE}
+    from .keys import keyed
+
+    settings = {k: v for k, v in keyed(config).items() if k not in _EXTENSIBLE}
     path = root / "study.json"
     if path.is_file():
         if read_json(path)["settings"] != settings:
