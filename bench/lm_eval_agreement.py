@@ -1,7 +1,12 @@
 """Item-by-item agreement of textdistill's multiple-choice scorer with lm-evaluation-harness itself.
 
     python bench/lm_eval_agreement.py [--models smollm2-135m[,gemma3-270m]] [--task arc-easy] [--split validation]
-                                      [--limit 100] [--threads 1] [--out results/lm_eval_agreement.md]
+                                      [--limit 100] [--item-set NAME] [--per-subject-limit K] [--threads 1]
+                                      [--out results/lm_eval_agreement.md]
+
+MMLU in the cloze form: ``--task mmlu --split test --item-set mmlu-test-stratified-20 --per-subject-limit 2``
+(two questions of each of the 57 subjects); the report then also says whether every context is, string for
+string, the harness's own ``mmlu_<subject>_continuation`` task's (``harness.mmlu_continuation_context``).
 
 Needs the offline assets (``textdistill assets install``) and the extra ``pip install 'textdistill[lm-eval]'``.
 Each model in fp32 (sdpa attention), the first ``--limit`` items of a task split with the rc template (the
@@ -150,12 +155,19 @@ def _model_section(run: dict) -> list[str]:
     return lines + [""]
 
 
+def _which_items(report: dict) -> str:
+    if report.get("item_set"):
+        per = f", the first {report['per_subject_limit']} of each subject" if report.get("per_subject_limit") else ""
+        return f"{report['items']} items of the stored set `{report['item_set']}`{per}"
+    return f"first {report['limit']} items"
+
+
 def markdown(report: dict, command: str) -> str:
     m = report["machine"]
     lines = [
         "# Agreement of `textdistill eval` with lm-evaluation-harness",
         "",
-        f"{report['task']}:{report['split']}, first {report['limit']} items, 0-shot, rc template (the harness's "
+        f"{report['task']}:{report['split']}, {_which_items(report)}, 0-shot, rc template (the harness's "
         f"`Question: ...\\nAnswer:` prompt, continuations ` choice`), fp32, sdpa attention. The same in-memory "
         f"model is scored by our scorer (`score_requests`, batched, {report['batch_size']} questions per batch) and "
         f"by lm-evaluation-harness {report['versions']['lm_eval']} (`HFLM` with batch size {report['batch_size']} + "
@@ -163,6 +175,14 @@ def markdown(report: dict, command: str) -> str:
         f"and continuations were checked to be the same strings as ours).",
         "",
     ]
+    layout = report.get("harness_layout")
+    if layout is not None:
+        lines += [f"Every context against the harness's own `mmlu_<subject>_continuation` task (its subject line and "
+                  f"`doc_to_text`, rendered by lm_eval from its installed task files): "
+                  f"{layout['items'] - len(layout['contexts_differing'])} of {layout['items']} items over "
+                  f"{layout['subjects']} subjects are the same string"
+                  + (f"; differing: {', '.join(layout['contexts_differing'][:5])}" if layout["contexts_differing"]
+                     else "") + ".", ""]
     for run in report["runs"]:
         lines += _model_section(run)
     lines += ["## Machine", ""]
@@ -212,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", default="arc-easy")
     ap.add_argument("--split", default="validation")
     ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--item-set", default=None, help="a stored item set (EvalConfig.item_set)")
+    ap.add_argument("--per-subject-limit", type=int, default=None, help="MMLU: the first K items of each subject")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16, help="questions per batch (ours) / requests (harness)")
     ap.add_argument("--out", default="results/lm_eval_agreement.md", help="Markdown report; the JSON goes beside")
@@ -224,12 +246,23 @@ def main(argv: list[str] | None = None) -> int:
 
     require_lm_eval()
     load_start = os.getloadavg()
-    config = EvalConfig(task=args.task, split=args.split, limit=args.limit, template="rc")
+    config = EvalConfig(task=args.task, split=args.split, limit=args.limit, template="rc", item_set=args.item_set,
+                        per_subject_limit=args.per_subject_limit)
     requests = build_requests(config)
+    harness_layout = None
+    if args.task == "mmlu":   # our cloze contexts against the harness's own mmlu_continuation tasks
+        from textdistill.harness import mmlu_continuation_context
+
+        differ = [r.item_id for r in requests if r.context != mmlu_continuation_context(
+            r.subject, r.context.split("Question: ", 1)[1].removesuffix("\nAnswer:"))]
+        harness_layout = {"items": len(requests), "subjects": len({r.subject for r in requests}),
+                          "contexts_differing": differ}
     runs = [run_model(name.strip(), requests, config, args.batch_size)
             for name in args.models.split(",") if name.strip()]
     report = {
-        "task": args.task, "split": args.split, "limit": args.limit, "template": "rc", "num_fewshot": 0,
+        "task": args.task, "split": args.split, "limit": args.limit, "item_set": args.item_set,
+        "per_subject_limit": args.per_subject_limit, "items": len(requests), "harness_layout": harness_layout,
+        "template": "rc", "num_fewshot": 0,
         "precision": "fp32", "batch_size": args.batch_size, "tolerance": {"rtol": RTOL, "atol": ATOL},
         "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average_1_5_15_min_at_start": " / ".join(f"{x:.2f}" for x in load_start),

@@ -568,3 +568,17 @@ def test_an_output_folder_below_a_file_on_the_command_line_is_one_line(tiny_llam
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "blocker" in err
     assert (tmp_path / "blocker").read_text() == "a file, not a folder"
+
+
+def test_an_item_set_that_is_missing_or_of_another_task_is_refused(tmp_path):
+    from textdistill.config import EvalConfig
+    from textdistill.evaluation import build_requests
+
+    expect_error(lambda: build_requests(EvalConfig(task="mmlu", split="test", item_set=str(tmp_path / "nope.json"))),
+                 "item set not found", "mmlu-test-stratified-20", kind=DataError)
+    expect_error(lambda: build_requests(EvalConfig(task="mmlu", split="validation",
+                                                   item_set="mmlu-test-stratified-20")),
+                 "ids are not in mmlu:validation", "made for mmlu:test", kind=DataError)
+    (tmp_path / "dup.json").write_text('{"ids": ["a", "a"]}')
+    expect_error(lambda: build_requests(EvalConfig(task="mmlu", split="test", item_set=str(tmp_path / "dup.json"))),
+                 "must list distinct item ids", kind=DataError)

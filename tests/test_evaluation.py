@@ -665,10 +665,13 @@ def test_fewshot_requests_are_seeded_and_exclude_the_question():
     assert len(requests) == 4
     again = build_requests(config)
     assert [r.context for r in requests] == [r.context for r in again]
-    for request in requests:
-        assert request.context.startswith(f"The following are multiple choice questions (with answers) about "
-                                          f"{request.subject}.")
+    for request in requests:   # the cloze form (rc, the default): the harness's mmlu_continuation subject line
+        assert request.context.startswith(f"The following are questions (with answers) about {request.subject}.\n\n"
+                                          f"Question: ")
         assert request.context.count("\nAnswer:") == 3  # two shots and the question
+    lettered = build_requests(dataclasses.replace(config, template="mc"))
+    assert all(r.context.startswith(f"The following are multiple choice questions (with answers) about {r.subject}.")
+               for r in lettered)
     arc = build_requests(EvalConfig(task="arc-easy", split="validation", num_fewshot=3, limit=5))
     assert all(r.context.count("Question:") == 4 for r in arc)
     assert {r.delimiter for r in requests + arc} == {" "}        # acc_norm counts the choices' text only

@@ -101,3 +101,23 @@ def test_missing_lm_eval_is_one_line_error_naming_the_extra(monkeypatch, tmp_pat
     err = capsys.readouterr().err       # before any model is looked for
     assert err.startswith("textdistill: error: --backend lm-eval needs lm-evaluation-harness") and \
         err.count("\n") == 1
+
+
+def test_mmlu_cloze_contexts_are_the_harness_mmlu_continuation_strings():
+    """The cloze form of MMLU (rc) is lm-evaluation-harness's own mmlu_<subject>_continuation layout, string for
+    string (its subject line and its doc_to_text, rendered from the installed harness's task files), for two
+    questions of every subject of the stored stratified set; the set holds 20 test questions of each of the 57."""
+    _lm_eval()
+    from textdistill.data import read_item_set
+    from textdistill.evaluation import build_requests
+    from textdistill.harness import mmlu_continuation_context
+
+    stored = read_item_set("mmlu-test-stratified-20")
+    assert len(stored["ids"]) == 1140 and len({i.split("-test-")[0] for i in stored["ids"]}) == 57
+    requests = build_requests(EvalConfig(task="mmlu", split="test", template="rc", item_set="mmlu-test-stratified-20",
+                                         per_subject_limit=2))
+    assert len(requests) == 114 and [r.item_id for r in requests][:2] == stored["ids"][:2]
+    for request in requests:
+        question = request.context.split("Question: ", 1)[1].removesuffix("\nAnswer:")
+        assert request.context == mmlu_continuation_context(request.subject, question), request.item_id
+        assert all(c.startswith(" ") for c in request.continuations)   # target_delimiter " " + the choice's text

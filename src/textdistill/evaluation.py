@@ -50,7 +50,7 @@ from .artifacts import (atomic_write_json, environment_versions, machine_descrip
                         write_jsonl)
 from .config import TaskFields
 from .data import (TARGET_DELIMITER, TASKS, Task, build_context, fewshot_examples, get_task, item_continuations,
-                   load_task, normalize_split, uses_bos, with_task_template)
+                   load_task, normalize_split, read_item_set, uses_bos, with_task_template)
 from .errors import ConfigError, DataError
 from .models import autocast_context, load_model, load_tokenizer, output_head_only_at, resolve_device
 
@@ -711,6 +711,14 @@ def _task_requests(config: Any) -> _TaskRequests:
     split = normalize_split(config.task, config.split)
     split_items = load_task(config.task, split, subjects=config.subjects, fields=config.fields)
     items = split_items
+    if config.item_set is not None:
+        stored = read_item_set(config.item_set)
+        by_id = {item.id: item for item in split_items}
+        missing = [i for i in stored["ids"] if i not in by_id]
+        if missing:
+            raise DataError(f"item set {config.item_set}: {len(missing)} of its ids are not in {config.task}:{split} "
+                            f"(e.g. {missing[0]}); it was made for {stored.get('task')}:{stored.get('split')}")
+        items = [by_id[i] for i in stored["ids"]]
     if config.per_subject_limit is not None:
         seen: dict[Any, int] = {}
         kept = []
@@ -738,7 +746,7 @@ def _task_requests(config: Any) -> _TaskRequests:
     for index, item in enumerate(items):
         shots = fewshot_examples(shots_pool, config.num_fewshot, seed=config.fewshot_seed + index,
                                  exclude_id=item.id, subject=item.subject if task.by_subject else None)
-        requests.append(ChoiceRequest(context=build_context(item, config.template, shots, task.description),
+        requests.append(ChoiceRequest(context=build_context(item, config.template, shots, task.description(config.template)),
                                       continuations=item_continuations(item, config.template), gold=item.gold,
                                       item_id=item.id, subject=item.subject, delimiter=TARGET_DELIMITER))
     return _TaskRequests(config, task, requests, split_items, time.time() - start)
@@ -769,6 +777,7 @@ def _evaluate(model: torch.nn.Module, tokenizer: Any, prepared: _TaskRequests,
         result.update(aggregate_by_subject(records))
     result.update({"task": config.task, "split": config.split, "template": config.template,
                    "num_fewshot": config.num_fewshot, "limit": config.limit, "offset": config.offset,
+                   "item_set": config.item_set,
                    "per_subject_limit": config.per_subject_limit,
                    "seconds": round(prepared.seconds + time.time() - start, 1)})
     return result, records

@@ -45,7 +45,7 @@ from .errors import ConfigError, TextDistillError
 from .evaluation import SCORING_BATCH_SIZE, _harness_results, _mean_stderr, _task_requests, aggregate_by_subject
 
 __all__ = ["HARNESS_INSTALL", "HARNESS_PROMPT", "require_lm_eval", "check_harness_config", "write_harness_task",
-           "harness_records", "evaluate_with_harness"]
+           "harness_records", "evaluate_with_harness", "mmlu_continuation_context"]
 
 #: How to get the harness.
 HARNESS_INSTALL = "pip install 'textdistill[lm-eval]'"
@@ -72,6 +72,25 @@ def lm_eval_version() -> str:
         return version("lm_eval")
     except PackageNotFoundError:
         return "not installed"
+
+
+def mmlu_continuation_context(subject: str, question: str) -> str:
+    """The context the harness's own ``mmlu_<subject>_continuation`` task gives an MMLU question, 0-shot: its
+    subject YAML's ``description`` and its template's ``doc_to_text`` rendered by the harness (from the installed
+    lm_eval's task files; nothing of ours), for checking that our cloze form is the harness's string for string."""
+    import yaml
+
+    lm_eval = require_lm_eval()
+    from lm_eval.utils import apply_template
+
+    folder = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "continuation"
+
+    def read(path: Path) -> dict[str, Any]:   # the harness's YAML has !function tags elsewhere; none here
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+    task = read(folder / f"mmlu_{subject}.yaml")
+    template = read(folder / task["include"])
+    return task["description"] + apply_template(template["doc_to_text"], {"question": question})
 
 
 def check_harness_config(config: Any) -> Any:

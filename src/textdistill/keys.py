@@ -28,7 +28,8 @@ from typing import Any
 
 from .artifacts import sha256_json, to_jsonable
 
-__all__ = ["KEY_SCHEMA", "STAGE_CODE_VERSIONS", "code_identity", "keyed", "resume_settings", "settings_key"]
+__all__ = ["KEY_SCHEMA", "STAGE_CODE_VERSIONS", "code_identity", "keyed", "resume_settings", "settings_key",
+           "without_none"]
 
 #: The rules of this module; bump when they (or a field's key metadata) change what enters a key.
 KEY_SCHEMA = 1
@@ -67,11 +68,12 @@ def keyed(value: Any, *parents: Any) -> Any:
     return to_jsonable(value)
 
 
-def _without_none(value: Any) -> Any:
+def without_none(value: Any) -> Any:
+    """``value`` with every ``None`` mapping value left out, recursively (unset options)."""
     if isinstance(value, dict):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
+        return {k: without_none(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
-        return [_without_none(v) for v in value]
+        return [without_none(v) for v in value]
     return value
 
 
@@ -79,7 +81,7 @@ def settings_key(settings: Any) -> str:
     """Content hash of settings (config dataclasses are taken through :func:`keyed`), leaving out unset (``None``)
     options: an option added later with a ``None`` default keeps the keys, and so the finished work, of runs that
     do not use it."""
-    parts = _without_none(keyed(settings))
+    parts = without_none(keyed(settings))
     if KEY_SCHEMA != _UNVERSIONED[2]:
         parts = [parts, {"key_schema": KEY_SCHEMA}]
     return sha256_json(parts)

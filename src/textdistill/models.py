@@ -63,10 +63,10 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 def native_bf16(device: str | torch.device | None = "auto") -> bool:
     """Whether ``precision: auto`` means bf16 autocast on ``device``: CUDA devices that support bf16, nothing else.
 
-    Every CPU gets fp32, whatever its kind (:mod:`textdistill.hardware`). bf16 was measured no faster where it is
-    native: on AMX the demo took 4 min 4 s in bf16 and 4 min 14 s in fp32 and a distillation meta-gradient was
-    about as fast (``results/bench_metagrad_precision.md``); on AVX512-BF16 without AMX it was 1.5-1.7x slower, and
-    on AVX2 it is emulated (about 20x slower). And bf16 on a CPU makes results, tolerances and cache keys depend on
+    Every CPU gets fp32, whatever its kind (:mod:`textdistill.hardware`). bf16 buys little where it is native: on
+    a 2-core AMX Xeon the demo took 4 min 4 s in bf16 and 4 min 14 s in fp32 (issue 21); on AVX512-BF16 without
+    AMX a LoRA step was 1.7x and a meta-gradient 1.5x slower (``results/bench_metagrad_precision.md``), and on
+    AVX2 bf16 is emulated (about 20x slower). And bf16 on a CPU makes results, tolerances and cache keys depend on
     the machine: each kind broke the suite once that way. ``--precision bf16`` still asks for it explicitly.
     """
     device = resolve_device(device)

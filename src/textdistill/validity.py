@@ -549,12 +549,14 @@ class _Study:
             s["objective_rows"] = self.objective_examples(
                 s["tokenizer"], Settings(**s["trajectories"].manifest["data_settings"]))
         samples = self.sample_set(indices)
+        pad = s["tokenizer"].pad_token_id
+        starts = s.setdefault("pm_student_start_loss", {})   # a draw's start loss is every subset's
         changes = []
-        for draw in s["draws"][: self.config.pm_student_draws]:
-            start, _ = s["scorer"].endpoints(draw)
+        for index, draw in enumerate(s["draws"][: self.config.pm_student_draws]):
+            if index not in starts:
+                starts[index] = _rows_loss(s["model"], s["objective_rows"], s["scorer"].endpoints(draw)[0], pad)
             end, _ = s["scorer"].unroll(samples, draw)
-            changes.append(_rows_loss(s["model"], s["objective_rows"], end, s["tokenizer"].pad_token_id)
-                           - _rows_loss(s["model"], s["objective_rows"], start, s["tokenizer"].pad_token_id))
+            changes.append(_rows_loss(s["model"], s["objective_rows"], end, pad) - starts[index])
         return changes
 
     def train_cell(self, model_name: str, recipe_name: str, indices: Sequence[int], seed: int, *,
@@ -648,18 +650,25 @@ def _model_rows_loss(model: torch.nn.Module, rows: Sequence[Any], pad_id: int, b
 
 
 def _units(study: _Study) -> list[_Unit]:
+    """Every unit of the study, in the order processes take them: the subsets and the matching scores first, then
+    the comparison recipe's cells (the reference correlations), pm-student's scores, the tuned and student recipes.
+    A unit whose needs are not done is passed over for the next (the tuning grid needs nothing)."""
     config = study.config
     units: list[_Unit] = [_Unit("subsets", study.subsets_path, study.make_subsets)]
-    needs_forks = "tm-denoised" in config.objectives
-    if needs_forks:
+    if "tm-denoised" in config.objectives:
         units.append(_Unit("forks", study.root / "forks" / "signal.json", study.make_forks))
-    for objective in config.objectives:
-        if objective in ("tm", "tm-denoised", "pm-student", "less"):
-            units.append(_Unit(f"scores {objective}", study.score_path(objective),
-                               lambda o=objective: study.score_objective(o),
-                               needs=("subsets",) + (("forks",) if objective == "tm-denoised" else ())))
+
+    def scores(objectives: Sequence[str]) -> list[_Unit]:
+        return [_Unit(f"scores {o}", study.score_path(o), lambda o=o: study.score_objective(o),
+                      needs=("subsets",) + (("forks",) if o == "tm-denoised" else ()))
+                for o in objectives if o in config.objectives]
+
+    # the forks' end points are large files a later session may not have: their scores come early
+    units += scores(("less", "tm", "tm-denoised"))
     planned = _planned_subset_names(config)
     for recipe in config.recipes:
+        if recipe == "tuned":
+            units += scores(("pm-student",))
         for model in config.models:
             if recipe == "student" and model not in config.student_models:
                 continue
@@ -682,7 +691,9 @@ def _units(study: _Study) -> list[_Unit]:
                 if recipe != "student" and config.pm_seed not in seeds and \
                         ("pm" in config.objectives or "pm-sum" in config.objectives):
                     units.append(_cell_unit(study, model, recipe, subset, config.pm_seed, False, needs))
-    return units
+    units += scores(("pm-student",))   # when no recipe is "tuned"
+    seen: set[str] = set()
+    return [u for u in units if not (u.name in seen or seen.add(u.name))]
 
 
 def _cell_unit(study: _Study, model: str, recipe: str, subset: str, seed: int, evaluate: bool,
@@ -805,14 +816,16 @@ _EXTENSIBLE = ("name", "models", "recipes", "objectives", "bootstrap")
 
 
 def _check_same_study(root: Path, config: ValidityConfig) -> None:
-    from .keys import keyed
+    """Refuse to run a study in a folder made with other settings (the keyed settings, unset options left out, so
+    that an option added later keeps a folder usable)."""
+    from .keys import without_none, keyed
 
-    settings = {k: v for k, v in keyed(config).items() if k not in _EXTENSIBLE}
+    settings = without_none({k: v for k, v in keyed(config).items() if k not in _EXTENSIBLE})
     path = root / "study.json"
     if path.is_file():
-        if read_json(path)["settings"] != settings:
-            before = read_json(path)["settings"]
-            changed = sorted(k for k in settings if before.get(k) != settings[k])
+        before = without_none(read_json(path)["settings"])
+        if before != settings:
+            changed = sorted(k for k in set(settings) | set(before) if before.get(k) != settings.get(k))
             raise ConfigError(f"{root} holds a validity study made with other settings ({', '.join(changed)}); use "
                               f"another --output (only {', '.join(_EXTENSIBLE)} may change between runs)")
     else:
