@@ -141,3 +141,26 @@ def test_bad_validity_configs_are_refused(tmp_path, tiny_llama_dir, experts_dir)
         run_validity(_config(tiny_llama_dir, experts_dir, tmp_path, noise_subsets=("nope",), objectives=("less",),
                              recipes=("comparison",)), tmp_path / "b", device="cpu", progress=False,
                      log=lambda *_: None)
+
+
+def test_a_recipe_identical_to_another_reuses_its_cells(tmp_path, tiny_llama_dir, experts_dir, monkeypatch):
+    """When tuning chooses the comparison's own epochs, the tuned cells are the comparison's runs: copied (and
+    marked same_as), not trained again."""
+    import textdistill.training as training
+
+    config = _config(tiny_llama_dir, experts_dir, tmp_path, recipes=("comparison", "tuned"), objectives=("less",),
+                     tuning=RecipeTuning(epochs=(1.0,), subsets=1, validation=EvalConfig(
+                         task="arc-easy", split="validation", template="rc", limit=3)))
+    trained = []
+    original = training.train_on_examples
+    monkeypatch.setattr(training, "train_on_examples", lambda **kw: trained.append(kw["config"].epochs) or
+                        original(**kw))
+    out = tmp_path / "study"
+    run_validity(config, out, device="cpu", progress=False, log=lambda *_: None)
+    folder = str(tiny_llama_dir).strip("/").replace("/", "__")
+    tuned = read_json(out / "cells" / folder / "tuned" / "null-0" / "seed0" / "result.json")
+    compared = read_json(out / "cells" / folder / "comparison" / "null-0" / "seed0" / "result.json")
+    assert tuned["same_as"] == "comparison null-0 seed 0" and tuned["acc"] == compared["acc"]
+    assert tuned["key"] == compared["key"]
+    cells = len(list((out / "cells").glob("**/comparison/**/result.json")))
+    assert len(trained) == cells + 1          # every comparison cell and the one tuning cell; no tuned cell

@@ -566,6 +566,11 @@ class _Study:
         from .evaluation import evaluate_model
         from .training import train_on_examples
 
+        key = self.cell_key(model_name, recipe_name, seed, indices, evaluate)
+        twin = self._twin(model_name, recipe_name, out.parent.parent.name, seed, key, evaluate is not None)
+        if twin is not None:   # another recipe that is this one (tuning chose the comparison's epochs): its run
+            atomic_write_json(out, twin)
+            return
         recipe = dataclasses.replace(self.recipe_config(model_name, recipe_name), seed=seed)
         examples = [self.pool[i] for i in indices]
         model, tokenizer, result = train_on_examples(model_name=model_name, examples=examples, config=recipe,
@@ -582,8 +587,21 @@ class _Study:
             metrics = evaluate_model(model, tokenizer, evaluate, progress=False)
             row.update({"acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
                         "eval_seconds": metrics["seconds"]})
-        row["key"] = self.cell_key(model_name, recipe_name, seed, indices, evaluate)
+        row["key"] = key
         atomic_write_json(out, row)
+
+    def _twin(self, model: str, recipe: str, subset: str, seed: int, key: str,
+              evaluate: bool) -> dict[str, Any] | None:
+        """The finished cell of another recipe with the same key (the same training config, seed, subset and
+        scoring), as this recipe's row; None if there is none."""
+        for other in RECIPES:
+            path = self.cell_path(model, other, subset, seed)
+            if other == recipe or not path.is_file():
+                continue
+            row = read_json(path)
+            if row.get("key") == key and (not evaluate or "acc" in row):
+                return {**row, "recipe": recipe, "same_as": f"{other} {subset} seed {seed}"}
+        return None
 
     def cell_key(self, model: str, recipe: str, seed: int, indices: Sequence[int], evaluate: EvalConfig | None) -> str:
         recipe_config = self.recipe_config(model, recipe) if recipe != "tuned" or self.tuning_path(model).is_file() \
