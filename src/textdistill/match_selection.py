@@ -36,13 +36,15 @@ __all__ = ["CountSketch", "MatchSelectionConfig", "cut_selection", "greedy_match
 class MatchSelectionConfig:
     """Selection by gradient alignment with the experts' segments."""
 
+    # which segments: how many, of which experts, over which start window
     segments: int = option(4, "(expert, start) segments of the non-held-out experts whose displacement is matched")
     heldout_experts: int = option(1, "the last K experts are never used (they are the instrument's)")
+    student: StudentSettings = option(factory=StudentSettings, help="expert_epochs and the start window")
+    seed: int = option(0, "seed of the segments and the sketch")
+    # how rows are matched to them
     sketch_dim: int = option(8192, "count-sketch width of the per-example gradients")
     greedy: bool = option(True, "greedy on the summed gradient; false: top rows by their own alignment")
     batch_size: int = option(8, "rows per vmap'ed per-example gradient pass")
-    seed: int = option(0, "seed of the segments and the sketch")
-    student: StudentSettings = option(factory=StudentSettings, help="expert_epochs and the start window")
 
     def __post_init__(self) -> None:
         for name in ("segments", "sketch_dim", "batch_size"):
