@@ -126,8 +126,11 @@ def test_a_tiny_study_writes_every_result_and_resumes(tmp_path, tiny_llama_dir, 
     # another study in the same folder is refused in one line; adding an objective or a recipe is not
     with pytest.raises(ConfigError, match="made with other settings .*budget"):
         run_validity(dataclasses.replace(config, budget="3"), out, device="cpu", progress=False)
-    run_validity(dataclasses.replace(config, objectives=("tm", "less")), out, device="cpu", progress=False,
-                 log=lambda *_: None, report_only=True)
+    report = tmp_path / "elsewhere"
+    moved = run_validity(dataclasses.replace(config, objectives=("tm", "less"), report=str(report)), out,
+                         device="cpu", progress=False, log=lambda *_: None, report_only=True)
+    assert sorted(p.name for p in moved) == sorted(n for n in names if n.split(f"-{model}")[0] in ("tm", "less")) and \
+        all(p.parent == report for p in moved)
 
 
 def test_bad_validity_configs_are_refused(tmp_path, tiny_llama_dir, experts_dir):

@@ -273,7 +273,7 @@ def _cmd_validity(args: argparse.Namespace) -> int:
     written = run_validity(config, args.output, device=args.device, progress=not args.no_progress,
                            report_only=args.report_only)
     print(summary_table(written))
-    print(f"results: {args.output}/validity/ ({len(written)} files)")
+    print(f"results: {config.report or f'{args.output}/validity'}/ ({len(written)} files)")
     return 0
 
 

@@ -129,6 +129,8 @@ class ValidityConfig:
     objectives: tuple[str, ...] = option(("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "less"),
                                          f"objectives, among {', '.join(OBJECTIVES)}")
     bootstrap: int = option(10000, "bootstrap resamples of each interval")
+    report: str | None = option(None, "folder of the result files (<objective>-<model>-<budget>-<recipe>.json); "
+                                      "null: <output>/validity")
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
@@ -830,7 +832,7 @@ def summary_table(paths: Sequence[Path]) -> str:
 
 #: Settings that may change between runs on one folder (they add work or only change the report); any other change
 #: would mix cells made under two settings, so it is refused.
-_EXTENSIBLE = ("name", "models", "recipes", "objectives", "bootstrap")
+_EXTENSIBLE = ("name", "models", "recipes", "objectives", "bootstrap", "report")
 
 
 def _check_same_study(root: Path, config: ValidityConfig) -> None:
@@ -853,7 +855,8 @@ def _check_same_study(root: Path, config: ValidityConfig) -> None:
 def run_validity(config: ValidityConfig, output: str | Path, *, device: str = "auto", progress: bool = True,
                  log=print, report_only: bool = False) -> list[Path]:
     """Entry of ``textdistill validity``: run every unit of the study not done yet (sharing the folder with other
-    processes), then write the per-(objective, model, recipe) result files under ``output/validity/``. Returns
+    processes), then write the per-(objective, model, recipe) result files under ``config.report`` (default
+    ``output/validity/``). Returns
     their paths. ``report_only`` runs nothing and reports what is done."""
     if not config.experts:
         raise ConfigError("set 'experts' to an experts folder (trajectory matching scores against it)")
@@ -869,4 +872,4 @@ def run_validity(config: ValidityConfig, output: str | Path, *, device: str = "a
         _run_units(_units(study), log=log)
     if not study.subsets_path.is_file():
         return []
-    return write_report(study, root / "validity")
+    return write_report(study, Path(config.report) if config.report else root / "validity")
