@@ -198,6 +198,15 @@ def _cmd_experts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_forks(args: argparse.Namespace) -> int:
+    from .forks import make_forks
+
+    config = _config(args, "forks:ForksConfig", "forks")
+    make_forks(experts=args.experts, output=args.output, config=config, device=args.device,
+               progress=not args.no_progress, log=print if _reports() else (lambda *_: None))
+    return 0
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     from .distill import distill
 
@@ -409,6 +418,14 @@ def build_parser(command: str | None = None, method: str | None = None) -> argpa
     _add_checkpointing(p, "a rerun on the same --output skips finished experts and resumes an interrupted one "
                           "exactly")
     _finish(p, _cmd_experts, command, "experts", "experts:ExpertsConfig", "expert runs")
+
+    p = sub.add_parser("forks", help="denoised targets: fork each expert segment with other data orders; their "
+                                     "mean end point is the target (student.targets)")
+    p.add_argument("--experts", required=True, help="folder written by `textdistill experts`")
+    p.add_argument("--output", required=True, help="the forks folder")
+    p.add_argument("--config", help="YAML with a 'forks' section")
+    _add_resume(p, "the fork runs")
+    _finish(p, _cmd_forks, command, "forks", "forks:ForksConfig", "fork runs", remote_code=False)
 
     p = sub.add_parser("distill", help="learn the prompts of a few samples by trajectory matching; write text")
     p.add_argument("--experts", required=True, help="folder written by `textdistill experts`")

@@ -60,6 +60,7 @@ from .instrument import InstrumentConfig, heldout_report
 from .keys import resume_settings
 from .matching import (Draw, SampleSet, ScoreCache, Scorer, StudentSettings, load_expert_pool, load_student_model,
                        make_draws, resolve_student, sample_minibatches, tokenize_for_experts)
+from .forks import resolve_targets
 from .models import autocast_context, resolve_dtype, resolve_precision
 from .reporting import LiveCurves
 from .projection import (input_embedding_matrix, nearest_tokens, neighbour_regularizer, straight_through,
@@ -957,8 +958,9 @@ def _prepare(*, experts: str | Path, output: str | Path, config: DistillConfig, 
     precision = resolve_precision(config.precision, embed_matrix.device)
     # the student's LoRA tensors stay fp32 master copies over a bf16 base: in bf16 an SGD step of relative size
     # 1e-3 would mostly round away (8 bits of mantissa); peft runs an fp32 adapter on a bf16 layer's input
+    targets = resolve_targets(config.student.targets, trajectories, student, train_experts + heldout_experts)
     scorer = Scorer(model, trajectories, student, device=embed_matrix.device,
-                    dtype=torch.promote_types(dtype, torch.float32))
+                    dtype=torch.promote_types(dtype, torch.float32), targets=targets)
     lr_search = None
     if config.student.lr_grid:
         if resume and (output / "init.json").is_file():   # the search was made when the run started
@@ -1106,9 +1108,11 @@ def _finish(run: _Run, metrics: list[dict[str, Any]], distill_seconds: float,
                                      embed_matrix) for r in range(config.instrument.random_subsets)]
     draws = make_draws(run.heldout_experts, student, count, config.instrument.draws, config.instrument.seed)
     # runs sharing these experts (an ablation, a rerun) reuse each other's random subsets, floor and starting samples
-    cache = ScoreCache(run.experts / "instrument_cache",
-                       {"manifest": manifest, "student": dataclasses.asdict(student), "dtype": str(scorer.dtype),
-                        "device": scorer.device.type})
+    scope = {"manifest": manifest, "student": dataclasses.asdict(student), "dtype": str(scorer.dtype),
+             "device": scorer.device.type}
+    if scorer.targets is not None:   # denoised targets score other losses (absent otherwise: older caches stay valid)
+        scope["targets"] = scorer.targets.manifest
+    cache = ScoreCache(run.experts / "instrument_cache", scope)
     report = heldout_report(scorer, draws, sets, null, pool=pool, embed_matrix=embed_matrix, cache=cache,
                             progress=run.progress)
     if not main:

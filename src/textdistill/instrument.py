@@ -32,6 +32,7 @@ from . import distributed
 from .artifacts import atomic_write_json, environment_versions, machine_description, to_jsonable
 from .config import option
 from .errors import ConfigError
+from .forks import resolve_targets
 from .matching import (Draw, SampleSet, Scorer, ScoreCache, StudentSettings, load_expert_pool,
                        load_student_model, make_draws, resolve_student, tokenize_for_experts)
 
@@ -201,7 +202,8 @@ def match_eval(*, experts: str | Path, data: str, output: str | Path | None, con
     embed_matrix = input_embedding_matrix(model).float()
     samples = SampleSet.from_tokenized(tokenize_for_experts(tokenizer, examples, manifest), embed_matrix)
     draws = make_draws(heldout, resolved, len(samples), config.draws, config.seed)
-    scorer = Scorer(model, trajectories, resolved, device=resolve_device(device))
+    scorer = Scorer(model, trajectories, resolved, device=resolve_device(device),
+                    targets=resolve_targets(student.targets, trajectories, resolved, heldout))
     losses = [scorer.loss(samples, d) for d in tqdm(draws, desc="match-eval", disable=not progress)]
     result: dict[str, Any] = {
         "data": data, "experts": str(experts), "size": len(samples), "heldout_experts": heldout,

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .config import option
 from .errors import ConfigError
+from .forks import resolve_targets
 from .matching import StudentSettings, resolve_student
 
 __all__ = ["CountSketch", "MatchSelectionConfig", "cut_selection", "greedy_match", "select_by_matching"]
@@ -139,6 +140,7 @@ def select_by_matching(*, experts: str | Path, budget: str | int, output: str | 
     examples, pool = load_expert_pool(tokenizer, manifest)
     count = resolve_budget(budget, len(examples))
     segments = _segments(trajectories, usable, student, config.segments, config.seed)
+    denoised = resolve_targets(config.student.targets, trajectories, student, usable)
     device_ = next(model.parameters()).device
     names = None
     sketch = None
@@ -146,7 +148,8 @@ def select_by_matching(*, experts: str | Path, budget: str | int, output: str | 
     bar = tqdm(total=len(segments) * len(pool), desc="match gradients", disable=not progress, dynamic_ncols=True)
     for expert, start in segments:
         theta = trajectories.load(expert, start, device=device_)
-        target = trajectories.load(expert, start + student.span, device=device_)
+        target = (trajectories.load(expert, start + student.span, device=device_) if denoised is None
+                  else denoised.target(expert, start, device=device_))
         names = names or list(theta)
         if sketch is None:
             sketch = CountSketch(sum(t.numel() for t in theta.values()), config.sketch_dim, seed=config.seed,

@@ -45,6 +45,9 @@ class StudentSettings:
             "best")
     min_start: int = option(0, "start snapshot t is drawn from [min_start, max_start]")
     max_start: int | None = option(None, "null: the last snapshot that has a target M ahead")
+    targets: str | None = option(None, "a forks folder (textdistill forks): each target is the mean end point of "
+                                       "its fork runs (denoised targets); null: the expert's own snapshot M ahead",
+                                 omit_when=None)
 
     def __post_init__(self) -> None:
         for name in ("syn_steps", "batch_size", "expert_epochs"):
@@ -199,10 +202,12 @@ class Scorer:
     Snapshots are loaded once and kept (LoRA tensors are small)."""
 
     def __init__(self, model: torch.nn.Module, trajectories: Any, student: ResolvedStudent, *,
-                 device: torch.device | str, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str, dtype: torch.dtype = torch.float32, targets: Any | None = None):
         self.model, self.trajectories, self.student = model, trajectories, student
         self.device, self.dtype = torch.device(device), dtype
+        self.targets = targets   # forks.ForkTargets: denoised targets in place of the expert's own snapshots
         self._params: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self._targets: dict[tuple[int, int], dict[str, Tensor]] = {}
 
     def params(self, expert: int, index: int) -> dict[str, Tensor]:
         key = (expert, index)
@@ -210,9 +215,18 @@ class Scorer:
             self._params[key] = self.trajectories.load(expert, index, device=self.device, dtype=self.dtype)
         return self._params[key]
 
+    def target(self, expert: int, start: int) -> dict[str, Tensor]:
+        """The target of the segment from snapshot ``start``: theta*_{t+M}, or its denoised version."""
+        if self.targets is None:
+            return self.params(expert, start + self.student.span)
+        key = (expert, start)
+        if key not in self._targets:
+            self._targets[key] = self.targets.target(expert, start, device=self.device, dtype=self.dtype)
+        return self._targets[key]
+
     def endpoints(self, draw: Draw) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(theta*_t, theta*_{t+M}) of a draw."""
-        return self.params(draw.expert, draw.start), self.params(draw.expert, draw.start + self.student.span)
+        """(theta*_t, target) of a draw: the target is theta*_{t+M} or, with denoised targets, its forks' mean."""
+        return self.params(draw.expert, draw.start), self.target(draw.expert, draw.start)
 
     def unroll(self, samples: SampleSet, draw: Draw, *, lr: float | None = None, from_step: int = 0,
                from_params: dict[str, Tensor] | None = None,

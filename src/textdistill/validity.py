@@ -41,8 +41,8 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from .artifacts import atomic_write_json, read_json, save_tensors, load_tensors, sha256_json, to_jsonable, write_run_info
-from .config import (DataSettings, EvalConfig, LoraSettings, TrainConfig, apply_overrides, build_dataclass, option,
+from .artifacts import atomic_write_json, read_json, sha256_json, to_jsonable, write_run_info
+from .config import (DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, option,
                      read_yaml)
 from .errors import ConfigError
 from .instrument import InstrumentConfig
@@ -223,13 +223,6 @@ def noise_ceiling(accuracies: Sequence[float], replicates: Sequence[Sequence[flo
     total = variance(accuracies)
     ceiling = math.sqrt(max(0.0, 1.0 - within / total)) if total > 0 else 0.0
     return {"noise_ceiling": ceiling, "seed_std": math.sqrt(within), "total_std": math.sqrt(total)}
-
-
-def cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Cosine between two parameter displacements (same keys), flattened."""
-    x = torch.cat([a[k].double().flatten() for k in a])
-    y = torch.cat([b[k].double().flatten() for k in a])
-    return float(x @ y / (x.norm() * y.norm()).clamp_min(1e-300))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -432,71 +425,30 @@ class _Study:
         atomic_write_json(self.subsets_path, {"budget": config.budget, "count": count, "pool_size": n,
                                               "subsets": subsets, **info})
 
-    def make_forks(self) -> None:
-        """Fork runs of the held-out experts: ``forks`` segments from each start snapshot with other data orders."""
-        from .training import train_model
-        from .unroll import lora_parameters
+    def forks_config(self):
+        from .forks import ForksConfig
 
         s = self.scorer()
-        trajectories, student = s["trajectories"], s["student"]
-        manifest = trajectories.manifest
-        recipe = TrainConfig(**{**{k: v for k, v in manifest["recipe"].items() if k not in ("lora", "data")},
-                                "lora": LoraSettings(**{**manifest["lora"],
-                                                        "target_modules": tuple(manifest["lora"]["target_modules"])}),
-                                "data": DataSettings(**manifest["data_settings"])})
-        steps = trajectories.snapshot_every * student.span
-        model = s["model"]
-        folder = self.root / "forks"
-        cosines: dict[str, Any] = {}
-        for expert in s["heldout"]:
-            for start in range(student.min_start, student.max_start + 1):
-                ends = []
-                for f in range(self.config.forks.forks):
-                    path = folder / f"expert{expert}-start{start}-fork{f}.safetensors"
-                    if not path.is_file():
-                        params = trajectories.load(expert, start)
-                        with torch.no_grad():
-                            for name, p in model.named_parameters():
-                                if name in params:
-                                    p.copy_(params[name])
-                        # the scorer's model (its LoRA tensors are only ever substituted there, so training them
-                        # in place changes no score)
-                        seed = self.config.forks.seed + 1000 * expert + 100 * start + f
-                        fork_recipe = dataclasses.replace(recipe, seed=seed, max_steps=steps, precision="fp32")
-                        train_model(model, s["tokenized"], fork_recipe, pad_id=s["tokenizer"].pad_token_id,
-                                    progress=False, data_parallel=False)
-                        save_tensors(path, lora_parameters(model), metadata={"seed": str(seed)})
-                    ends.append(load_tensors(path))
-                origin = trajectories.load(expert, start)
-                own = trajectories.load(expert, start + student.span)
-                moves = [{k: e[k] - origin[k] for k in origin} for e in ends]
-                own_move = {k: own[k] - origin[k] for k in origin}
-                half = len(moves) // 2
-                mean = lambda group: {k: sum(m[k] for m in group) / len(group) for k in origin}  # noqa: E731
-                pairs = [cosine(moves[i], moves[j]) for i in range(len(moves)) for j in range(i + 1, len(moves))]
-                cosines[f"{expert}-{start}"] = {
-                    "fork_pairs_mean": sum(pairs) / len(pairs),
-                    "expert_vs_forks": [cosine(own_move, m) for m in moves],
-                    "half_means": cosine(mean(moves[:half]), mean(moves[half:])) if half >= 1 else None,
-                    "expert_vs_fork_mean": cosine(own_move, mean(moves)),
-                    "fork_mean_norm_over_expert_norm": float(
-                        torch.cat([v.flatten() for v in mean(moves).values()]).norm()
-                        / torch.cat([v.flatten() for v in own_move.values()]).norm()),
-                }
-        atomic_write_json(folder / "signal.json", {"forks": self.config.forks.forks, "segment_steps": steps,
-                                                   "batch_size": trajectories.samples_per_step,
-                                                   "by_start": cosines})
+        return ForksConfig(forks=self.config.forks.forks, seed=self.config.forks.seed,
+                           expert_epochs=s["student"].span, expert_runs=tuple(s["heldout"]),
+                           min_start=s["student"].min_start, max_start=s["student"].max_start)
+
+    def make_forks(self) -> None:
+        """Fork runs of the held-out experts: ``forks`` segments from each start snapshot with other data orders
+        (:func:`forks.make_forks`, which also writes their signal)."""
+        from .forks import make_forks
+
+        make_forks(experts=self.config.experts, output=self.root / "forks", config=self.forks_config(),
+                   device=self.device, progress=self.progress, log=self.log)
 
     def fork_targets(self) -> dict:
+        """(expert, start) -> the mean end point of its forks, for every held-out draw's segment."""
+        from .forks import load_fork_targets
+
         s = self.scorer()
-        targets = {}
-        for expert in s["heldout"]:
-            for start in range(s["student"].min_start, s["student"].max_start + 1):
-                origin = s["trajectories"].load(expert, start)
-                ends = [load_tensors(self.root / "forks" / f"expert{expert}-start{start}-fork{f}.safetensors")
-                        for f in range(self.config.forks.forks)]
-                targets[(expert, start)] = {k: sum(e[k] for e in ends) / len(ends) for k in origin}
-        return targets
+        targets = load_fork_targets(self.root / "forks", s["trajectories"], s["student"].span)
+        return {(e, t): targets.target(e, t) for e in s["heldout"]
+                for t in range(s["student"].min_start, s["student"].max_start + 1)}
 
     def score_objective(self, objective: str) -> None:
         """Scores of every subset under a model-independent objective (tm, tm-denoised, pm-student, less)."""
