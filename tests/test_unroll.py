@@ -20,6 +20,7 @@ from textdistill.unroll import (  # noqa: E402
     build_inputs,
     lora_parameters,
     matching_loss,
+    rows_loss,
     student_loss,
     unroll,
 )
@@ -508,3 +509,63 @@ def test_recompute_keeps_no_per_step_graph():
     rec1, rec3 = _graph_bytes_after_unroll(True, 1), _graph_bytes_after_unroll(True, 3)
     assert keep3 > 2.5 * keep1           # the keep-graph mode holds every step's activations
     assert rec3 == rec1 < keep1 / 20     # recompute holds only its inputs (snapshots live on the node)
+
+
+def _token_rows(model, lengths, seed: int) -> list[SyntheticBatch]:
+    """Held-out rows as the performance objective sees them: token-embedding prompts (no grad) and responses."""
+    gen = torch.Generator().manual_seed(seed)
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        samples = [(embed(torch.randint(0, VOCAB, (p,), generator=gen)), torch.randint(0, VOCAB, (r,), generator=gen))
+                   for p, r in lengths]
+    return samples
+
+
+def test_rows_loss_is_the_token_mean_over_all_chunks():
+    # chunks of unequal token counts: a mean of chunk means would weigh the short chunk's tokens more
+    model = make_peft("llama")
+    rows = _token_rows(model, [(3, 2), (5, 7), (2, 1), (4, 6)], seed=21)
+    whole = student_loss(model, lora_parameters(model), batch_of(rows))
+    chunks = [batch_of(rows[:1]), batch_of(rows[1:])]
+    torch.testing.assert_close(rows_loss(model, lora_parameters(model), chunks), whole, rtol=1e-6, atol=1e-7)
+    mean_of_means = (student_loss(model, lora_parameters(model), chunks[0])
+                     + student_loss(model, lora_parameters(model), chunks[1])) / 2
+    assert abs(float(mean_of_means) - float(whole)) > 1e-4
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_performance_meta_gradient_matches_finite_differences(recompute, exact_float64):
+    """d rows_loss(unroll(...)) / d(prompts, lr) in float64 against central differences: the performance
+    objective's meta-gradient flows through every student step."""
+    model = make_peft("llama", dtype=torch.float64)
+    start = lora_parameters(model)
+    s1 = make_samples(model, LENGTHS_A, seed=22)
+    prompts = [p for p, _ in s1]
+    responses = [r for _, r in s1]
+    held_out = [batch_of(_token_rows(model, [(3, 4), (5, 2), (2, 6)], seed=23))]
+
+    def meta_loss(prompt_list, lr, create_graph=True):
+        a = SyntheticBatch.from_samples(prompt_list[:2], responses[:2])
+        b = SyntheticBatch.from_samples(prompt_list[1:], responses[1:])
+        if recompute:
+            theta = unroll(model, start, [a, b], lr, recompute=True)
+        else:
+            theta = unroll(model, start, [a, b], lr, create_graph=create_graph)
+        return rows_loss(model, theta, held_out)
+
+    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    meta_loss(prompts, lr).backward()
+    grads = [p.grad.clone() for p in prompts]
+    assert all(g.abs().sum() > 0 for g in grads)
+    eps = 1e-5
+    with torch.no_grad():
+        lr_fd = (meta_loss(prompts, lr + eps, False) - meta_loss(prompts, lr - eps, False)) / (2 * eps)
+    assert abs(float(lr.grad) - float(lr_fd)) <= 1e-4 * abs(float(lr_fd)) and abs(float(lr_fd)) > 1e-8
+    gen = torch.Generator().manual_seed(24)
+    dirs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in prompts]
+    plus = [(p + eps * d).detach() for p, d in zip(prompts, dirs)]
+    minus = [(p - eps * d).detach() for p, d in zip(prompts, dirs)]
+    with torch.no_grad():
+        fd = (meta_loss(plus, lr.detach(), False) - meta_loss(minus, lr.detach(), False)) / (2 * eps)
+    analytic = sum((g * d).sum() for g, d in zip(grads, dirs))
+    assert abs(float(analytic) - float(fd)) <= 1e-4 * abs(float(fd)) and abs(float(fd)) > 1e-10

@@ -58,15 +58,15 @@ from .data import Example, TokenizedExample, scaffold_mask, stable_token_ids, us
 from .errors import ConfigError, DataError, TrainingError
 from .instrument import InstrumentConfig, heldout_report
 from .keys import resume_settings
-from .matching import (Draw, SampleSet, ScoreCache, Scorer, StudentSettings, load_expert_pool, load_student_model,
-                       make_draws, resolve_student, sample_minibatches, tokenize_for_experts)
 from .forks import resolve_targets
+from .matching import (Draw, SampleSet, ScoreCache, Scorer, StudentSettings, load_expert_pool, load_objective_rows,
+                       load_student_model, make_draws, resolve_student, sample_minibatches, tokenize_for_experts)
 from .models import autocast_context, resolve_dtype, resolve_precision
 from .reporting import LiveCurves
 from .projection import (input_embedding_matrix, nearest_tokens, neighbour_regularizer, straight_through,
                          vector_distance)
 from .selection import random_indices, read_selection, resolve_budget
-from .unroll import SyntheticBatch, matching_loss, unroll
+from .unroll import SyntheticBatch, unroll
 
 #: The distillation's own random streams: its starting samples and its null subsets must not coincide with
 #: ``select --method random --seed S``, the baseline they are compared against.
@@ -535,14 +535,16 @@ def _segments_record(draws: Sequence[Draw]) -> dict[str, Any]:
 
 
 def _meta_loss(context: _Context, synthetic: SyntheticSet, prompts: Tensor, draw: Draw, lr: Tensor) -> Tensor:
-    """The matching loss of a draw, differentiable w.r.t. ``prompts`` (S, P_max, H) and ``lr`` (through every
-    student step)."""
-    start, target = context.scorer.endpoints(draw)
+    """The objective of a draw (the matching loss, or the objective rows' relative loss), differentiable w.r.t.
+    ``prompts`` (S, P_max, H) and ``lr`` (through every student step). The objective itself is computed as the
+    scorer computes it (no autocast), so that a meta-loss and a candidate's score measure the same thing."""
+    start, _ = context.scorer.endpoints(draw)
     batches = [synthetic.batch(b, prompts) for b in draw.batches]
     with context.autocast:
         student = unroll(context.model, start, batches, lr, recompute=context.config.recompute,
                          checkpoint_layers=context.config.checkpoint_layers, micro_batch=context.config.micro_batch)
-    return matching_loss(student, start, target)
+    with torch.autocast(device_type=context.scorer.device.type, enabled=False):
+        return context.scorer.objective_loss(student, draw)
 
 
 def _finite(*values: Tensor | None) -> bool:
@@ -960,7 +962,8 @@ def _prepare(*, experts: str | Path, output: str | Path, config: DistillConfig, 
     # 1e-3 would mostly round away (8 bits of mantissa); peft runs an fp32 adapter on a bf16 layer's input
     targets = resolve_targets(config.student.targets, trajectories, student, train_experts + heldout_experts)
     scorer = Scorer(model, trajectories, student, device=embed_matrix.device,
-                    dtype=torch.promote_types(dtype, torch.float32), targets=targets)
+                    dtype=torch.promote_types(dtype, torch.float32), targets=targets,
+                    rows=load_objective_rows(config.student, tokenizer, manifest, embed_matrix))
     lr_search = None
     if config.student.lr_grid:
         if resume and (output / "init.json").is_file():   # the search was made when the run started
@@ -1110,8 +1113,12 @@ def _finish(run: _Run, metrics: list[dict[str, Any]], distill_seconds: float,
     # runs sharing these experts (an ablation, a rerun) reuse each other's random subsets, floor and starting samples
     scope = {"manifest": manifest, "student": dataclasses.asdict(student), "dtype": str(scorer.dtype),
              "device": scorer.device.type}
-    if scorer.targets is not None:   # denoised targets score other losses (absent otherwise: older caches stay valid)
+    # denoised targets or the performance objective score other losses (absent otherwise: older caches stay valid)
+    if scorer.targets is not None:
         scope["targets"] = scorer.targets.manifest
+    if scorer.objective != "trajectory":
+        scope["objective"] = {k: getattr(config.student, k) for k in ("objective", "objective_rows",
+                                                                        "objective_offset", "objective_limit")}
     cache = ScoreCache(run.experts / "instrument_cache", scope)
     report = heldout_report(scorer, draws, sets, null, pool=pool, embed_matrix=embed_matrix, cache=cache,
                             progress=run.progress)

@@ -33,7 +33,7 @@ from .artifacts import atomic_write_json, environment_versions, machine_descript
 from .config import option
 from .errors import ConfigError
 from .forks import resolve_targets
-from .matching import (Draw, SampleSet, Scorer, ScoreCache, StudentSettings, load_expert_pool,
+from .matching import (Draw, SampleSet, Scorer, ScoreCache, StudentSettings, load_expert_pool, load_objective_rows,
                        load_student_model, make_draws, resolve_student, tokenize_for_experts)
 
 __all__ = ["InstrumentConfig", "MatchEvalConfig", "heldout_report", "match_eval", "paired_difference",
@@ -203,7 +203,8 @@ def match_eval(*, experts: str | Path, data: str, output: str | Path | None, con
     samples = SampleSet.from_tokenized(tokenize_for_experts(tokenizer, examples, manifest), embed_matrix)
     draws = make_draws(heldout, resolved, len(samples), config.draws, config.seed)
     scorer = Scorer(model, trajectories, resolved, device=resolve_device(device),
-                    targets=resolve_targets(student.targets, trajectories, resolved, heldout))
+                    targets=resolve_targets(student.targets, trajectories, resolved, heldout),
+                    rows=load_objective_rows(student, tokenizer, manifest, embed_matrix))
     losses = [scorer.loss(samples, d) for d in tqdm(draws, desc="match-eval", disable=not progress)]
     result: dict[str, Any] = {
         "data": data, "experts": str(experts), "size": len(samples), "heldout_experts": heldout,

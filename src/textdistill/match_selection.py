@@ -48,6 +48,9 @@ class MatchSelectionConfig:
     batch_size: int = option(8, "rows per vmap'ed per-example gradient pass")
 
     def __post_init__(self) -> None:
+        if self.student.objective != "trajectory":
+            raise ConfigError("select --method match matches the experts' segments (student.objective trajectory); "
+                              "the performance objective scores sets in distill and match-eval")
         for name in ("segments", "sketch_dim", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"match.{name} must be positive, got {getattr(self, name)}")

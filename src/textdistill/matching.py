@@ -16,7 +16,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -24,10 +24,11 @@ from torch import Tensor
 from .artifacts import atomic_write_json, sha256_json, to_jsonable
 from .config import option
 from .errors import ConfigError
-from .unroll import SyntheticBatch, first_order_unroll, matching_loss
+from .unroll import SyntheticBatch, first_order_unroll, matching_loss, rows_loss
 
 __all__ = ["Draw", "ResolvedStudent", "SampleSet", "ScoreCache", "Scorer", "StudentSettings", "load_expert_pool",
-           "load_student_model", "make_draws", "resolve_student", "sample_minibatches", "tokenize_for_experts"]
+           "load_objective_rows", "load_student_model", "make_draws", "resolve_student", "sample_minibatches",
+           "tokenize_for_experts"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,15 @@ class StudentSettings:
     targets: str | None = option(None, "a forks folder (textdistill forks): each target is the mean end point of "
                                        "its fork runs (denoised targets); null: the expert's own snapshot M ahead",
                                  omit_when=None)
+    objective: Literal["trajectory", "performance"] = option(
+        "trajectory", "what the student's end point is judged by: trajectory (its distance to the expert's target, "
+                      "relative to the start's) or performance (the response loss of objective_rows, relative to "
+                      "the start's)", omit_when="trajectory")
+    objective_rows: str | None = option(None, "performance: held-out rows (arc-easy:validation, a .jsonl ...), "
+                                              "never the questions you report", omit_when=None)
+    objective_offset: int = option(0, "performance: the first row of objective_rows used", omit_when=0)
+    objective_limit: int | None = option(None, "performance: how many rows of objective_rows are used (each one is "
+                                               "scored after every unroll); null: all", omit_when=None)
 
     def __post_init__(self) -> None:
         for name in ("syn_steps", "batch_size", "expert_epochs"):
@@ -62,6 +72,18 @@ class StudentSettings:
             raise ConfigError("set student.lr or student.lr_grid (a line search), not both")
         if self.min_start < 0:
             raise ConfigError(f"student.min_start must be >= 0, got {self.min_start}")
+        if self.objective == "performance":
+            if not self.objective_rows:
+                raise ConfigError("student.objective performance needs student.objective_rows (held-out rows, e.g. "
+                                  "arc-easy:validation)")
+            if self.targets is not None:
+                raise ConfigError("student.targets (denoised targets) has no effect with student.objective "
+                                  "performance; leave it null")
+        elif self.objective_rows is not None:
+            raise ConfigError("student.objective_rows is read only with student.objective performance")
+        if self.objective_offset < 0 or (self.objective_limit is not None and self.objective_limit < 1):
+            raise ConfigError(f"student.objective_offset must be >= 0 and objective_limit >= 1, got "
+                              f"{self.objective_offset} and {self.objective_limit}")
 
 
 @dataclass(frozen=True)
@@ -201,13 +223,25 @@ class Scorer:
 
     Snapshots are loaded once and kept (LoRA tensors are small)."""
 
+    #: objective rows per forward of the performance objective
+    ROWS_CHUNK = 16
+
     def __init__(self, model: torch.nn.Module, trajectories: Any, student: ResolvedStudent, *,
-                 device: torch.device | str, dtype: torch.dtype = torch.float32, targets: Any | None = None):
+                 device: torch.device | str, dtype: torch.dtype = torch.float32, targets: Any | None = None,
+                 rows: SampleSet | None = None):
         self.model, self.trajectories, self.student = model, trajectories, student
         self.device, self.dtype = torch.device(device), dtype
         self.targets = targets   # forks.ForkTargets: denoised targets in place of the expert's own snapshots
+        # the performance objective's held-out rows, in chunks of ROWS_CHUNK (None: the trajectory objective)
+        self.row_batches = None if rows is None else [
+            rows.batch(range(i, min(i + self.ROWS_CHUNK, len(rows)))) for i in range(0, len(rows), self.ROWS_CHUNK)]
         self._params: dict[tuple[int, int], dict[str, Tensor]] = {}
         self._targets: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self._start_rows_loss: dict[tuple[int, int], float] = {}
+
+    @property
+    def objective(self) -> str:
+        return "trajectory" if self.row_batches is None else "performance"
 
     def params(self, expert: int, index: int) -> dict[str, Tensor]:
         key = (expert, index)
@@ -239,12 +273,25 @@ class Scorer:
             return first_order_unroll(self.model, from_params if from_params is not None else start, batches,
                                       self.student.lr if lr is None else lr, keep_snapshots=keep_snapshots)
 
+    def objective_loss(self, params: Mapping[str, Tensor], draw: Draw) -> Tensor:
+        """The objective of the student's end point ``params`` on a draw, relative to the start's (a scalar;
+        differentiable w.r.t. ``params`` where grad is enabled): trajectory, ``matching_loss``; performance, the
+        objective rows' loss at ``params`` over their loss at theta*_t (1 = no better than the start)."""
+        start, _ = self.endpoints(draw)
+        if self.row_batches is None:
+            return matching_loss(params, start, self.target(draw.expert, draw.start))
+        key = (draw.expert, draw.start)
+        if key not in self._start_rows_loss:
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=False):
+                self._start_rows_loss[key] = float(rows_loss(self.model, start, self.row_batches))
+        return rows_loss(self.model, params, self.row_batches) / self._start_rows_loss[key]
+
     def loss_of(self, params: dict[str, Tensor], draw: Draw) -> float:
-        start, target = self.endpoints(draw)
-        return float(matching_loss(params, start, target))
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=False):
+            return float(self.objective_loss(params, draw))
 
     def loss(self, samples: SampleSet, draw: Draw, *, lr: float | None = None) -> float:
-        """Matching loss of one draw."""
+        """The objective (matching loss, or relative rows loss) of one draw."""
         return self.loss_of(self.unroll(samples, draw, lr=lr)[0], draw)
 
     def losses(self, samples: SampleSet, draws: Sequence[Draw], *, lr: float | None = None) -> list[float]:
@@ -350,6 +397,26 @@ def tokenize_for_experts(tokenizer: Any, examples: Sequence[Any], manifest: dict
     settings = manifest["data_settings"]
     return tokenize_examples(tokenizer, examples, max_length=settings["max_length"],
                              append_eos=settings.get("append_eos", True))
+
+
+def load_objective_rows(settings: StudentSettings, tokenizer: Any, manifest: dict[str, Any],
+                        embed_matrix: Tensor) -> SampleSet | None:
+    """The performance objective's held-out rows as the student sees them (the experts' template and tokenization;
+    rows objective_offset .. + objective_limit of objective_rows); None for the trajectory objective."""
+    if settings.objective != "performance":
+        return None
+    from .config import DataSettings
+    from .data import load_examples
+
+    # the experts' template and fields, not the pool's own limit or sample
+    data = DataSettings(**{**manifest["data_settings"], "limit": None, "sample": None})
+    examples = load_examples(settings.objective_rows, data, tokenizer=tokenizer)
+    end = None if settings.objective_limit is None else settings.objective_offset + settings.objective_limit
+    examples = examples[settings.objective_offset: end]
+    if not examples:
+        raise ConfigError(f"student.objective_rows {settings.objective_rows} has no rows from "
+                          f"{settings.objective_offset} on")
+    return SampleSet.from_tokenized(tokenize_for_experts(tokenizer, examples, manifest), embed_matrix)
 
 
 def load_expert_pool(tokenizer: Any, manifest: dict[str, Any]) -> tuple[list[Any], list[Any]]:

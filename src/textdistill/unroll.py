@@ -759,3 +759,28 @@ def matching_loss(student_params: Mapping[str, Tensor], start_params: Mapping[st
         raise ValueError("matching_loss denominator is 0: the start and target params are identical "
                          "(pick target snapshots further along the expert trajectory)")
     return num / den
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Performance loss (the original dataset-distillation objective)
+# ----------------------------------------------------------------------------------------------------------------
+
+def predicted_tokens(batch: SyntheticBatch) -> int:
+    """Response tokens the batch's loss averages over: every response token but the first of a sample with an
+    empty prompt (nothing precedes it to predict it from)."""
+    return int((batch.response_lengths - (batch.prompt_lengths == 0).long()).sum())
+
+
+def rows_loss(model: nn.Module, params: Mapping[str, Tensor], batches: Sequence[SyntheticBatch]) -> Tensor:
+    """Token-mean response loss of held-out rows (given as ``batches``, chunks of them) with the LoRA tensors
+    replaced by ``params``: the performance objective after the student's steps. Differentiable w.r.t. ``params``
+    (and so, through :func:`unroll`, w.r.t. the synthetic prompts and the lr) unless called under ``no_grad``."""
+    if not batches:
+        raise ValueError("rows_loss needs at least one batch of rows")
+    counts = [predicted_tokens(b) for b in batches]
+    total = sum(counts)
+    loss = None
+    for batch, count in zip(batches, counts):
+        term = student_loss(model, params, batch) * (count / total)
+        loss = term if loss is None else loss + term
+    return loss
