@@ -34,6 +34,17 @@ def test_spearman_matches_scipy_with_ties_and_its_interval_covers_it():
     assert low == high == pytest.approx(-1.0)
 
 
+def test_the_most_influential_subset_is_the_one_that_carries_the_correlation():
+    from textdistill.validity import most_influential_point
+
+    # no relation among the first eight points; one extreme point makes the correlation positive
+    x = [1, 2, 3, 4, 5, 6, 7, 8, 0]
+    y = [5, 3, 8, 1, 6, 2, 7, 4, -10]
+    assert spearman(x, y) == pytest.approx(0.3) and spearman(x[:8], y[:8]) == pytest.approx(0.0)
+    index, without = most_influential_point(x, y)
+    assert index == 8 and without == pytest.approx(0.0)
+
+
 def test_noise_ceiling_is_high_when_seeds_agree_and_zero_when_they_do_not():
     accuracies = [0.50, 0.55, 0.60, 0.65, 0.70]
     tight = [[0.500, 0.502, 0.498], [0.650, 0.652]]
@@ -99,6 +110,7 @@ def test_a_tiny_study_writes_every_result_and_resumes(tmp_path, tiny_llama_dir, 
             "seconds_per_score", "points"} <= set(result)
     points = result["points"]
     assert {"set", "indices", "score", "acc", "acc_norm"} <= set(points[0])
+    assert result["without_most_influential"]["set"] in subsets
     rho = validity.spearman([p["score"] for p in points], [p["acc"] for p in points])
     assert (math.isnan(rho) and math.isnan(result["spearman"])) or rho == pytest.approx(result["spearman"])
     # tm scores are minus the held-out matching loss of each subset

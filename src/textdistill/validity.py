@@ -206,6 +206,17 @@ def spearman_with_interval(x: Sequence[float], y: Sequence[float], *, resamples:
     return rho, [low, high]
 
 
+def most_influential_point(x: Sequence[float], y: Sequence[float]) -> tuple[int, float]:
+    """(index, Spearman without it) of the point whose removal moves the correlation furthest towards (or past)
+    zero: how much of a correlation one subset carries."""
+    sign = 1.0 if not spearman(x, y) < 0 else -1.0
+    without = [spearman([v for j, v in enumerate(x) if j != i], [v for j, v in enumerate(y) if j != i])
+               for i in range(len(x))]
+    index = min((i for i in range(len(x)) if not math.isnan(without[i])), key=lambda i: sign * without[i],
+                default=0)
+    return index, without[index]
+
+
 def noise_ceiling(accuracies: Sequence[float], replicates: Sequence[Sequence[float]]) -> dict[str, float]:
     """The highest correlation with accuracy that seed noise allows: ``sqrt(1 - within / total)``, where
     ``within`` is the pooled variance of accuracy over training seeds of one subset (``replicates``: one list of
@@ -728,11 +739,13 @@ def write_report(study: _Study, output: Path) -> list[Path]:
                 rho_norm, ci_norm = spearman_with_interval([p["score"] for p in points],
                                                            [p["acc_norm"] for p in points],
                                                            resamples=config.bootstrap)
+                influence = most_influential_point([p["score"] for p in points], [p["acc"] for p in points])
                 path = output / f"{objective}-{_short(model)}-{budget}-{recipe}.json"
                 atomic_write_json(path, {
                     "objective": objective, "model": model, "budget": config.budget, "recipe": recipe,
                     "recipe_config": to_jsonable(study.recipe_config(model, recipe)), "n": len(points),
                     "spearman": rho, "ci95": ci, "spearman_acc_norm": rho_norm, "ci95_acc_norm": ci_norm,
+                    "without_most_influential": {"set": points[influence[0]]["set"], "spearman": influence[1]},
                     "noise_ceiling": ceiling["noise_ceiling"], "seed_std": ceiling["seed_std"],
                     "acc_std": ceiling["total_std"], "noise_replicates": dict(zip(config.noise_subsets, replicates)),
                     "seconds_per_score": seconds, "accuracy": to_jsonable(config.accuracy),
@@ -772,13 +785,17 @@ def _objective_scores(study: _Study, objective: str, model: str, recipe: str,
 
 def summary_table(paths: Sequence[Path]) -> str:
     """A Markdown table of result files: objective, model, recipe, n, Spearman, interval, noise ceiling."""
-    lines = ["| objective | model | recipe | n | Spearman (acc) | 95% interval | noise ceiling | s / score |",
-             "|---|---|---|---:|---:|---|---:|---:|"]
+    lines = ["| objective | model | recipe | n | Spearman (acc) | 95% interval | without its most influential subset "
+             "| noise ceiling | s / score |",
+             "|---|---|---|---:|---:|---|---|---:|---:|"]
     for path in sorted(paths):
         r = read_json(path)
         seconds = "" if r["seconds_per_score"] is None else f"{r['seconds_per_score']:.1f}"
+        without = r.get("without_most_influential")
+        dropped = "" if without is None else f"{without['spearman']:+.2f} (no {without['set']})"
         lines.append(f"| {r['objective']} | {r['model']} | {r['recipe']} | {r['n']} | {r['spearman']:+.2f} | "
-                     f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] | {r['noise_ceiling']:.2f} | {seconds} |")
+                     f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] | {dropped} | {r['noise_ceiling']:.2f} | "
+                     f"{seconds} |")
     return "\n".join(lines)
 
 
