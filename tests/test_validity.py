@@ -144,6 +144,19 @@ def test_a_tiny_study_writes_every_result_and_resumes(tmp_path, tiny_llama_dir, 
     assert sorted(p.name for p in moved) == sorted(n for n in names if n.split(f"-{model}")[0] in ("tm", "less")) and \
         all(p.parent == report for p in moved)
 
+    # an objective's scoring interrupted after some subsets keeps them: only the others are scored again
+    monkeypatch.undo()
+    monkeypatch.setattr(validity._Study, "train_cell", lambda *a, **k: pytest.fail("a finished cell was redone"))
+    before = read_json(out / "scores" / "tm.json")
+    first, second = list(subsets)[:2]
+    (out / "scores" / "tm.json").unlink()
+    (out / "scores" / "tm.partial.json").write_text(json.dumps({
+        "scores": {first: 123.0}, "raw": {first: {"loss": -123.0, "draws": []}}, "seconds": {first: 1.0}}))
+    run_validity(config, out, device="cpu", progress=False, log=lambda *_: None)
+    after = read_json(out / "scores" / "tm.json")
+    assert after["scores"][first] == 123.0 and after["scores"][second] == before["scores"][second]
+    assert not (out / "scores" / "tm.partial.json").exists()
+
 
 def test_bad_validity_configs_are_refused(tmp_path, tiny_llama_dir, experts_dir):
     with pytest.raises(ConfigError, match="unknown objective"):

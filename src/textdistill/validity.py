@@ -464,12 +464,17 @@ class _Study:
     def score_objective(self, objective: str) -> None:
         """Scores of every subset under a model-independent objective (tm, tm-denoised, pm-student, less)."""
         subsets = self.subsets()
-        scores, raw, seconds = {}, {}, []
+        # subsets scored before an interruption are kept in a partial file beside the scores (written after each)
+        partial_path = self.score_path(objective).with_suffix(".partial.json")
+        partial = read_json(partial_path) if partial_path.is_file() else {}
+        scores, raw, seconds = (dict(partial.get(k, {})) for k in ("scores", "raw", "seconds"))
         targets = self.fork_targets() if objective == "tm-denoised" else None
         less = read_json(self.config.less_scores)["all_scores"] if objective == "less" else None
         from tqdm.auto import tqdm
 
         for name, indices in tqdm(subsets.items(), desc=objective, disable=not self.progress):
+            if name in scores:
+                continue
             start = time.time()
             if objective in ("tm", "tm-denoised"):
                 losses = self.tm_loss(indices, targets)
@@ -485,10 +490,12 @@ class _Study:
                 scores[name] = -raw[name]["loss_change"]
             else:
                 raise ConfigError(f"{objective} is not scored on its own")
-            seconds.append(time.time() - start)
+            seconds[name] = time.time() - start
+            atomic_write_json(partial_path, {"scores": scores, "raw": raw, "seconds": seconds})
         atomic_write_json(self.score_path(objective), {
-            "objective": objective, "scores": scores, "raw": raw,
-            "seconds_per_score": sum(seconds) / len(seconds), "higher_is_better": True})
+            "objective": objective, "scores": {n: scores[n] for n in subsets}, "raw": {n: raw[n] for n in subsets},
+            "seconds_per_score": sum(seconds.values()) / len(seconds), "higher_is_better": True})
+        partial_path.unlink(missing_ok=True)
 
     def objective_examples(self, tokenizer: Any, data: DataSettings) -> list:
         """Performance matching's held-out rows, tokenized by ``tokenizer`` as ``data`` says (read once)."""
