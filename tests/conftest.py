@@ -90,3 +90,32 @@ def mc_rows(n: int = 10, answer_as: str = "index") -> list[dict]:
 def write_jsonl(path: pathlib.Path, rows: list) -> pathlib.Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def sgd_experts_recipe():
+    """The tiny SGD experts' recipe (fp32, so that replaying an expert's own batches reproduces its snapshots)."""
+    from textdistill.config import DataSettings, LoraSettings, TrainConfig
+
+    return TrainConfig(optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=0.0, max_steps=4, batch_size=4,
+                       max_grad_norm=None, precision="fp32", lora=LoraSettings(r=2, alpha=4),
+                       data=DataSettings(max_length=48, limit=12))
+
+
+@pytest.fixture(scope="session")
+def two_sgd_experts(tmp_path_factory, tiny_llama_dir) -> pathlib.Path:
+    """Two tiny SGD expert runs (snapshots every 2 of 4 steps) on 12 ARC-Easy train rows; read-only for tests."""
+    from textdistill.experts import ExpertsConfig, make_experts
+
+    out = tmp_path_factory.mktemp("two-sgd-experts")
+    make_experts(model_name=str(tiny_llama_dir), data="arc-easy:train", output=out, device="cpu", progress=False,
+                 config=ExpertsConfig(num_experts=2, snapshot_every=2, train=sgd_experts_recipe()))
+    return out
+
+
+@pytest.fixture
+def toy_rows(tmp_path) -> pathlib.Path:
+    """A prompt/response JSONL of 4 toy rows (any text set the instrument can score)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} + {i}?", "response": f" {2 * i}"})
+                            + "\n" for i in range(4)))
+    return path

@@ -4,49 +4,35 @@ score against the forks' mean when student.targets names the folder, and against
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from textdistill import forks as forks_module
 from textdistill.artifacts import load_tensors, read_json
-from textdistill.config import DataSettings, LoraSettings, TrainConfig
 from textdistill.errors import ConfigError, TrajectoryError
-from textdistill.experts import ExpertsConfig, load_experts, make_experts
+from textdistill.experts import load_experts
 from textdistill.forks import (ForksConfig, expert_recipe, fork_path, fork_seed, load_fork_targets, make_forks,
                                mean_path, run_fork)
 from textdistill.instrument import InstrumentConfig, match_eval
 from textdistill.matching import (Draw, Scorer, StudentSettings, load_expert_pool, load_student_model,
                                   resolve_student)
 
-RECIPE = TrainConfig(optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=0.0, max_steps=4, batch_size=4,
-                     max_grad_norm=None, precision="fp32", lora=LoraSettings(r=2, alpha=4),
-                     data=DataSettings(max_length=48, limit=12))
-
 
 @pytest.fixture(scope="module")
-def experts_dir(tmp_path_factory, tiny_llama_dir):
-    out = tmp_path_factory.mktemp("experts")
-    make_experts(model_name=str(tiny_llama_dir), data="arc-easy:train", output=out, device="cpu", progress=False,
-                 config=ExpertsConfig(num_experts=2, snapshot_every=2, train=RECIPE))
-    return out
-
-
-@pytest.fixture(scope="module")
-def forks_dir(tmp_path_factory, experts_dir):
+def forks_dir(tmp_path_factory, two_sgd_experts):
     out = tmp_path_factory.mktemp("forks")
-    make_forks(experts=experts_dir, output=out, config=ForksConfig(forks=3), device="cpu", progress=False,
+    make_forks(experts=two_sgd_experts, output=out, config=ForksConfig(forks=3), device="cpu", progress=False,
                log=lambda *_: None)
     return out
 
 
-def test_a_fork_on_the_experts_own_batches_lands_on_its_next_snapshot(experts_dir, monkeypatch):
+def test_a_fork_on_the_experts_own_batches_lands_on_its_next_snapshot(two_sgd_experts, monkeypatch):
     # the fork's start, recipe and step count are the expert's: fed the rows the expert saw in that segment, in its
     # order, it reproduces the expert's next snapshot (fp32)
     from textdistill import training
 
-    trajectories = load_experts(experts_dir)
+    trajectories = load_experts(two_sgd_experts)
     model, tokenizer = load_student_model(trajectories, device="cpu")
     _, pool = load_expert_pool(tokenizer, trajectories.manifest)
     for start in (0, 1):
@@ -62,7 +48,7 @@ def test_a_fork_on_the_experts_own_batches_lands_on_its_next_snapshot(experts_di
             torch.testing.assert_close(end[name], tensor, rtol=1e-5, atol=1e-6)
 
 
-def test_the_forks_folder_holds_their_mean_resumes_and_refuses_other_settings(forks_dir, experts_dir, monkeypatch):
+def test_the_forks_folder_holds_their_mean_resumes_and_refuses_other_settings(forks_dir, two_sgd_experts, monkeypatch):
     manifest = read_json(forks_dir / "manifest.json")
     assert sorted(map(tuple, manifest["pairs"])) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert manifest["segment_steps"] == 2 and manifest["forks"] == 3
@@ -80,18 +66,18 @@ def test_the_forks_folder_holds_their_mean_resumes_and_refuses_other_settings(fo
 
     # a rerun does no work; other settings in the same folder are refused in one line
     monkeypatch.setattr(forks_module, "run_fork", lambda *a, **k: pytest.fail("a finished fork was redone"))
-    make_forks(experts=experts_dir, output=forks_dir, config=ForksConfig(forks=3), device="cpu", progress=False,
+    make_forks(experts=two_sgd_experts, output=forks_dir, config=ForksConfig(forks=3), device="cpu", progress=False,
                log=lambda *_: None)
     with pytest.raises(ConfigError, match="other settings \\(forks\\)"):
-        make_forks(experts=experts_dir, output=forks_dir, config=ForksConfig(forks=2), device="cpu", progress=False)
+        make_forks(experts=two_sgd_experts, output=forks_dir, config=ForksConfig(forks=2), device="cpu", progress=False)
     with pytest.raises(ConfigError, match="does not fit"):
-        make_forks(experts=experts_dir, output=forks_dir, config=ForksConfig(forks=3, max_start=2), device="cpu")
+        make_forks(experts=two_sgd_experts, output=forks_dir, config=ForksConfig(forks=3, max_start=2), device="cpu")
     with pytest.raises(ConfigError, match="forks must be at least 1"):
         ForksConfig(forks=0)
 
 
-def test_the_scorer_and_match_eval_score_against_the_forks_mean(forks_dir, experts_dir, tmp_path):
-    trajectories = load_experts(experts_dir)
+def test_the_scorer_and_match_eval_score_against_the_forks_mean(forks_dir, two_sgd_experts, toy_rows, tmp_path):
+    trajectories = load_experts(two_sgd_experts)
     student = resolve_student(StudentSettings(syn_steps=2, batch_size=2, lr=0.1), trajectories)
     model, _ = load_student_model(trajectories, device="cpu")
     targets = load_fork_targets(forks_dir, trajectories, student.span)
@@ -103,10 +89,7 @@ def test_the_scorer_and_match_eval_score_against_the_forks_mean(forks_dir, exper
     assert all(torch.equal(plain.endpoints(draw)[1][k], trajectories.load(1, 2)[k]) for k in mean)
     assert denoised.loss_of(mean, draw) == 0.0 and plain.loss_of(mean, draw) > 0.0
 
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} + {i}?", "response": f" {2 * i}"}) + "\n"
-                            for i in range(4)))
-    kwargs = dict(experts=experts_dir, data=str(data), output=None, config=InstrumentConfig(draws=3, seed=0),
+    kwargs = dict(experts=two_sgd_experts, data=str(toy_rows), output=None, config=InstrumentConfig(draws=3, seed=0),
                   device="cpu", progress=False, floor=False)
     raw = match_eval(student=StudentSettings(syn_steps=2, batch_size=2, lr=0.1), **kwargs)
     against_forks = match_eval(student=StudentSettings(syn_steps=2, batch_size=2, lr=0.1, targets=str(forks_dir)),
@@ -121,7 +104,8 @@ def test_the_scorer_and_match_eval_score_against_the_forks_mean(forks_dir, exper
         load_fork_targets(tmp_path, trajectories, 1)
 
 
-def test_the_distillation_matches_denoised_targets_and_refuses_a_folder_that_lacks_its_starts(forks_dir, experts_dir,
+def test_the_distillation_matches_denoised_targets_and_refuses_a_folder_that_lacks_its_starts(forks_dir,
+                                                                                            two_sgd_experts,
                                                                                             tmp_path):
     from textdistill.distill import DistillConfig, TokenSearchSettings, distill
 
@@ -129,12 +113,12 @@ def test_the_distillation_matches_denoised_targets_and_refuses_a_folder_that_lac
     config = DistillConfig(budget="4", iterations=2, student=student, precision="fp32", lr_embeddings=1e-2,
                            instrument=InstrumentConfig(draws=2, random_subsets=1, heldout_experts=1),
                            search=TokenSearchSettings(top_k=8, candidates=2))
-    summary = distill(experts=experts_dir, output=tmp_path / "run", config=config, device="cpu", progress=False)
+    summary = distill(experts=two_sgd_experts, output=tmp_path / "run", config=config, device="cpu", progress=False)
     assert read_json(tmp_path / "run" / "run.json")["config"]["student"]["targets"] == str(forks_dir)
     assert len(summary["heldout"]["projected"]["draws"]) == 2
     partial = tmp_path / "partial"
-    make_forks(experts=experts_dir, output=partial, config=ForksConfig(forks=1, max_start=0), device="cpu",
+    make_forks(experts=two_sgd_experts, output=partial, config=ForksConfig(forks=1, max_start=0), device="cpu",
                progress=False, log=lambda *_: None)
     with pytest.raises(TrajectoryError, match="lacks denoised targets"):
-        distill(experts=experts_dir, output=tmp_path / "refused", device="cpu", progress=False,
+        distill(experts=two_sgd_experts, output=tmp_path / "refused", device="cpu", progress=False,
                 config=DistillConfig(budget="4", iterations=1, student=StudentSettings(targets=str(partial))))

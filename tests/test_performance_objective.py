@@ -11,36 +11,25 @@ import pytest
 import torch
 
 from textdistill.artifacts import read_json
-from textdistill.config import DataSettings, LoraSettings, TrainConfig
+from textdistill.config import DataSettings
 from textdistill.errors import ConfigError
-from textdistill.experts import ExpertsConfig, load_experts, make_experts
+from textdistill.experts import load_experts
 from textdistill.instrument import InstrumentConfig, match_eval
 from textdistill.match_selection import MatchSelectionConfig
 from textdistill.matching import (Draw, SampleSet, Scorer, StudentSettings, load_expert_pool, load_objective_rows,
                                   load_student_model, resolve_student)
 from textdistill.projection import input_embedding_matrix
 
-RECIPE = TrainConfig(optimizer="sgd", lr=0.5, schedule="constant", warmup_ratio=0.0, max_steps=4, batch_size=4,
-                     max_grad_norm=None, precision="fp32", lora=LoraSettings(r=2, alpha=4),
-                     data=DataSettings(max_length=48, limit=12))
 PERFORMANCE = dict(objective="performance", objective_rows="arc-easy:validation", objective_offset=3,
                    objective_limit=20)
 
 
-@pytest.fixture(scope="module")
-def experts_dir(tmp_path_factory, tiny_llama_dir):
-    out = tmp_path_factory.mktemp("experts")
-    make_experts(model_name=str(tiny_llama_dir), data="arc-easy:train", output=out, device="cpu", progress=False,
-                 config=ExpertsConfig(num_experts=2, snapshot_every=2, train=RECIPE))
-    return out
-
-
-def test_the_objective_is_the_receivers_loss_of_the_rows_relative_to_the_start(experts_dir):
+def test_the_objective_is_the_receivers_loss_of_the_rows_relative_to_the_start(two_sgd_experts):
     from textdistill.data import load_examples
     from textdistill.matching import tokenize_for_experts
     from textdistill.training import collate, response_loss
 
-    trajectories = load_experts(experts_dir)
+    trajectories = load_experts(two_sgd_experts)
     settings = StudentSettings(syn_steps=2, batch_size=2, lr=0.3, **PERFORMANCE)
     student = resolve_student(settings, trajectories)
     model, tokenizer = load_student_model(trajectories, device="cpu")
@@ -77,13 +66,10 @@ def test_the_objective_is_the_receivers_loss_of_the_rows_relative_to_the_start(e
     assert abs(expected - 1.0) > 1e-3   # the steps changed the rows' loss
 
 
-def test_match_eval_and_distill_run_on_it_and_the_meta_loss_is_the_scored_loss(experts_dir, tmp_path):
+def test_match_eval_and_distill_run_on_it_and_the_meta_loss_is_the_scored_loss(two_sgd_experts, toy_rows, tmp_path):
     from textdistill.distill import DistillConfig, TokenSearchSettings, distill
 
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} + {i}?", "response": f" {2 * i}"}) + "\n"
-                            for i in range(4)))
-    kwargs = dict(experts=experts_dir, data=str(data), output=None, config=InstrumentConfig(draws=3, seed=0),
+    kwargs = dict(experts=two_sgd_experts, data=str(toy_rows), output=None, config=InstrumentConfig(draws=3, seed=0),
                   device="cpu", progress=False, floor=False)
     trajectory = match_eval(student=StudentSettings(syn_steps=2, batch_size=2, lr=0.3), **kwargs)
     performance = match_eval(student=StudentSettings(syn_steps=2, batch_size=2, lr=0.3, **PERFORMANCE), **kwargs)
@@ -94,7 +80,7 @@ def test_match_eval_and_distill_run_on_it_and_the_meta_loss_is_the_scored_loss(e
                            instrument=InstrumentConfig(draws=2, random_subsets=1, heldout_experts=1),
                            search=TokenSearchSettings(top_k=8, candidates=2, confirm=False, confirm_draws=None))
     out = tmp_path / "run"
-    distill(experts=experts_dir, output=out, config=config, device="cpu", progress=False)
+    distill(experts=two_sgd_experts, output=out, config=config, device="cpu", progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the meta-gradient's loss (through the differentiable unroll) and the scorer's loss of the same set on the
     # same draw are one number

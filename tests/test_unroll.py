@@ -183,6 +183,29 @@ def test_one_inner_step_equals_torch_sgd(kind):
     assert moved > 1e-3   # the step really moved the parameters
 
 
+def assert_meta_gradient_matches_finite_differences(meta_loss, prompts, *, directions: int, seed: int):
+    """Backward of ``meta_loss(prompts, lr)`` at lr 0.3 (float64) against central differences in the lr and along
+    ``directions`` random directions of the prompts; returns the prompts' gradients and the lr leaf."""
+    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    meta_loss(prompts, lr).backward()
+    grads = [p.grad.clone() for p in prompts]
+    assert all(g.abs().sum() > 0 for g in grads)
+    eps = 1e-5
+    with torch.no_grad():
+        lr_fd = (meta_loss(prompts, lr + eps, False) - meta_loss(prompts, lr - eps, False)) / (2 * eps)
+    assert abs(float(lr.grad) - float(lr_fd)) <= 1e-4 * abs(float(lr_fd)) and abs(float(lr_fd)) > 1e-8
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(directions):   # directional derivatives along random directions
+        dirs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in prompts]
+        plus = [(p + eps * d).detach() for p, d in zip(prompts, dirs)]
+        minus = [(p - eps * d).detach() for p, d in zip(prompts, dirs)]
+        with torch.no_grad():
+            fd = (meta_loss(plus, lr.detach(), False) - meta_loss(minus, lr.detach(), False)) / (2 * eps)
+        analytic = sum((g * d).sum() for g, d in zip(grads, dirs)).detach()
+        assert abs(float(analytic) - float(fd)) <= 1e-4 * abs(float(fd)) and abs(float(fd)) > 1e-10
+    return grads, lr
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma"])
 def test_meta_gradient_matches_finite_differences(kind, exact_float64):
     """d matching_loss(unroll(...)) / d(prompts, lr) in float64 against central differences."""
@@ -199,25 +222,8 @@ def test_meta_gradient_matches_finite_differences(kind, exact_float64):
         theta = unroll(model, start, [a, b], lr, create_graph=create_graph)
         return matching_loss(theta, start, target)
 
-    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-    loss = meta_loss(prompts, lr)
-    loss.backward()
-    grads = [p.grad.clone() for p in prompts]
-    assert all(g.abs().sum() > 0 for g in grads)
-
+    grads, lr = assert_meta_gradient_matches_finite_differences(meta_loss, prompts, directions=2, seed=14)
     eps = 1e-5
-    with torch.no_grad():
-        lr_fd = (meta_loss(prompts, lr + eps, False) - meta_loss(prompts, lr - eps, False)) / (2 * eps)
-    assert abs(float(lr.grad) - float(lr_fd)) <= 1e-4 * abs(float(lr_fd)) and abs(float(lr_fd)) > 1e-8
-
-    gen = torch.Generator().manual_seed(14)
-    for _ in range(2):   # directional derivatives along random directions
-        dirs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in prompts]
-        plus = [(p + eps * d).detach() for p, d in zip(prompts, dirs)]
-        minus = [(p - eps * d).detach() for p, d in zip(prompts, dirs)]
-        fd = ((meta_loss(plus, lr.detach(), False) - meta_loss(minus, lr.detach(), False)) / (2 * eps)).detach()
-        analytic = sum((g * d).sum() for g, d in zip(grads, dirs)).detach()
-        assert abs(float(analytic) - float(fd)) <= 1e-4 * abs(float(fd)) and abs(float(fd)) > 1e-10
     for idx in [(0, 1, 2), (4, 0, 31)]:   # a few single coordinates (prompt, row, column)
         k, row, col = idx
         plus = [p.detach().clone() for p in prompts]
@@ -553,19 +559,4 @@ def test_performance_meta_gradient_matches_finite_differences(recompute, exact_f
             theta = unroll(model, start, [a, b], lr, create_graph=create_graph)
         return rows_loss(model, theta, held_out)
 
-    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-    meta_loss(prompts, lr).backward()
-    grads = [p.grad.clone() for p in prompts]
-    assert all(g.abs().sum() > 0 for g in grads)
-    eps = 1e-5
-    with torch.no_grad():
-        lr_fd = (meta_loss(prompts, lr + eps, False) - meta_loss(prompts, lr - eps, False)) / (2 * eps)
-    assert abs(float(lr.grad) - float(lr_fd)) <= 1e-4 * abs(float(lr_fd)) and abs(float(lr_fd)) > 1e-8
-    gen = torch.Generator().manual_seed(24)
-    dirs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in prompts]
-    plus = [(p + eps * d).detach() for p, d in zip(prompts, dirs)]
-    minus = [(p - eps * d).detach() for p, d in zip(prompts, dirs)]
-    with torch.no_grad():
-        fd = (meta_loss(plus, lr.detach(), False) - meta_loss(minus, lr.detach(), False)) / (2 * eps)
-    analytic = sum((g * d).sum() for g, d in zip(grads, dirs))
-    assert abs(float(analytic) - float(fd)) <= 1e-4 * abs(float(fd)) and abs(float(fd)) > 1e-10
+    assert_meta_gradient_matches_finite_differences(meta_loss, prompts, directions=1, seed=24)
