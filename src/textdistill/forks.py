@@ -180,6 +180,7 @@ def make_forks(*, experts: str | Path, output: str | Path, config: ForksConfig, 
     model.train()
     _, pool = load_expert_pool(tokenizer, manifest)
     signal: dict[str, Any] = {}
+    recipe = expert_recipe(manifest, steps)
     bar = tqdm(total=len(pairs) * config.forks, desc="forks", disable=not progress, dynamic_ncols=True)
     for expert, start in pairs:
         if expert >= trajectories.num_experts:
@@ -189,7 +190,6 @@ def make_forks(*, experts: str | Path, output: str | Path, config: ForksConfig, 
         for f in range(config.forks):
             path = fork_path(output, expert, start, f)
             if not path.is_file():
-                recipe = expert_recipe(manifest, steps)
                 seed = fork_seed(config, expert, start, f, trajectories.num_snapshots)
                 end = run_fork(model, origin, pool, dataclasses.replace(recipe, seed=seed), tokenizer.pad_token_id)
                 save_tensors(path, end, metadata={"seed": str(seed)})
