@@ -155,6 +155,17 @@ def _cmd_select(args: argparse.Namespace) -> int:
         from .selection import select_random
 
         result = select_random(data=args.data, budget=args.budget, output=args.output, seed=args.seed)
+    elif args.method == "performance":
+        from .performance_selection import PerformanceSelectionConfig, select_by_performance
+
+        recipe_flags = given_config_flags(args, prefix="recipe.")
+        if "seed" in recipe_flags:
+            raise ConfigError("--recipe.seed does not act here: every draw trains with --performance.train_seed")
+        result = select_by_performance(
+            data=args.data, budget=args.budget, output=args.output, device=args.device,
+            config=load_config(PerformanceSelectionConfig, sets=given_config_flags(args, prefix="performance.")),
+            recipe=_recipe(args.config, recipe_flags),
+            trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
     elif args.method == "match":
         from .match_selection import MatchSelectionConfig, select_by_matching
 
@@ -184,6 +195,25 @@ def _config(args: argparse.Namespace, config: str, section: str) -> Any:
     module, name = config.split(":")
     cls = getattr(importlib.import_module(f"textdistill.{module}"), name)
     return load_config(cls, path=args.config, section=section, sets=given_config_flags(args))
+
+
+def _recipe(path: str | None, sets: dict[str, Any]) -> Any:
+    """The training recipe of ``select --method performance``: the ``recipe:`` section of a YAML file (at its top,
+    or inside its ``experiment:`` or ``validity:`` block; a train config file is a recipe as a whole), then the
+    ``--recipe.*`` flags."""
+    from .config import TrainConfig, apply_overrides, build_dataclass, read_yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = read_yaml(path)
+        for block in ("experiment", "validity"):
+            if isinstance(values.get(block), dict) and "recipe" in values[block]:
+                values = values[block]
+        values = values.get("recipe", values)
+    try:
+        return build_dataclass(TrainConfig, apply_overrides(values, sets, skip_none=False), "recipe")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
 
 
 def _cmd_experts(args: argparse.Namespace) -> int:
@@ -313,6 +343,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise assets.AssetsError(f"{name} is not converted yet: run `textdistill assets install` first")
     config = load_experiment_config("demo")
     arms = {"random": "a random subset", "less": "the LESS selection", "match": "the rows that best match the experts",
+            "performance": "the best random subset by the receivers' held-out loss",
             "distill-init": "the distillation's starting samples", "distilled": "the distilled text",
             "continuous": "(SmolLM2) the learned vectors", "full": "all rows"}
     trained = [arms[m] for m in config.methods if m in arms]
@@ -486,14 +517,16 @@ def build_parser(command: str | None = None, method: str | None = None) -> argpa
     _add_common(p, remote_code=False)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("select", help="select a budget of rows: random, LESS, or match (the rows whose gradients "
-                                      "best reproduce the experts' segments)")
-    p.add_argument("--method", required=True, choices=["random", "less", "match"],
-                   help="random rows, LESS, or match; --help after it lists that method's flags")
+    p = sub.add_parser("select", help="select a budget of rows: random, LESS, match (the rows whose gradients "
+                                      "best reproduce the experts' segments) or performance (the best of random "
+                                      "subsets by the held-out loss of models trained on them)")
+    p.add_argument("--method", required=True, choices=["random", "less", "match", "performance"],
+                   help="random rows, LESS, match or performance; --help after it lists that method's flags")
     p.add_argument("--budget", required=True, help="count or percentage, e.g. 113 or 5%%")
     p.add_argument("--output", required=True, help="selection file (JSON)")
-    if method in (None, "random", "less"):
+    if method in (None, "random", "less", "performance"):
         p.add_argument("--data", required=method is not None, help="the pool")
+    if method in (None, "random", "less"):
         p.add_argument("--seed", type=int, default=0, help="seed of the rows (random) or of the warm-up and "
                                                            "projection (less)")
     if method in (None, "match"):
@@ -504,14 +537,22 @@ def build_parser(command: str | None = None, method: str | None = None) -> argpa
                        "selection file of the same data (scores do not depend on the budget; no model work)")
         _add_resume(p, "LESS's unfinished work (kept beside --output)")
         _add_checkpointing(p, "a rerun with the same settings continues unfinished work (kept beside --output)")
-    if method in ("less", "match"):
+    if method in ("less", "match", "performance"):
         _add_common(p)
+    if method == "performance":
+        p.add_argument("--config", help="YAML whose `recipe:` section is the training recipe of every draw (the "
+                                        "comparison's; a train config file works too)")
 
     if method == "less":
         _config_flags(p, "select less", command, "less:LessConfig", "LESS", prefix="less.")
     elif method == "match":
         _config_flags(p, "select match", command, "match_selection:MatchSelectionConfig", "match selection",
                       prefix="match.")
+    elif method == "performance":
+        _config_flags(p, "select performance", command, "performance_selection:PerformanceSelectionConfig",
+                      "performance selection", prefix="performance.")
+        _config_flags(p, "select performance", command, "config:TrainConfig", "training recipe of each draw",
+                      prefix="recipe.")
     p.set_defaults(func=_cmd_select)
     return parser
 

@@ -41,9 +41,10 @@ from .keys import code_identity, settings_key
 from .experts import ExpertsConfig
 from .less import LessConfig, parse_target, select_less
 from .match_selection import MatchSelectionConfig
+from .performance_selection import PerformanceSelectionConfig
 from .report import CellResult
 
-METHODS = ("base", "full", "random", "less", "match", "distill-init", "distilled", "continuous")
+METHODS = ("base", "full", "random", "less", "match", "performance", "distill-init", "distilled", "continuous")
 #: Methods whose data come from the distillation run.
 DISTILL_METHODS = ("distill-init", "distilled", "continuous")
 
@@ -69,6 +70,9 @@ class ExperimentConfig:
     less: LessConfig = option(factory=lambda: LessConfig(target="arc-easy:validation"),
                               help="LESS on distill_model's gradients, for ARC-Easy's validation split unless set")
     match: MatchSelectionConfig = option(factory=MatchSelectionConfig, help="selection by the matching objective")
+    performance: PerformanceSelectionConfig = option(
+        factory=PerformanceSelectionConfig, help="selection by performance matching: the best of random subsets "
+                                                 "trained with `recipe`, by the held-out loss of the receivers")
     distill_init: Literal["random", "less", "match"] = option("match", "the distillation's starting samples")
     distill_per_seed: bool = option(True, "false: one distillation (seed 0) shared by all training seeds")
 
@@ -226,19 +230,35 @@ class _Stages:
         except (TextDistillError, OSError):   # unfinished or damaged: make_experts continues or reports it
             return False
 
-    def selection(self, method: str, budget: str, seed: int) -> Path:
-        """The selection file of a (method, budget, seed); made (once, under a lock) if missing."""
-        key = self.key(*stage_settings(self.config, method))
-        name = f"{method}-{budget.replace('%', 'pct')}-seed{seed if method == 'random' else 0}-{key}.json"
+    def scoring_models(self, model: str | None) -> tuple[str, ...]:
+        """The models whose held-out loss picks the ``performance`` selection that ``model`` trains on."""
+        if self.config.performance.models is not None:
+            return tuple(self.config.performance.models)
+        if model is None:
+            raise ConfigError("performance.models is unset: each receiver scores its own selection, so name the model")
+        return (model,)
+
+    def selection(self, method: str, budget: str, seed: int, model: str | None = None) -> Path:
+        """The selection file of a (method, budget, seed); made (once, under a lock) if missing. ``model``: the
+        receiver, for a ``performance`` selection that each receiver scores for itself."""
+        settings = stage_settings(self.config, method)
+        scored_by = ""
+        if method == "performance":
+            scoring = self.scoring_models(model)
+            settings = [*settings, list(scoring)]
+            scored_by = "-" + "+".join(Path(m.rstrip("/")).name for m in scoring)
+        key = self.key(*settings)
+        name = f"{method}-{budget.replace('%', 'pct')}-seed{seed if method == 'random' else 0}{scored_by}-{key}.json"
         path = self.root / "selections" / name
         if path.is_file():
             return path
         with stage_lock(path, log=self.log):
             if not path.is_file():
-                self._make_selection(method, budget, seed, key, path)
+                self._make_selection(method, budget, seed, key, path, model)
         return path
 
-    def _make_selection(self, method: str, budget: str, seed: int, key: str, path: Path) -> None:
+    def _make_selection(self, method: str, budget: str, seed: int, key: str, path: Path,
+                        model: str | None = None) -> None:
         from .selection import reselect, select_random
 
         # LESS scores do not depend on the budget: cut this budget from another budget's scores when there are any
@@ -270,6 +290,15 @@ class _Stages:
                     if not source.is_file():
                         make_source()
                 cut_selection(source, budget, path, self.pool)
+        elif method == "performance":
+            from .performance_selection import select_by_performance
+
+            # the per-draw runs are shared by every performance selection of this pool and recipe
+            self._timed("select-performance", lambda: select_by_performance(
+                data=self.config.pool, budget=budget, output=path, config=self.config.performance,
+                recipe=self.config.recipe, models=self.scoring_models(model), examples=self.pool,
+                cache_dir=self.root / "selections" / "performance-draws", device=self.device,
+                progress=self.progress, trust_remote_code=self.trust_remote_code, log=self.log))
         elif scored:
             reselect(scored[0], budget, path, self.pool)
         else:
@@ -304,15 +333,19 @@ class _Stages:
                                                        trust_remote_code=self.trust_remote_code))
         return folder
 
-    def examples(self, method: str, budget: str, seed: int) -> tuple[list[Example], dict[str, Any]]:
-        """Training examples of a cell and what to record about them (``continuous`` has none: see
-        :meth:`distilled`)."""
+    def examples(self, method: str, budget: str, seed: int,
+                 model: str | None = None) -> tuple[list[Example], dict[str, Any]]:
+        """Training examples of a cell of receiver ``model`` and what to record about them (``continuous`` has none:
+        see :meth:`distilled`)."""
         from .selection import apply_selection
 
         if method == "full":
             return list(self.pool), {}
         if method in ("random", "less", "match"):
             return apply_selection(self.pool, self.selection(method, budget, seed)), {}
+        if method == "performance":
+            path = self.selection(method, budget, seed, model)
+            return apply_selection(self.pool, path), {"selection": path.name}
         folder = self.distilled(budget, seed if self.config.distill_per_seed else 0)
         if method == "distill-init":
             init = read_json(folder / "init.json")
@@ -333,6 +366,8 @@ def stage_settings(config: ExperimentConfig, method: str) -> list[Any]:
         return [config.distill_model, config.less, *code_identity("less")]
     if method == "match":
         return [config.distill_model, config.experts, config.match, *code_identity("experts", "match")]
+    if method == "performance":
+        return [config.recipe, config.performance, *code_identity("performance")]
     if method in DISTILL_METHODS:
         init = {"random": None, "less": config.less, "match": (config.experts, config.match)}[config.distill_init]
         init_stages = {"random": ("random",), "less": ("less",), "match": ("match",)}[config.distill_init]
@@ -400,7 +435,7 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
                     "train_seconds": round(result.seconds, 1), "train_last_loss": round(result.losses[-1], 4)})
     else:
         data_start = time.time()
-        examples, info = stages.examples(method, budget, seed)
+        examples, info = stages.examples(method, budget, seed, model_name)
         row["data_seconds"] = round(time.time() - data_start, 1)
         row.update(info)
         row["data_key"] = training_data_key(examples)

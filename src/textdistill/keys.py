@@ -37,7 +37,8 @@ KEY_SCHEMA = 1
 #: changes what that stage produces: the stages and cells made by the earlier code then have other keys and are made
 #: again instead of reused. A cell's key covers the code of its training and scoring ("cell") and of every stage its
 #: data come from.
-STAGE_CODE_VERSIONS = {"experts": 1, "random": 1, "less": 1, "match": 1, "distill": 1, "cell": 1}
+STAGE_CODE_VERSIONS = {"experts": 1, "random": 1, "less": 1, "match": 1, "performance": 1, "distill": 1,
+                       "cell": 1}
 #: The package version, stage versions and key schema every run folder under results/ was made with: keys leave the
 #: versions out while they are at these, so that those folders stay reusable.
 _UNVERSIONED = ("0.1.0", 1, 1)

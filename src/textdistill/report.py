@@ -51,6 +51,7 @@ class CellResult:
     data_key: str | None = _column()             # hash of the training data
     adapter: str | None = _column(run=True, csv=False)   # the trained LoRA adapter, relative to the run folder
     distill_run: str | None = _column(csv=False)  # the distillation the cell's data came from
+    selection: str | None = _column(csv=False)   # performance: the selection file (selections/) it trained on
     reused_from: str | None = _column(csv=False)  # an earlier run folder the cell was copied from
     config_key: str | None = _column(csv=False)  # the cell key it was made under (experiment.cell_key)
     row_schema: int = _column(csv=False, default=ROW_SCHEMA)
@@ -141,7 +142,7 @@ def budget_table(rows: Sequence[dict[str, Any]], metric: str = "acc") -> str:
 
 
 def _method_order(method: str) -> int:
-    order = ["base", "full", "random", "less", "match", "distill-init", "distilled", "continuous"]
+    order = ["base", "full", "random", "less", "match", "performance", "distill-init", "distilled", "continuous"]
     return order.index(method) if method in order else len(order)
 
 

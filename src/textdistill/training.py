@@ -69,6 +69,20 @@ def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return loss, count
 
 
+def mean_response_loss(model: Any, rows: Sequence[TokenizedExample], pad_id: int, batch_size: int = 16) -> float:
+    """Token-mean response loss of ``rows`` under ``model`` as it is (eval mode, no graph, the model's own dtype):
+    the score performance matching gives a trained receiver."""
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i:i + batch_size], pad_id, next(model.parameters()).device)
+            loss, count = response_loss(model, batch)
+            total += float(loss) * count
+            tokens += count
+    return total / tokens
+
+
 def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
     """Learning-rate factor at optimizer step ``step`` (0-based): linear warmup, then constant/linear/cosine decay."""
     if warmup > 0 and step < warmup:

@@ -536,7 +536,7 @@ class _Study:
         """Train ``model_name`` on the subset with the recipe and seed; record the objective rows' loss and, with
         ``evaluate``, the accuracy."""
         from .evaluation import evaluate_model
-        from .training import train_on_examples
+        from .training import mean_response_loss, train_on_examples
 
         key = self.cell_key(model_name, recipe_name, seed, indices, evaluate)
         twin = self._twin(model_name, recipe_name, out.parent.parent.name, seed, key, evaluate is not None)
@@ -553,7 +553,7 @@ class _Study:
         if seed == self.config.pm_seed:   # performance matching's score comes from this seed's run only
             start = time.time()
             rows = self.objective_examples(tokenizer, recipe.data)
-            row.update({"objective_loss": _model_rows_loss(model, rows, tokenizer.pad_token_id),
+            row.update({"objective_loss": mean_response_loss(model, rows, tokenizer.pad_token_id),
                         "objective_rows": len(rows), "objective_seconds": round(time.time() - start, 1)})
         if evaluate is not None:
             metrics = evaluate_model(model, tokenizer, evaluate, progress=False)
@@ -611,32 +611,19 @@ class _Study:
 
 def _rows_loss(model: torch.nn.Module, rows: Sequence[Any], params: dict[str, torch.Tensor], pad_id: int) -> float:
     """Token-mean response loss of ``rows`` with the model's LoRA tensors set to ``params`` (restored after)."""
+    from .training import mean_response_loss
+
     named = dict(model.named_parameters())
     saved = {name: named[name].detach().clone() for name in params}
     try:
         with torch.no_grad():
             for name, value in params.items():
                 named[name].copy_(value)
-        return _model_rows_loss(model, rows, pad_id)
+        return mean_response_loss(model, rows, pad_id)
     finally:
         with torch.no_grad():
             for name, value in saved.items():
                 named[name].copy_(value)
-
-
-def _model_rows_loss(model: torch.nn.Module, rows: Sequence[Any], pad_id: int, batch_size: int = 16) -> float:
-    """Token-mean response loss of ``rows`` under the model as it is (no graph)."""
-    from .training import collate, response_loss
-
-    total, tokens = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            batch = collate(rows[i:i + batch_size], pad_id, next(model.parameters()).device)
-            loss, count = response_loss(model, batch)
-            total += float(loss) * count
-            tokens += count
-    return total / tokens
 
 
 def _units(study: _Study) -> list[_Unit]:

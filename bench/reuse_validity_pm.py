@@ -1,0 +1,78 @@
+"""Put the validity study's performance-matching runs into a comparison's `performance` draw cache.
+
+The validity study (configs/validity-arc-easy-1pct.yaml) trained every subset once with the comparison's recipe at
+its `pm_seed` and measured the held-out loss of ARC-Easy validation 285-569. Where a draw of the comparison's
+`performance` selection is one of those subsets (its `performance.seed` is the distillation's null seed, so draws
+0-9 are the study's null-0..9), that run is the draw's score: this copies it instead of training it again. It
+refuses unless the recipe (the study's comparison recipe, or its tuned one for that model), the training seed, the
+held-out rows and the pool are the same.
+
+    python bench/reuse_validity_pm.py configs/arc-easy-cpu-v2.yaml results/arc-easy-cpu-v2 \
+        configs/validity-arc-easy-1pct.yaml results/validity-arc-easy-1pct
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from filelock import FileLock
+
+from textdistill.artifacts import atomic_write_json, read_json
+from textdistill.data import load_examples
+from textdistill.experiment import load_experiment_config, resolve_precisions, validate
+from textdistill.keys import keyed
+from textdistill.performance_selection import draw_indices, score_cache_path
+from textdistill.selection import pool_ids_hash, resolve_budget
+from textdistill.validity import _Study, load_validity_config
+
+
+def main(experiment_config: str, experiment_root: str, validity_config: str, validity_root: str) -> None:
+    experiment = resolve_precisions(load_experiment_config(experiment_config), "cpu")
+    study = load_validity_config(validity_config)
+    performance = experiment.performance
+    recipe = dataclasses.replace(experiment.recipe, seed=performance.train_seed)
+    if performance.train_seed != study.pm_seed:
+        sys.exit(f"the training seeds differ ({performance.train_seed} against the study's {study.pm_seed})")
+    rows = (performance.rows, performance.rows_offset, performance.rows_limit)
+    if rows != (study.objective_rows, study.objective_offset, study.objective_limit):
+        sys.exit(f"the held-out rows differ: {rows} against the study's")
+    pool = validate(experiment)
+    if [e.id for e in pool] != [e.id for e in load_examples(study.pool, study.recipe.data)]:
+        sys.exit("the pools differ")
+    count = resolve_budget(study.budget, len(pool))
+    draws = {str(d) for d in draw_indices(len(pool), count, performance)}
+    cache_dir = Path(experiment_root) / "selections" / "performance-draws"
+    studied = _Study(study, Path(validity_root), device="cpu", progress=False, log=print)
+    for model in experiment.models:
+        # the study's recipe for this model that is the comparison's (comparison, or tuned where it was chosen)
+        same = [r for r in ("comparison", "tuned") if (r != "tuned" or studied.tuning_path(model).is_file()) and
+                keyed(dataclasses.replace(studied.recipe_config(model, r), seed=study.pm_seed)) == keyed(recipe)]
+        if not same:
+            print(f"{model}: none of the study's recipes is this one: nothing to reuse")
+            continue
+        cache = score_cache_path(cache_dir, model, experiment.recipe, performance, pool_ids_hash(pool), count)
+        found = {}
+        for path in sorted((Path(validity_root) / "cells" / model / same[0]).glob(
+                f"*/seed{study.pm_seed}/result.json")):
+            cell = read_json(path)
+            if str(sorted(cell["indices"])) in draws and "objective_loss" in cell:
+                found[str(sorted(cell["indices"]))] = {
+                    "loss": cell["objective_loss"], "rows": cell["objective_rows"], "train_steps": cell["train_steps"],
+                    "seconds": round(cell["train_seconds"] + cell["objective_seconds"], 1),
+                    "from": str(path)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache) + ".lock"):
+            stored = read_json(cache)["draws"] if cache.is_file() else {}
+            stored.update({k: v for k, v in found.items() if k not in stored})
+            atomic_write_json(cache, {"model": model, "recipe": recipe, "rows": performance.rows,
+                                      "rows_offset": performance.rows_offset, "rows_limit": performance.rows_limit,
+                                      "draws": stored})
+        print(f"{model}: {len(found)} of {len(draws)} draws from the study's {same[0]} recipe -> {cache}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])

@@ -1,0 +1,170 @@
+"""Selection by performance matching: the best of many random subsets, each trained the way the receivers train.
+
+Performance matching scores a set S by what training on it does: a receiver is fine-tuned on S with the comparison's
+recipe and the token-mean response loss of held-out rows of the target task (never its reported questions) is
+measured; lower is better. Of the objectives of the validity study (results/README.md section 11) it is the only
+one whose correlation with accuracy lies above zero on both SmolLM2-135M and Gemma-3-270M, so it is the objective by
+which this arm picks "the top subset": ``draws`` seeded random subsets of the budget are scored, the best is kept.
+
+Each (model, draw) score is one training run: it is cached in a JSON file per scoring model (written after every
+draw), so an interrupted selection continues, a larger ``draws`` reuses the smaller run's draws, and the selection
+that sums several models' losses reuses the runs of the selections scored by one of them.
+
+Entry: :func:`select_by_performance` (``textdistill select --method performance``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .artifacts import atomic_write_json, read_json, sha256_json
+from .config import DataSettings, TrainConfig, option
+from .errors import ConfigError, DataError
+
+__all__ = ["PerformanceSelectionConfig", "best_draw", "draw_indices", "score_draws", "select_by_performance"]
+
+
+@dataclass(frozen=True)
+class PerformanceSelectionConfig:
+    """The best of ``draws`` random subsets under performance matching (the receivers' held-out loss)."""
+
+    draws: int = option(16, "random subsets scored (one training run per subset and scoring model)")
+    seed: int = option(0, "draw k is the random subset of seed + k (select --method random --seed seed+k)")
+    train_seed: int = option(1, "training seed of every scoring run")
+    rows: str = option("arc-easy:validation", "the held-out rows (dataset or task:split) whose response loss "
+                                              "scores a subset; never the reported questions")
+    rows_offset: int = option(0, "first row of `rows` used")
+    rows_limit: int | None = option(None, "rows of `rows` used (None: all from rows_offset)")
+    models: tuple[str, ...] | None = option(None, "scoring models, whose losses are summed; None: in an experiment, "
+                                                  "each receiver scores its own selection (select needs a list)")
+
+    def __post_init__(self) -> None:
+        if self.draws <= 0:
+            raise ConfigError(f"performance.draws must be positive, got {self.draws}")
+        if self.rows_offset < 0 or (self.rows_limit is not None and self.rows_limit <= 0):
+            raise ConfigError(f"performance.rows_offset must be >= 0 and rows_limit positive, got "
+                              f"{self.rows_offset} and {self.rows_limit}")
+        if self.models is not None and not self.models:
+            raise ConfigError("performance.models is empty: name at least one scoring model, or leave it unset")
+
+
+def draw_indices(pool_size: int, count: int, config: PerformanceSelectionConfig) -> list[list[int]]:
+    """The ``config.draws`` candidate subsets: draw k is :func:`selection.random_indices` with seed ``seed + k``."""
+    from .selection import random_indices
+
+    return [random_indices(pool_size, count, config.seed + k) for k in range(config.draws)]
+
+
+def best_draw(losses: dict[str, Sequence[float]]) -> tuple[int, list[float]]:
+    """The draw with the lowest summed loss over the scoring models (``losses``: model -> loss per draw, all of one
+    length), and the summed loss per draw. Ties go to the earlier draw."""
+    lengths = {len(v) for v in losses.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"every scoring model needs a loss per draw, got lengths {sorted(lengths)}")
+    summed = [sum(values) for values in zip(*losses.values())]
+    return min(range(len(summed)), key=lambda k: (summed[k], k)), summed
+
+
+def _held_out_rows(config: PerformanceSelectionConfig, data: DataSettings) -> list[Any]:
+    from .data import load_examples
+
+    examples = load_examples(config.rows, data)
+    end = None if config.rows_limit is None else config.rows_offset + config.rows_limit
+    rows = examples[config.rows_offset:end]
+    if not rows:
+        raise DataError(f"performance.rows {config.rows}[{config.rows_offset}:{end}] holds no rows "
+                        f"({len(examples)} in all)")
+    return rows
+
+
+def score_cache_path(cache_dir: str | Path, model: str, recipe: TrainConfig, config: PerformanceSelectionConfig,
+                     pool_ids: str, count: int) -> Path:
+    """The cache file of one scoring model: its name holds a hash of everything a score depends on but the draw."""
+    from .keys import keyed
+
+    key = sha256_json([model, keyed(dataclasses.replace(recipe, seed=config.train_seed)), config.rows,
+                       config.rows_offset, config.rows_limit, pool_ids, count])[:12]
+    return Path(cache_dir) / f"{Path(model.rstrip('/')).name}-{key}.json"
+
+
+def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: str, recipe: TrainConfig,
+                config: PerformanceSelectionConfig, cache: Path, device: str = "auto", progress: bool = True,
+                trust_remote_code: bool = False, log=print) -> list[float]:
+    """The held-out loss of ``model`` trained (``recipe``, seed ``config.train_seed``) on each draw's rows of
+    ``pool``; draws already in ``cache`` (same rows) are read, the others trained and written there one by one."""
+    from filelock import FileLock
+    from tqdm.auto import tqdm
+
+    from .data import tokenize_examples
+    from .training import mean_response_loss, train_on_examples
+
+    recipe = dataclasses.replace(recipe, seed=config.train_seed)
+    rows = None
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    losses: list[float] = []
+    for k, indices in enumerate(tqdm(draws, desc=f"performance draws ({Path(model).name})", disable=not progress)):
+        with FileLock(str(cache) + ".lock"):   # processes scoring other draws of this model share the file
+            stored = read_json(cache)["draws"] if cache.is_file() else {}
+        entry = stored.get(str(sorted(indices)))
+        if entry is None:
+            start = time.time()
+            trained, tokenizer, result = train_on_examples(
+                model_name=model, examples=[pool[i] for i in indices], config=recipe, device=device,
+                progress=False, trust_remote_code=trust_remote_code)
+            if rows is None:
+                examples = _held_out_rows(config, recipe.data)
+                rows = tokenize_examples(tokenizer, examples, max_length=recipe.data.max_length,
+                                         append_eos=recipe.data.append_eos)
+            entry = {"loss": mean_response_loss(trained, rows, tokenizer.pad_token_id), "rows": len(rows),
+                     "train_steps": result.steps, "seconds": round(time.time() - start, 1)}
+            with FileLock(str(cache) + ".lock"):
+                stored = read_json(cache)["draws"] if cache.is_file() else {}
+                stored[str(sorted(indices))] = entry
+                atomic_write_json(cache, {"model": model, "recipe": recipe, "rows": config.rows,
+                                          "rows_offset": config.rows_offset, "rows_limit": config.rows_limit,
+                                          "draws": stored})
+            log(f"  draw {k}: {Path(model).name} held-out loss {entry['loss']:.4f} ({entry['seconds']:.0f} s)")
+        losses.append(float(entry["loss"]))
+    return losses
+
+
+def select_by_performance(*, data: str, budget: str | int, output: str | Path, config: PerformanceSelectionConfig,
+                          recipe: TrainConfig, models: Sequence[str] | None = None,
+                          examples: Sequence[Any] | None = None, cache_dir: str | Path | None = None,
+                          device: str = "auto", progress: bool = True, trust_remote_code: bool = False,
+                          log=print) -> dict[str, Any]:
+    """Entry of ``textdistill select --method performance``: score ``config.draws`` random subsets of ``data`` by
+    the summed held-out loss of ``models`` (default ``config.models``) after training each with ``recipe``, and
+    write the best as a selection file (with every draw's losses). ``cache_dir`` (default: beside ``output``)
+    keeps the per-draw runs. Returns ``{"count", "indices", "scores": None, "draw", "losses"}``."""
+    from .data import load_examples
+    from .selection import pool_ids_hash, resolve_budget, write_selection
+
+    scoring = tuple(models) if models is not None else config.models
+    if not scoring:
+        raise ConfigError("select --method performance needs scoring models: --performance.models '[smollm2-135m]'")
+    pool = list(examples) if examples is not None else load_examples(data, recipe.data)
+    if not pool:
+        raise DataError(f"dataset '{data}' is empty")
+    count = resolve_budget(budget, len(pool))
+    draws = draw_indices(len(pool), count, config)
+    output = Path(output)
+    cache_dir = Path(cache_dir) if cache_dir is not None else output.with_name(output.stem + ".draws")
+    pool_ids = pool_ids_hash(pool)
+    start = time.time()
+    losses = {m: score_draws(pool=pool, draws=draws, model=m, recipe=recipe, config=config,
+                             cache=score_cache_path(cache_dir, m, recipe, config, pool_ids, count),
+                             device=device, progress=progress, trust_remote_code=trust_remote_code, log=log)
+              for m in scoring}
+    best, summed = best_draw(losses)
+    write_selection(output, method="performance", data=data, budget=budget, seed=config.seed, examples=pool,
+                    indices=draws[best], extra={
+                        "draw": best, "draw_seed": config.seed + best, "scoring_models": list(scoring),
+                        "held_out_loss": summed[best], "draw_losses": losses, "summed_losses": summed,
+                        "rows": config.rows, "rows_offset": config.rows_offset, "rows_limit": config.rows_limit,
+                        "seconds": round(time.time() - start, 1)})
+    return {"count": count, "indices": draws[best], "scores": None, "draw": best, "losses": summed}

@@ -1,0 +1,126 @@
+"""Selection by performance matching: the best of random subsets by the receivers' held-out loss after training."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from textdistill.config import DataSettings, LoraSettings, TrainConfig
+from textdistill.data import load_examples, tokenize_examples
+from textdistill.errors import ConfigError
+from textdistill.performance_selection import (PerformanceSelectionConfig, best_draw, draw_indices,
+                                               select_by_performance)
+from textdistill.selection import random_indices, read_selection
+
+# fp32 on every CPU kind: the scores are compared for equality with a recomputation
+RECIPE = TrainConfig(max_steps=2, batch_size=2, lr=5e-3, precision="fp32", lora=LoraSettings(r=2, alpha=4),
+                     data=DataSettings(max_length=64, limit=16))
+CONFIG = PerformanceSelectionConfig(draws=3, seed=11, train_seed=1, rows="arc-easy:validation", rows_offset=2,
+                                    rows_limit=4)
+
+
+def test_best_draw_is_the_lowest_summed_loss_and_ties_go_to_the_earlier_draw():
+    assert best_draw({"a": [3.0, 1.0, 2.0]}) == (1, [3.0, 1.0, 2.0])
+    assert best_draw({"a": [1.0, 2.0, 0.5], "b": [1.0, 0.5, 2.0]}) == (0, [2.0, 2.5, 2.5])
+    assert best_draw({"a": [2.0, 1.0], "b": [0.0, 1.0]})[0] == 0   # 2.0 against 2.0: the earlier
+    with pytest.raises(ValueError, match="a loss per draw"):
+        best_draw({"a": [1.0, 2.0], "b": [1.0]})
+
+
+def test_draws_are_the_random_selections_of_consecutive_seeds():
+    assert draw_indices(50, 5, CONFIG) == [random_indices(50, 5, 11 + k) for k in range(3)]
+
+
+@pytest.mark.parametrize("bad, message", [({"draws": 0}, "draws must be positive"),
+                                          ({"rows_limit": 0}, "rows_limit positive"),
+                                          ({"models": ()}, "models is empty")])
+def test_bad_settings_are_refused(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(CONFIG, **bad)
+
+
+def test_the_best_draw_is_chosen_by_the_trained_receivers_held_out_loss_and_a_rerun_trains_nothing(
+        tmp_path, tiny_llama_dir, tiny_gemma_dir, monkeypatch):
+    from textdistill import training
+    from textdistill.training import mean_response_loss, train_on_examples
+
+    llama, gemma = str(tiny_llama_dir), str(tiny_gemma_dir)
+    out = tmp_path / "sel.json"
+    result = select_by_performance(data="arc-easy:train", budget=4, output=out, config=CONFIG, recipe=RECIPE,
+                                   models=[llama], device="cpu", progress=False, log=lambda *_: None)
+    record = read_selection(out)
+    pool = load_examples("arc-easy:train", RECIPE.data)
+    draws = draw_indices(len(pool), 4, CONFIG)
+    assert record["indices"] == draws[result["draw"]] == result["indices"]
+    losses = record["draw_losses"][llama]
+    assert len(losses) == 3 and result["draw"] == min(range(3), key=lambda k: losses[k])
+
+    # each loss is the held-out loss of the receiver trained on that draw with the recipe at train_seed
+    model, tokenizer, _ = train_on_examples(model_name=llama, examples=[pool[i] for i in draws[2]],
+                                            config=dataclasses.replace(RECIPE, seed=1), device="cpu", progress=False)
+    rows = load_examples("arc-easy:validation", RECIPE.data)[2:6]
+    held_out = tokenize_examples(tokenizer, rows, max_length=64, append_eos=RECIPE.data.append_eos)
+    assert losses[2] == pytest.approx(mean_response_loss(model, held_out, tokenizer.pad_token_id), abs=1e-6)
+
+    # a rerun, and a selection summing two models, train only what is not cached (here: Gemma's three draws)
+    trained = []
+    monkeypatch.setattr(training, "train_on_examples",
+                        lambda **kw: trained.append(kw["model_name"]) or train_on_examples(**kw))
+    again = select_by_performance(data="arc-easy:train", budget=4, output=tmp_path / "again.json", config=CONFIG,
+                                  recipe=RECIPE, models=[llama], device="cpu", progress=False,
+                                  cache_dir=out.with_name("sel.draws"), log=lambda *_: None)
+    assert trained == [] and again["indices"] == result["indices"]
+    both = select_by_performance(data="arc-easy:train", budget=4, output=tmp_path / "both.json", config=CONFIG,
+                                 recipe=RECIPE, models=[llama, gemma], device="cpu", progress=False,
+                                 cache_dir=out.with_name("sel.draws"), log=lambda *_: None)
+    assert trained == [gemma] * 3
+    summed = read_selection(tmp_path / "both.json")
+    assert summed["draw_losses"][llama] == losses
+    assert both["losses"] == [a + b for a, b in zip(losses, summed["draw_losses"][gemma])]
+
+
+def test_an_experiment_arm_where_each_receiver_scores_its_own_selection(tmp_path, tiny_llama_dir):
+    import yaml
+
+    from textdistill.experiment import load_experiment_config, run_experiment
+
+    body = {"name": "t", "pool": "arc-easy:train", "pool_limit": 16,
+            "target": {"task": "arc-easy", "split": "validation", "limit": 4},
+            "distill_model": str(tiny_llama_dir), "models": [str(tiny_llama_dir)], "budgets": ["4"],
+            "methods": ["performance"], "seeds": [0],
+            "recipe": {"max_steps": 2, "batch_size": 2, "precision": "fp32", "lora": {"r": 2, "alpha": 4},
+                       "data": {"max_length": 64}},
+            "performance": {"draws": 2, "seed": 3, "rows": "arc-easy:validation", "rows_offset": 4, "rows_limit": 3}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"experiment": body}))
+    config = load_experiment_config(str(path))
+    rows = run_experiment(config, tmp_path / "out", device="cpu", progress=False, log=lambda *_: None)
+    assert len(rows) == 1 and rows[0]["method"] == "performance"
+    selection = tmp_path / "out" / "selections" / rows[0]["selection"]
+    record = read_selection(selection)
+    assert record["scoring_models"] == [str(tiny_llama_dir)] and tiny_llama_dir.name in selection.name
+    assert record["indices"] == draw_indices(16, 4, config.performance)[record["draw"]]
+
+
+def test_the_select_command_reads_the_recipe_from_an_experiment_config_and_refuses_a_seed_that_does_not_act(
+        tmp_path, tiny_llama_dir, capsys):
+    import yaml
+
+    from textdistill.cli import main
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({"experiment": {"recipe": {
+        "max_steps": 1, "batch_size": 2, "precision": "fp32", "lora": {"r": 2, "alpha": 4},
+        "data": {"max_length": 64, "limit": 12}}}}))
+    args = ["select", "--method", "performance", "--data", "arc-easy:train", "--budget", "3", "--config", str(config),
+            "--performance.models", f"[{tiny_llama_dir}]", "--performance.draws", "2", "--performance.rows_limit",
+            "2", "--no-progress"]
+    assert main(args + ["--output", str(tmp_path / "sel.json")]) == 0
+    record = read_selection(tmp_path / "sel.json")
+    assert record["method"] == "performance" and record["count"] == 3 and len(record["summed_losses"]) == 2
+    draws = json.loads(next((tmp_path / "sel.draws").glob("*.json")).read_text())["draws"]
+    assert [d["train_steps"] for d in draws.values()] == [1, 1]   # the config's recipe (max_steps 1) was used
+    assert main(args + ["--output", str(tmp_path / "x.json"), "--recipe.seed", "3"]) == 2
+    assert "--recipe.seed does not act here" in capsys.readouterr().err
