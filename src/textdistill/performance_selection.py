@@ -25,7 +25,8 @@ from .artifacts import atomic_write_json, read_json, sha256_json
 from .config import DataSettings, TrainConfig, option
 from .errors import ConfigError, DataError
 
-__all__ = ["PerformanceSelectionConfig", "best_draw", "draw_indices", "score_draws", "select_by_performance"]
+__all__ = ["PerformanceSelectionConfig", "best_draw", "draw_indices", "held_out_rows", "score_draws",
+           "select_by_performance"]
 
 
 @dataclass(frozen=True)
@@ -69,15 +70,16 @@ def best_draw(losses: dict[str, Sequence[float]]) -> tuple[int, list[float]]:
     return min(range(len(summed)), key=lambda k: (summed[k], k)), summed
 
 
-def _held_out_rows(config: PerformanceSelectionConfig, data: DataSettings) -> list[Any]:
+def held_out_rows(source: str, offset: int, limit: int | None, data: DataSettings) -> list[Any]:
+    """Rows ``offset .. offset + limit`` of ``source`` (all from ``offset`` when ``limit`` is None): the held-out rows
+    whose response loss performance matching measures (also the validity study's)."""
     from .data import load_examples
 
-    examples = load_examples(config.rows, data)
-    end = None if config.rows_limit is None else config.rows_offset + config.rows_limit
-    rows = examples[config.rows_offset:end]
+    examples = load_examples(source, data)
+    end = None if limit is None else offset + limit
+    rows = examples[offset:end]
     if not rows:
-        raise DataError(f"performance.rows {config.rows}[{config.rows_offset}:{end}] holds no rows "
-                        f"({len(examples)} in all)")
+        raise DataError(f"held-out rows {source}[{offset}:{end}] are empty ({len(examples)} rows in all)")
     return rows
 
 
@@ -116,7 +118,7 @@ def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: s
                 model_name=model, examples=[pool[i] for i in indices], config=recipe, device=device,
                 progress=False, trust_remote_code=trust_remote_code)
             if rows is None:
-                examples = _held_out_rows(config, recipe.data)
+                examples = held_out_rows(config.rows, config.rows_offset, config.rows_limit, recipe.data)
                 rows = tokenize_examples(tokenizer, examples, max_length=recipe.data.max_length,
                                          append_eos=recipe.data.append_eos)
             entry = {"loss": mean_response_loss(trained, rows, tokenizer.pad_token_id), "rows": len(rows),

@@ -499,14 +499,12 @@ class _Study:
 
     def objective_examples(self, tokenizer: Any, data: DataSettings) -> list:
         """Performance matching's held-out rows, tokenized by ``tokenizer`` as ``data`` says (read once)."""
-        from .data import load_examples, tokenize_examples
+        from .data import tokenize_examples
+        from .performance_selection import held_out_rows
 
         if not hasattr(self, "_objective_rows"):
-            examples = load_examples(self.config.objective_rows, data)
-            offset, limit = self.config.objective_offset, self.config.objective_limit
-            self._objective_rows = examples[offset: offset + limit]
-            if not self._objective_rows:
-                raise ConfigError(f"objective rows {self.config.objective_rows}[{offset}:{offset + limit}] are empty")
+            self._objective_rows = held_out_rows(self.config.objective_rows, self.config.objective_offset,
+                                                 self.config.objective_limit, data)
         return tokenize_examples(tokenizer, self._objective_rows, max_length=data.max_length,
                                  append_eos=data.append_eos)
 
