@@ -175,8 +175,9 @@ def test_every_config_field_is_a_flag_with_its_default_in_help(capsys):
     from textdistill.matching import StudentSettings
     from textdistill.less import LessConfig
     from textdistill.match_selection import MatchSelectionConfig
+    from textdistill.performance_distill import PerformanceDistillConfig
 
-    commands = {"train": [(TrainConfig, "")], "experts": [(ExpertsConfig, "")], "distill": [(DistillConfig, "")],
+    commands = {"distill-pm": [(PerformanceDistillConfig, ""), (TrainConfig, "recipe.")],"train": [(TrainConfig, "")], "experts": [(ExpertsConfig, "")], "distill": [(DistillConfig, "")],
                 "eval": [(EvalConfig, "")], "experiment": [(ExperimentConfig, "")],
                 "select less": [(LessConfig, "less.")], "select match": [(MatchSelectionConfig, "match.")],
                 "match-eval": [(InstrumentConfig, "instrument."), (StudentSettings, "student.")]}

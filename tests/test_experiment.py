@@ -286,6 +286,10 @@ def test_a_cell_held_by_another_process_is_deferred_not_duplicated(tmp_path, tin
             threading.Event().wait(0.01)                  # until this process has moved on to the random cell
         while not (out / "cells").exists() or not list((out / "cells").glob("**/random/**/result.json")):
             threading.Event().wait(0.01)
+        # and until it has come back to the held cell and is waiting for it (so that a loaded machine, where this
+        # thread can be scheduled first, cannot release the cell before this process looks at it again)
+        while not any("being run by another process" in line for line in logs):
+            threading.Event().wait(0.01)
         written = json.loads(next((out / "cells").glob("**/random/**/result.json")).read_text())
         held.mkdir(parents=True, exist_ok=True)
         (held / "result.json").write_text(json.dumps(dict(written, method="base", budget="", seed="", acc=0.123)))

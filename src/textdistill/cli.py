@@ -256,6 +256,23 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill_pm(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .performance_distill import PerformanceDistillConfig, distill_by_performance
+
+    recipe_flags = given_config_flags(args, prefix="recipe.")
+    if "seed" in recipe_flags:
+        raise ConfigError("--recipe.seed does not act here: every scoring run trains with --train_seed")
+    sets = {k: v for k, v in given_config_flags(args).items() if not k.startswith("recipe.")}
+    config = load_config(PerformanceDistillConfig, path=args.config, section="distill_pm", sets=sets)
+    summary = distill_by_performance(data=args.data, selection=args.selection, output=args.output, config=config,
+                                     recipe=_recipe(args.config, recipe_flags), device=args.device,
+                                     progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
+                                     log=lambda message: print(message, file=sys.stderr))
+    print(json.dumps(summary, indent=2))   # stdout holds the summary only
+    return 0
+
+
 def _cmd_match_eval(args: argparse.Namespace) -> int:
     from .config import load_config
     from .instrument import MatchEvalConfig, match_eval
@@ -466,6 +483,21 @@ def build_parser(command: str | None = None, method: str | None = None) -> argpa
     p.add_argument("--compare", action="append", metavar="NAME=SELECTION.json",
                    help="also score this selection on the held-out draws (repeatable), e.g. less=less.json")
     _finish(p, _cmd_distill, command, "distill", "distill:DistillConfig", "distillation settings")
+
+    p = sub.add_parser("distill-pm", help="edit a selection's prompts token by token, keeping an edit when the "
+                                          "receiver's held-out loss after training on the text drops (performance "
+                                          "matching; one training run per score); write text")
+    p.add_argument("--data", required=True, help="the pool the selection was made on")
+    p.add_argument("--selection", required=True, help="selection file of the starting rows (e.g. select --method "
+                                                      "performance)")
+    p.add_argument("--output", required=True, help="run folder")
+    p.add_argument("--config", help="YAML with a 'distill_pm' section and a 'recipe:' section (the receivers' "
+                                    "training recipe)")
+    _add_resume(p, "the search")
+    _finish(p, _cmd_distill_pm, command, "distill-pm", "performance_distill:PerformanceDistillConfig",
+            "token search on performance matching")
+    _config_flags(p, "distill-pm", command, "config:TrainConfig", "training recipe of every scoring run",
+                  prefix="recipe.")
 
     p = sub.add_parser("match-eval", help="matching loss of a dataset on fixed held-out expert segments (paired)")
     p.add_argument("--experts", required=True, help="folder written by `textdistill experts`")

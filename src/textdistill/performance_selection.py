@@ -72,10 +72,11 @@ def best_draw(losses: dict[str, Sequence[float]]) -> tuple[int, list[float]]:
 
 def held_out_rows(source: str, offset: int, limit: int | None, data: DataSettings) -> list[Any]:
     """Rows ``offset .. offset + limit`` of ``source`` (all from ``offset`` when ``limit`` is None): the held-out rows
-    whose response loss performance matching measures (also the validity study's)."""
+    whose response loss performance matching measures (also the validity study's). ``data``'s template and length
+    apply; its ``limit`` and ``sample``, which cut a training pool, do not."""
     from .data import load_examples
 
-    examples = load_examples(source, data)
+    examples = load_examples(source, dataclasses.replace(data, limit=None, sample=None))
     end = None if limit is None else offset + limit
     rows = examples[offset:end]
     if not rows:

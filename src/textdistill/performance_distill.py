@@ -1,0 +1,355 @@
+"""Distillation on performance matching: edit a selected subset's prompts token by token, and keep an edit when the
+receiver's held-out loss after training on the edited text drops.
+
+Performance matching scores a set by what training on it does (the receiver fine-tuned on it with the comparison's
+recipe; the token-mean response loss of held-out rows of the target task; lower is better). It is the only objective
+of the validity study whose correlation with accuracy lies above zero on both SmolLM2-135M and Gemma-3-270M
+(results/README.md section 13), and no cheap surrogate of it was found valid, so every score here is one training
+run and the search is gradient-free:
+
+- each iteration proposes ``candidates`` edited sets; each changes ``swaps`` prompt tokens, in distinct rows, to one of
+  the model's own top-``fluent_top_k`` next tokens at that position (given the tokens before it), so the text stays
+  words; the template scaffolding ("Question:", "\\nAnswer:") never changes, and an edit whose text does not read
+  back as the same tokens is redrawn;
+- every candidate is trained with the same training seed as the current set (paired: the same initialisation and the
+  same data order, so only the text differs), ``workers`` at a time (one process per core);
+- the best candidate replaces the current set if its held-out loss is lower.
+
+The held-out instrument, computed at the end on what the search never saw: the start and final sets trained with
+other seeds (``instrument_seeds``) and scored on other held-out rows (``instrument_rows_*``).
+
+A run folder holds ``state.json`` (the current prompts after every iteration: a rerun continues exactly),
+``metrics.jsonl`` (one line per iteration), and at the end ``distilled.jsonl`` (prompt, response: what a user trains
+on), ``diagnostics.jsonl`` (per row, the start prompt and the marked changes), ``summary.json`` and ``run.json``.
+
+Entry: :func:`distill_by_performance` (``textdistill distill-pm``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .artifacts import atomic_write_json, read_json, sha256_json, write_jsonl, write_run_info
+from .config import TrainConfig, option
+from .data import Example
+from .errors import ConfigError, DataError
+
+__all__ = ["PerformanceDistillConfig", "apply_edit", "distill_by_performance", "editable_positions", "held_out_loss",
+           "propose_edit"]
+
+
+@dataclass(frozen=True)
+class PerformanceDistillConfig:
+    """Token search on performance matching (every score is one training run of ``model``)."""
+
+    model: str = option("smollm2-135m", "the receiver whose held-out loss scores a set; its tokenizer writes the "
+                                        "text and its next-token predictions propose the edits")
+    iterations: int = option(40, "outer iterations; a rerun with more continues, with fewer (or as many) it only "
+                                 "writes the outputs", resume=False)
+    candidates: int = option(2, "edited sets scored per iteration (one training run each)")
+    swaps: int = option(4, "prompt tokens changed per candidate, each in another row")
+    fluent_top_k: int = option(8, "a new token is among the model's own top-k next tokens at its position")
+    train_seed: int = option(1, "training seed of every scoring run (the same for every set: paired)")
+    rows: str = option("arc-easy:validation", "held-out rows whose response loss scores a set; never the reported "
+                                              "questions")
+    rows_offset: int = option(285, "first row of `rows` used by the search")
+    rows_limit: int | None = option(285, "rows of `rows` used by the search (None: all from rows_offset)")
+    instrument_seeds: tuple[int, ...] = option((2, 3), "training seeds of the held-out instrument (start and final "
+                                                       "sets); () skips it")
+    instrument_rows_offset: int = option(0, "first row of `rows` the instrument scores (keep them apart from the "
+                                            "search's)")
+    instrument_rows_limit: int | None = option(285, "rows of `rows` the instrument scores")
+    seed: int = option(0, "seed of the proposals (iteration i draws from seed and i)")
+    workers: int = option(1, "processes training candidates at once (one per core; each sets 1 torch thread when "
+                             "above 1)", keyed=False, resume=False)
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "candidates", "swaps", "fluent_top_k", "workers"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("rows_offset", "instrument_rows_offset"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rows_limit", "instrument_rows_limit"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive (or null: all rows), got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Proposals (pure: token ids in, token ids out)
+# ----------------------------------------------------------------------------------------------------------------
+
+def editable_positions(tokenizer: Any, prompt: str) -> tuple[list[int], list[int]]:
+    """The prompt's token ids (no special tokens) and the positions an edit may change: not the template
+    scaffolding, not position 0 (no prediction precedes it), not a special token."""
+    from .data import scaffold_mask
+
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    frozen = scaffold_mask(tokenizer, prompt, ids)
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    return ids, [p for p in range(1, len(ids)) if not frozen[p] and ids[p] not in special]
+
+
+def propose_edit(prompts: Sequence[list[int]], editable: Sequence[Sequence[int]],
+                 fluent: Callable[[int, int], Sequence[int]], swaps: int, rng: random.Random,
+                 reads_back: Callable[[list[int]], bool], tries: int = 20) -> list[tuple[int, int, int]]:
+    """One candidate: ``swaps`` single-token changes ``(row, position, new_id)`` in distinct rows, each new id among
+    ``fluent(row, position)`` (the model's top-k next tokens there) and unlike the current one, each row's edited
+    ids reading back as themselves (``reads_back``). Fewer swaps when the rows run out; rows without an editable
+    position are skipped."""
+    rows = [r for r in range(len(prompts)) if editable[r]]
+    rng.shuffle(rows)
+    edit: list[tuple[int, int, int]] = []
+    for row in rows:
+        if len(edit) == swaps:
+            break
+        for _ in range(tries):
+            position = rng.choice(list(editable[row]))
+            options = [t for t in fluent(row, position) if t != prompts[row][position]]
+            if not options:
+                continue
+            token = rng.choice(options)
+            changed = list(prompts[row])
+            changed[position] = token
+            if reads_back(changed):
+                edit.append((row, position, token))
+                break
+    return edit
+
+
+def apply_edit(prompts: Sequence[list[int]], edit: Sequence[tuple[int, int, int]]) -> list[list[int]]:
+    """The prompts with the edit's swaps applied (a new list; the input is unchanged)."""
+    out = [list(p) for p in prompts]
+    for row, position, token in edit:
+        out[row][position] = token
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring: one training run per set (in worker processes when workers > 1)
+# ----------------------------------------------------------------------------------------------------------------
+
+_WORKER_ROWS: dict[tuple, list] = {}
+
+
+def _init_worker(threads: int) -> None:
+    """A scoring process: ``threads`` torch threads, and an exit as soon as the process that started it is gone (a
+    killed search must not leave training runs behind on the cores)."""
+    import os
+    import threading
+
+    import torch
+
+    torch.set_num_threads(threads)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def held_out_loss(model: str, examples: Sequence[Example], recipe: TrainConfig, rows: tuple[str, int, int | None],
+                  seed: int, device: str = "auto", trust_remote_code: bool = False) -> float:
+    """Performance matching's score of ``examples``: ``model`` trained on them with ``recipe`` and ``seed``, then
+    the token-mean response loss of the held-out ``rows`` (source, offset, limit). The function
+    :func:`performance_selection.score_draws` computes for a real subset."""
+    from .data import tokenize_examples
+    from .performance_selection import held_out_rows
+    from .training import mean_response_loss, train_on_examples
+
+    recipe = dataclasses.replace(recipe, seed=seed)
+    trained, tokenizer, _ = train_on_examples(model_name=model, examples=list(examples), config=recipe,
+                                              device=device, progress=False, trust_remote_code=trust_remote_code)
+    key = (model, rows, recipe.data)
+    if key not in _WORKER_ROWS:   # held-out rows read and tokenized once per process
+        _WORKER_ROWS[key] = tokenize_examples(tokenizer, held_out_rows(*rows, recipe.data),
+                                              max_length=recipe.data.max_length, append_eos=recipe.data.append_eos)
+    return mean_response_loss(trained, _WORKER_ROWS[key], tokenizer.pad_token_id)
+
+
+class _Scorer:
+    """Scores example sets, ``workers`` training runs at a time (in-process when 1)."""
+
+    def __init__(self, workers: int, **fixed: Any):
+        self.fixed = fixed
+        self.pool = None
+        if workers > 1:
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(1,))
+
+    def __call__(self, jobs: Sequence[tuple[Sequence[Example], tuple, int]]) -> list[float]:
+        if self.pool is None:
+            return [held_out_loss(examples=e, rows=r, seed=s, **self.fixed) for e, r, s in jobs]
+        futures = [self.pool.submit(held_out_loss, examples=list(e), rows=r, seed=s, **self.fixed)
+                   for e, r, s in jobs]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry
+# ----------------------------------------------------------------------------------------------------------------
+
+def _fingerprint(config: PerformanceDistillConfig, recipe: TrainConfig, start: Sequence[Example]) -> str:
+    from .keys import keyed, resume_settings
+
+    return sha256_json([resume_settings(config), keyed(recipe), [[e.prompt, e.response] for e in start]])[:16]
+
+
+def distill_by_performance(*, data: str, selection: str | Path, output: str | Path, config: PerformanceDistillConfig,
+                           recipe: TrainConfig, device: str = "auto", progress: bool = True,
+                           trust_remote_code: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Entry of ``textdistill distill-pm``: start from the rows of ``selection`` (a selection file of ``data``),
+    edit their prompts for ``config.iterations`` iterations, keeping an edit when ``config.model``'s held-out loss
+    after training with ``recipe`` drops; write the text and the held-out instrument to ``output``. A rerun on the
+    same folder continues; a folder of other settings is refused. Returns the summary."""
+    from tqdm.auto import tqdm
+
+    from .data import load_examples
+    from .models import load_model, load_tokenizer
+    from .selection import apply_selection
+
+    output = Path(output)
+    pool = load_examples(data, recipe.data)
+    start_examples = apply_selection(pool, selection)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=trust_remote_code)
+    fingerprint = _fingerprint(config, recipe, start_examples)
+    state_path = output / "state.json"
+    state = read_json(state_path) if state_path.is_file() else None
+    if state is not None and state["fingerprint"] != fingerprint:
+        raise ConfigError(f"{output} holds a distill-pm run of other settings (fingerprint {state['fingerprint']}, "
+                          f"now {fingerprint}); use another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    write_run_info(output, command="distill-pm", config={"distill_pm": config, "recipe": recipe, "data": data,
+                                                         "selection": str(selection)},
+                   seeds={"proposals": config.seed, "train": config.train_seed})
+
+    starts, editable = zip(*(editable_positions(tokenizer, e.prompt) for e in start_examples))
+    starts, editable = [list(s) for s in starts], [list(e) for e in editable]
+    if not any(editable):
+        raise DataError(f"no row of {selection} has an editable prompt token (scaffolding only)")
+    search_rows = (config.rows, config.rows_offset, config.rows_limit)
+
+    def examples_of(prompts: Sequence[list[int]]) -> list[Example]:
+        return [dataclasses.replace(e, prompt=tokenizer.decode(p)) for e, p in zip(start_examples, prompts)]
+
+    for example, ids in zip(start_examples, starts):   # the text a user loads is what is scored
+        if tokenizer.decode(ids) != example.prompt:
+            raise DataError(f"row {example.id}: its prompt does not decode back from its tokens; it cannot be edited "
+                            f"token by token with {config.model}'s tokenizer")
+    workers = min(config.workers, max(config.candidates, len(config.instrument_seeds) * 2))
+    scorer = _Scorer(workers, model=config.model, recipe=recipe, device=device, trust_remote_code=trust_remote_code)
+    search_start = time.time()
+    try:
+        if state is None:
+            (loss,) = scorer([(start_examples, search_rows, config.train_seed)])
+            state = {"fingerprint": fingerprint, "iteration": 0, "prompts": starts, "loss": loss, "start_loss": loss,
+                     "accepted": 0, "seconds": 0.0}
+            atomic_write_json(state_path, state)
+            log(f"start: held-out loss {loss:.4f}")
+        model = None
+        fluent_cache: dict[tuple, list[int]] = {}
+
+        def fluent(row: int, position: int) -> list[int]:
+            nonlocal model
+            ids = tuple(state["prompts"][row][:position])
+            if ids not in fluent_cache:
+                import torch
+
+                from .data import uses_bos
+
+                if model is None:
+                    model = load_model(config.model, device=device, trust_remote_code=trust_remote_code)
+                prefix = [tokenizer.bos_token_id] if uses_bos(tokenizer) else []
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([prefix + list(ids)], device=model.device)).logits[0, -1]
+                fluent_cache[ids] = logits.topk(config.fluent_top_k).indices.tolist()
+            return fluent_cache[ids]
+
+        def reads_back(ids: list[int]) -> bool:
+            return list(tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"]) == ids
+
+        metrics_path = output / "metrics.jsonl"
+        bar = tqdm(total=config.iterations, initial=min(state["iteration"], config.iterations), desc="distill-pm",
+                   disable=not progress)
+        while state["iteration"] < config.iterations:
+            iteration, began = state["iteration"], time.time()
+            rng = random.Random(f"{config.seed}-{iteration}")
+            edits = [propose_edit(state["prompts"], editable, fluent, config.swaps, rng, reads_back)
+                     for _ in range(config.candidates)]
+            edits = [e for e in edits if e]
+            losses = scorer([(examples_of(apply_edit(state["prompts"], e)), search_rows, config.train_seed)
+                             for e in edits])
+            best = min(range(len(edits)), key=lambda k: losses[k]) if edits else None
+            accepted = best is not None and losses[best] < state["loss"]
+            record = {"iteration": iteration, "current_loss": state["loss"], "candidate_losses": losses,
+                      "accepted": accepted, "seconds": round(time.time() - began, 1)}
+            if accepted:
+                record["swaps"] = [{"row": r, "position": p, "from": tokenizer.decode([state["prompts"][r][p]]),
+                                    "to": tokenizer.decode([t])} for r, p, t in edits[best]]
+                state["prompts"] = apply_edit(state["prompts"], edits[best])
+                state["loss"] = losses[best]
+                state["accepted"] += 1
+            state["iteration"] = iteration + 1
+            state["seconds"] = round(state["seconds"] + record["seconds"], 1)
+            with open(metrics_path, "a", encoding="utf-8") as f:   # one line per iteration, then the state
+                f.write(json.dumps(record) + "\n")
+            atomic_write_json(state_path, state)
+            bar.update(1)
+            bar.set_postfix(loss=f"{state['loss']:.4f}", accepted=state["accepted"])
+        bar.close()
+        summary = _finish(output, state, start_examples, starts, examples_of, scorer, config, tokenizer)
+    finally:
+        scorer.close()
+    summary["wall_seconds_this_call"] = round(time.time() - search_start, 1)
+    return summary
+
+
+def _finish(output: Path, state: dict[str, Any], start_examples: Sequence[Example], starts: Sequence[list[int]],
+            examples_of: Callable, scorer: _Scorer, config: PerformanceDistillConfig, tokenizer: Any) -> dict[str, Any]:
+    """Write the dataset, its diagnostics and the summary (with the held-out instrument, computed once)."""
+    final = examples_of(state["prompts"])
+    rows = []
+    for example, start_ids, ids, out in zip(start_examples, starts, state["prompts"], final):
+        changed = [k for k, (a, b) in enumerate(zip(start_ids, ids)) if a != b]
+        marked = "".join(f"[{tokenizer.decode([start_ids[k]])}->{tokenizer.decode([ids[k]])}]" if k in changed
+                         else tokenizer.decode([ids[k]]) for k in range(len(ids)))
+        rows.append({"prompt": out.prompt, "response": out.response, "init_id": example.id,
+                     "init_prompt": example.prompt, "changed_positions": changed, "marked_prompt": marked})
+    write_jsonl(output / "distilled.jsonl", [{"prompt": r["prompt"], "response": r["response"]} for r in rows])
+    write_jsonl(output / "diagnostics.jsonl", [{"index": i, **r} for i, r in enumerate(rows)])
+    summary_path = output / "summary.json"
+    previous = read_json(summary_path) if summary_path.is_file() else {}
+    instrument = previous.get("instrument") if previous.get("iteration") == state["iteration"] else None
+    if instrument is None and config.instrument_seeds:
+        rows_spec = (config.rows, config.instrument_rows_offset, config.instrument_rows_limit)
+        jobs = [(examples, rows_spec, seed) for seed in config.instrument_seeds for examples in (start_examples, final)]
+        losses = scorer(jobs)
+        start_losses, final_losses = losses[0::2], losses[1::2]
+        differences = [f - s for s, f in zip(start_losses, final_losses)]
+        instrument = {"rows": list(rows_spec), "seeds": list(config.instrument_seeds), "start": start_losses,
+                      "final": final_losses, "final_minus_start": differences,
+                      "mean_final_minus_start": sum(differences) / len(differences)}
+    summary = {"iteration": state["iteration"], "accepted": state["accepted"], "start_loss": state["start_loss"],
+               "final_loss": state["loss"], "search_seconds": state["seconds"],
+               "iterations_per_hour": round(3600 * state["iteration"] / state["seconds"], 2) if state["seconds"] else None,
+               "changed_tokens": sum(len(r["changed_positions"]) for r in rows),
+               "changed_rows": sum(bool(r["changed_positions"]) for r in rows), "rows": len(rows),
+               "instrument": instrument}
+    atomic_write_json(summary_path, summary)
+    return summary

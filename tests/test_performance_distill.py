@@ -1,0 +1,128 @@
+"""Token search on performance matching: edits are fluent, in distinct rows, off the scaffolding; a set's score is
+its receiver's held-out loss after training; an edit is kept only when that loss drops; a rerun continues exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+
+from textdistill.config import DataSettings, LoraSettings, TrainConfig
+from textdistill.data import load_examples
+from textdistill.errors import ConfigError
+from textdistill.performance_distill import (PerformanceDistillConfig, apply_edit, distill_by_performance,
+                                             editable_positions, held_out_loss, propose_edit)
+from textdistill.selection import write_selection
+
+# fp32 on every CPU kind: scores are compared for equality with a recomputation
+RECIPE = TrainConfig(max_steps=2, batch_size=2, lr=5e-2, precision="fp32", lora=LoraSettings(r=2, alpha=4),
+                     data=DataSettings(max_length=64, limit=16))
+
+
+def test_edits_change_fluent_tokens_of_distinct_rows_off_the_scaffolding(smollm_tokenizer):
+    prompts = ["Question: Which gas do plants take in?\nAnswer:", "Question: What melts ice?\nAnswer:",
+               "Question: Why is the sky blue?\nAnswer:"]
+    ids, editable = zip(*(editable_positions(smollm_tokenizer, p) for p in prompts))
+    for p, row, positions in zip(prompts, ids, editable):
+        text = [smollm_tokenizer.decode([row[k]]) for k in positions]
+        assert "Question" not in "".join(text) and "Answer" not in "".join(text)
+        assert positions and 0 not in positions and max(positions) < len(row) - 2   # "\nAnswer:" stays
+    fluent_ids = smollm_tokenizer(" the a water light", add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    for swaps in (1, 2, 3, 5):
+        edit = propose_edit([list(r) for r in ids], editable, lambda r, p: fluent_ids, swaps, rng, lambda _: True)
+        assert len(edit) == min(swaps, 3) and len({r for r, _, _ in edit}) == len(edit)
+        for r, p, t in edit:
+            assert p in editable[r] and t in fluent_ids and t != ids[r][p]
+    # an edit that never reads back is not made; a row with no editable position is skipped
+    assert propose_edit([list(r) for r in ids], editable, lambda r, p: fluent_ids, 2, rng, lambda _: False) == []
+    edit = propose_edit([list(r) for r in ids], [[], [], list(editable[2])], lambda r, p: fluent_ids, 3, rng,
+                        lambda _: True)
+    assert [r for r, _, _ in edit] == [2]
+    assert apply_edit([[1, 2], [3, 4]], [(1, 0, 9)]) == [[1, 2], [9, 4]]
+
+
+@pytest.mark.parametrize("bad, message", [({"iterations": 0}, "iterations must be positive"),
+                                          ({"swaps": 0}, "swaps must be positive"),
+                                          ({"rows_limit": 0}, "rows_limit must be positive"),
+                                          ({"instrument_rows_offset": -1}, "must be >= 0")])
+def test_bad_settings_are_refused(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        PerformanceDistillConfig(**bad)
+
+
+def _selection(tmp_path, indices):
+    pool = load_examples("arc-easy:train", RECIPE.data)
+    path = tmp_path / "start.json"
+    write_selection(path, method="random", data="arc-easy:train", budget=len(indices), seed=0, examples=pool,
+                    indices=indices)
+    return path, [pool[i] for i in indices]
+
+
+def _run(tmp_path, name, config, selection):
+    return distill_by_performance(data="arc-easy:train", selection=selection, output=tmp_path / name, config=config,
+                                  recipe=RECIPE, device="cpu", progress=False, log=lambda *_: None)
+
+
+def test_an_edit_is_kept_only_when_the_trained_receivers_held_out_loss_drops_and_a_rerun_continues_exactly(
+        tmp_path, tiny_llama_dir, monkeypatch):
+    from textdistill import performance_distill
+
+    model = str(tiny_llama_dir)
+    selection, start = _selection(tmp_path, [0, 3, 5, 9])
+    config = PerformanceDistillConfig(model=model, iterations=4, candidates=2, swaps=2, fluent_top_k=50,
+                                      rows_offset=2, rows_limit=4, instrument_seeds=(2,), instrument_rows_offset=6,
+                                      instrument_rows_limit=3, seed=5)
+    whole = _run(tmp_path, "whole", config, selection)
+    metrics = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4 and whole["iteration"] == 4
+    rows = ("arc-easy:validation", 2, 4)
+    # the start's score is the held-out loss of the receiver trained on the selection's rows at train_seed
+    assert whole["start_loss"] == held_out_loss(model, start, RECIPE, rows, seed=1, device="cpu")
+    current = whole["start_loss"]
+    for record in metrics:
+        assert record["current_loss"] == current
+        assert record["accepted"] == (min(record["candidate_losses"]) < current)
+        current = min(current, *record["candidate_losses"])
+    assert whole["final_loss"] == current and whole["accepted"] == sum(r["accepted"] for r in metrics)
+    # the text a user loads scores what the search recorded
+    distilled = load_examples(str(tmp_path / "whole" / "distilled.jsonl"), RECIPE.data)
+    assert held_out_loss(model, distilled, RECIPE, rows, seed=1, device="cpu") == whole["final_loss"]
+    changed = sum(a.prompt != b.prompt for a, b in zip(distilled, start))
+    assert (changed > 0) == (whole["accepted"] > 0) and [d.response for d in distilled] == [s.response for s in start]
+    instrument = whole["instrument"]
+    assert instrument["start"] == [held_out_loss(model, start, RECIPE, ("arc-easy:validation", 6, 3), seed=2,
+                                                 device="cpu")]
+
+    # interrupted after 2 iterations, then continued to 4: the same run; a rerun of a finished run trains nothing
+    _run(tmp_path, "resumed", dataclasses.replace(config, iterations=2), selection)
+    resumed = _run(tmp_path, "resumed", config, selection)
+    assert (tmp_path / "resumed" / "distilled.jsonl").read_text() == (tmp_path / "whole" / "distilled.jsonl").read_text()
+    assert {k: v for k, v in resumed.items() if "seconds" not in k and k != "iterations_per_hour"} == \
+        {k: v for k, v in whole.items() if "seconds" not in k and k != "iterations_per_hour"}
+    trained = []
+    monkeypatch.setattr(performance_distill, "held_out_loss", lambda **kw: trained.append(kw) or 0.0)
+    _run(tmp_path, "whole", config, selection)
+    assert trained == []
+    with pytest.raises(ConfigError, match="other settings"):
+        _run(tmp_path, "whole", dataclasses.replace(config, swaps=1), selection)
+
+
+def test_the_command_line_builds_both_configs_and_refuses_a_training_seed(tmp_path, tiny_llama_dir, capsys):
+    from textdistill.cli import main
+
+    selection, _ = _selection(tmp_path, [1, 2])
+    common = ["distill-pm", "--data", "arc-easy:train", "--selection", str(selection), "--output",
+              str(tmp_path / "cli"), "--model", str(tiny_llama_dir), "--iterations", "1", "--candidates", "1",
+              "--rows_limit", "2", "--instrument_seeds", "[]", "--recipe.max_steps", "1", "--recipe.batch_size", "2",
+              "--recipe.precision", "fp32", "--recipe.data.max_length", "64", "--recipe.data.limit", "16",
+              "--device", "cpu", "--no-progress"]
+    assert main(common) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["iteration"] == 1 and summary["instrument"] is None and summary["rows"] == 2
+    run = json.loads((tmp_path / "cli" / "run.json").read_text())
+    assert run["config"]["distill_pm"]["candidates"] == 1 and run["config"]["recipe"]["max_steps"] == 1
+    assert main([*common, "--recipe.seed", "3"]) == 2
+    assert "--recipe.seed does not act here" in capsys.readouterr().err
