@@ -34,7 +34,8 @@ def main() -> None:
     out = {}
     for run in args.runs:
         name, _, path = run.partition("=")
-        samples = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+        with open(path, encoding="utf-8") as f:
+            samples = [json.loads(line) for line in f if line.strip()]
         for spec in args.slices:
             lo, hi = map(int, spec.split(":"))
             figures = slice_figures(samples[lo:hi])

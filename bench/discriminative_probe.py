@@ -24,8 +24,8 @@ CONFIG = "configs/arc-easy-tuned-1pct.yaml"
 
 def run(out: Path, part: int, parts: int) -> None:
     import torch
-
     from choice_margins import slice_figures
+
     from textdistill.artifacts import atomic_write_json
     from textdistill.config import EvalConfig, load_config
     from textdistill.data import load_examples
