@@ -10,19 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
-
-def slice_figures(samples: list[dict]) -> dict[str, float]:
-    n = len(samples)
-    gold = [s["loglik"][s["gold"]] for s in samples]
-    best_other = [max(x for i, x in enumerate(s["loglik"]) if i != s["gold"]) for s in samples]
-    logsumexp = [max(s["loglik"]) + math.log(sum(math.exp(x - max(s["loglik"])) for x in s["loglik"])) for s in samples]
-    return {"n": n, "acc": sum(s["acc"] for s in samples) / n, "acc_norm": sum(s["acc_norm"] for s in samples) / n,
-            "gold_loglik_per_token": sum(gold) / sum(s["num_tokens"][s["gold"]] for s in samples),
-            "mean_choice_loglik": sum(sum(s["loglik"]) / len(s["loglik"]) for s in samples) / n,
-            "mc_cross_entropy": sum(z - g for z, g in zip(logsumexp, gold)) / n,
-            "gold_minus_best_other": sum(g - b for g, b in zip(gold, best_other)) / n}
+from textdistill.evaluation import choice_figures
 
 
 def main() -> None:
@@ -38,7 +27,7 @@ def main() -> None:
             samples = [json.loads(line) for line in f if line.strip()]
         for spec in args.slices:
             lo, hi = map(int, spec.split(":"))
-            figures = slice_figures(samples[lo:hi])
+            figures = choice_figures(samples[lo:hi])
             out[f"{name} {lo}-{hi - 1}"] = figures
             print(f"{name} items {lo}-{hi - 1}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                             for k, v in figures.items()))

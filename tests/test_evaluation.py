@@ -23,6 +23,7 @@ from textdistill.evaluation import (  # noqa: E402
     _plan_batches,
     aggregate_by_subject,
     argmax_first,
+    choice_figures,
     encode_request,
     item_records,
     move_trailing_whitespace,
@@ -507,6 +508,29 @@ def test_argmax_first_ties():
     assert argmax_first([1.0, 3.0, 3.0, 2.0]) == 1
     assert argmax_first([-1.0]) == 0
     assert argmax_first([-5.0, -1.0, -1.0]) == 1
+
+
+def test_choice_figures_margin_ignores_what_raises_every_choice_but_the_response_loss_does_not():
+    """The gold-minus-best-other margin and the multiple-choice cross-entropy are unchanged when every choice of an
+    item gains the same log-likelihood; the gold answer's log-likelihood (a response loss) is not."""
+    def record(loglik, gold, tokens):
+        pred = argmax_first(loglik)
+        return {"loglik": loglik, "gold": gold, "num_tokens": tokens, "acc": int(pred == gold), "acc_norm": 0}
+
+    records = [record([-4.0, -6.0, -5.0], 0, [2, 3, 1]), record([-3.0, -2.0], 0, [1, 1])]
+    figures = choice_figures(records)
+    assert figures["n"] == 2 and figures["acc"] == 0.5
+    assert figures["gold_minus_best_other"] == pytest.approx(((-4 + 5) + (-3 + 2)) / 2)
+    assert figures["gold_loglik_per_token"] == pytest.approx((-4 - 3) / (2 + 1))
+    log_softmax_gold = [-4 - math.log(math.exp(-4) + math.exp(-6) + math.exp(-5)),
+                        -3 - math.log(math.exp(-3) + math.exp(-2))]
+    assert figures["mc_cross_entropy"] == pytest.approx(-sum(log_softmax_gold) / 2)
+    raised = choice_figures([{**r, "loglik": [x + 1.5 for x in r["loglik"]]} for r in records])
+    for unchanged in ("gold_minus_best_other", "mc_cross_entropy", "acc"):
+        assert raised[unchanged] == pytest.approx(figures[unchanged])
+    assert raised["gold_loglik_per_token"] > figures["gold_loglik_per_token"]
+    with pytest.raises(ValueError, match="no records"):
+        choice_figures([])
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from textdistill.config import DataSettings, LoraSettings, TrainConfig
 from textdistill.data import load_examples
 from textdistill.errors import ConfigError
 from textdistill.performance_distill import (PerformanceDistillConfig, apply_edit, distill_by_performance,
-                                             editable_positions, held_out_loss, propose_edit)
+                                             editable_positions, held_out_score, propose_edit)
 from textdistill.selection import write_selection
 
 # fp32 on every CPU kind: scores are compared for equality with a recomputation
@@ -66,7 +66,7 @@ def _run(tmp_path, name, config, selection):
                                   recipe=RECIPE, device="cpu", progress=False, log=lambda *_: None)
 
 
-def test_an_edit_is_kept_only_when_the_trained_receivers_held_out_loss_drops_and_a_rerun_continues_exactly(
+def test_an_edit_is_kept_only_when_the_trained_receivers_held_out_score_drops_and_a_rerun_continues_exactly(
         tmp_path, tiny_llama_dir, monkeypatch):
     from textdistill import performance_distill
 
@@ -80,7 +80,7 @@ def test_an_edit_is_kept_only_when_the_trained_receivers_held_out_loss_drops_and
     assert len(metrics) == 4 and whole["iteration"] == 4
     rows = ("arc-easy:validation", 2, 4)
     # the start's score is the held-out loss of the receiver trained on the selection's rows at train_seed
-    assert whole["start_loss"] == held_out_loss(model, start, RECIPE, rows, seed=1, device="cpu")
+    assert whole["start_loss"] == held_out_score(model, start, RECIPE, rows, seed=1, device="cpu")
     current = whole["start_loss"]
     for record in metrics:
         assert record["current_loss"] == current
@@ -89,11 +89,11 @@ def test_an_edit_is_kept_only_when_the_trained_receivers_held_out_loss_drops_and
     assert whole["final_loss"] == current and whole["accepted"] == sum(r["accepted"] for r in metrics)
     # the text a user loads scores what the search recorded
     distilled = load_examples(str(tmp_path / "whole" / "distilled.jsonl"), RECIPE.data)
-    assert held_out_loss(model, distilled, RECIPE, rows, seed=1, device="cpu") == whole["final_loss"]
+    assert held_out_score(model, distilled, RECIPE, rows, seed=1, device="cpu") == whole["final_loss"]
     changed = sum(a.prompt != b.prompt for a, b in zip(distilled, start))
     assert (changed > 0) == (whole["accepted"] > 0) and [d.response for d in distilled] == [s.response for s in start]
     instrument = whole["instrument"]
-    assert instrument["start"] == [held_out_loss(model, start, RECIPE, ("arc-easy:validation", 6, 3), seed=2,
+    assert instrument["start"] == [held_out_score(model, start, RECIPE, ("arc-easy:validation", 6, 3), seed=2,
                                                  device="cpu")]
 
     # interrupted after 2 iterations, then continued to 4: the same run; a rerun of a finished run trains nothing
@@ -103,11 +103,42 @@ def test_an_edit_is_kept_only_when_the_trained_receivers_held_out_loss_drops_and
     assert {k: v for k, v in resumed.items() if "seconds" not in k and k != "iterations_per_hour"} == \
         {k: v for k, v in whole.items() if "seconds" not in k and k != "iterations_per_hour"}
     trained = []
-    monkeypatch.setattr(performance_distill, "held_out_loss", lambda **kw: trained.append(kw) or 0.0)
+    monkeypatch.setattr(performance_distill, "held_out_score", lambda **kw: trained.append(kw) or 0.0)
     _run(tmp_path, "whole", config, selection)
     assert trained == []
     with pytest.raises(ConfigError, match="other settings"):
         _run(tmp_path, "whole", dataclasses.replace(config, swaps=1), selection)
+
+
+def test_the_margin_score_is_the_negated_margin_of_the_held_out_questions_and_drives_acceptance(
+        tmp_path, tiny_llama_dir):
+    from textdistill.evaluation import choice_figures, evaluate_with_records
+    from textdistill.performance_selection import held_out_questions, held_out_rows
+    from textdistill.training import train_on_examples
+
+    model = str(tiny_llama_dir)
+    selection, start = _selection(tmp_path, [0, 3, 5])
+    config = PerformanceDistillConfig(model=model, score="margin", iterations=2, candidates=2, swaps=2,
+                                      fluent_top_k=50, rows_offset=2, rows_limit=4, instrument_seeds=(), seed=5)
+    run = _run(tmp_path, "margin", config, selection)
+    # the questions are the held-out rows themselves, in order
+    questions = held_out_questions("arc-easy:validation", 2, 4)
+    rows = held_out_rows("arc-easy:validation", 2, 4, RECIPE.data)
+    _, records = evaluate_with_records(*train_on_examples(model_name=model, examples=start, config=dataclasses.replace(
+        RECIPE, seed=1), device="cpu", progress=False)[:2], questions)
+    assert [r["prompt"] for r in records] == [e.prompt for e in rows] and \
+        [r["continuations"][r["gold"]].strip() for r in records] == [e.response.strip() for e in rows]
+    assert run["start_loss"] == -choice_figures(records)["gold_minus_best_other"]
+    assert run["score"].startswith("margin")
+    metrics = [json.loads(line) for line in (tmp_path / "margin" / "metrics.jsonl").read_text().splitlines()]
+    current = run["start_loss"]
+    for record in metrics:
+        assert record["accepted"] == (min(record["candidate_losses"]) < current)
+        current = min(current, *record["candidate_losses"])
+    assert run["final_loss"] == current
+    # a score that is not a task's questions is refused before any training
+    with pytest.raises(ConfigError, match="multiple-choice task split"):
+        _run(tmp_path, "bad", dataclasses.replace(config, rows=str(tmp_path / "rows.jsonl")), selection)
 
 
 def test_the_command_line_builds_both_configs_and_refuses_a_training_seed(tmp_path, tiny_llama_dir, capsys):

@@ -100,7 +100,7 @@ def test_a_tiny_study_writes_every_result_and_resumes(tmp_path, tiny_llama_dir, 
     # every objective under comparison and tuned; under student, pm and pm-sum do not apply
     names = sorted(p.name for p in written)
     model = tiny_llama_dir.name
-    for objective in ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "less"):
+    for objective in ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "less"):
         for recipe in ("comparison", "tuned"):
             assert f"{objective}-{model}-4-{recipe}.json" in names
     assert f"pm-{model}-4-student.json" not in names and f"tm-{model}-4-student.json" in names
@@ -122,6 +122,11 @@ def test_a_tiny_study_writes_every_result_and_resumes(tmp_path, tiny_llama_dir, 
     cell = read_json(out / "cells" / folder / "comparison" / "random-0" / "seed1" / "result.json")
     assert "acc" not in cell and next(p for p in pm["points"] if p["set"] == "random-0")["score"] == \
         -cell["objective_loss"]
+    # pm-margin is the gold-minus-best-other margin on the objective rows' questions, from that same seed-1 run
+    margin = read_json(out / "cells" / folder / "comparison" / "random-0" / "seed1" / "margin.json")
+    assert margin["objective_loss"] == cell["objective_loss"] and margin["n"] == 5
+    assert next(p for p in read_json(out / "validity" / f"pm-margin-{model}-4-comparison.json")["points"]
+                if p["set"] == "random-0")["score"] == margin["gold_minus_best_other"]
     tuned = read_json(out / "tuning" / f"{folder}.json")
     assert tuned["epochs"] in (1.0, 2.0)
     assert read_json(out / "validity" / f"tm-{model}-4-tuned.json")["recipe_config"]["epochs"] == tuned["epochs"]
@@ -192,3 +197,24 @@ def test_a_recipe_identical_to_another_reuses_its_cells(tmp_path, tiny_llama_dir
     assert tuned["key"] == compared["key"]
     cells = len(list((out / "cells").glob("**/comparison/**/result.json")))
     assert len(trained) == cells + 1          # every comparison cell and the one tuning cell; no tuned cell
+
+
+def test_pm_margin_added_to_a_finished_study_repeats_the_pm_runs_exactly(tmp_path, tiny_llama_dir, experts_dir,
+                                                                         monkeypatch):
+    """A study made before pm-margin existed gets its margins by training each subset again with pm_seed: the same
+    run (its objective loss equals the stored cell's), no cell redone."""
+    from textdistill import validity
+
+    config = _config(tiny_llama_dir, experts_dir, tmp_path, recipes=("comparison",), objectives=("pm",))
+    out = tmp_path / "study"
+    run_validity(config, out, device="cpu", progress=False, log=lambda *_: None)
+    folder = str(tiny_llama_dir).strip("/").replace("/", "__")
+    assert not list((out / "cells").glob("**/margin.json"))
+    monkeypatch.setattr(validity._Study, "train_cell", lambda *a, **k: pytest.fail("a finished cell was redone"))
+    written = run_validity(dataclasses.replace(config, objectives=("pm", "pm-margin")), out, device="cpu",
+                           progress=False, log=lambda *_: None)
+    assert f"pm-margin-{tiny_llama_dir.name}-4-comparison.json" in [p.name for p in written]
+    for subset in read_json(out / "subsets.json")["subsets"]:
+        cell = read_json(out / "cells" / folder / "comparison" / subset / "seed1" / "result.json")
+        margin = read_json(out / "cells" / folder / "comparison" / subset / "seed1" / "margin.json")
+        assert margin["objective_loss"] == cell["objective_loss"] and margin["indices"] == cell["indices"]

@@ -67,6 +67,8 @@ __all__ = [
     "multiple_choice_metrics",
     "item_records",
     "aggregate_by_subject",
+    "choice_figures",
+    "evaluate_with_records",
 ]
 
 
@@ -781,6 +783,33 @@ def _evaluate(model: torch.nn.Module, tokenizer: Any, prepared: _TaskRequests,
                    "per_subject_limit": config.per_subject_limit,
                    "seconds": round(prepared.seconds + time.time() - start, 1)})
     return result, records
+
+
+def evaluate_with_records(model: torch.nn.Module, tokenizer: Any, config: Any, *,
+                          progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """:func:`evaluate_model`'s metrics and the per-item records (:func:`item_records`) they come from."""
+    return _evaluate(model, tokenizer, _task_requests(config), progress)
+
+
+def choice_figures(records: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
+    """What a model's choice log-likelihoods say about items (records as :func:`item_records` writes them): ``acc``
+    and ``acc_norm``; ``gold_loglik_per_token`` (the gold continuations' log-likelihood over their tokens, what a
+    response loss measures); ``mean_choice_loglik`` (every choice's, per item); ``mc_cross_entropy`` (softmax over
+    the choices' summed log-likelihoods, gold's negative log-probability); and ``gold_minus_best_other``, the mean
+    margin of the gold choice's log-likelihood over the best other choice's: positive on an item answered right,
+    and unlike the response loss it cannot rise by making every choice likelier."""
+    if not records:
+        raise ValueError("no records")
+    n = len(records)
+    gold = [r["loglik"][r["gold"]] for r in records]
+    best_other = [max(x for i, x in enumerate(r["loglik"]) if i != r["gold"]) for r in records]
+    normaliser = [max(r["loglik"]) + math.log(sum(math.exp(x - max(r["loglik"])) for x in r["loglik"]))
+                  for r in records]
+    return {"n": n, "acc": sum(r["acc"] for r in records) / n, "acc_norm": sum(r["acc_norm"] for r in records) / n,
+            "gold_loglik_per_token": sum(gold) / sum(r["num_tokens"][r["gold"]] for r in records),
+            "mean_choice_loglik": sum(sum(r["loglik"]) / len(r["loglik"]) for r in records) / n,
+            "mc_cross_entropy": sum(z - g for z, g in zip(normaliser, gold)) / n,
+            "gold_minus_best_other": sum(g - b for g, b in zip(gold, best_other)) / n}
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, config: Any, *, progress: bool = True,

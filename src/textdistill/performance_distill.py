@@ -15,6 +15,12 @@ run and the search is gradient-free:
   same data order, so only the text differs), ``workers`` at a time (one process per core);
 - the best candidate replaces the current set if its held-out loss is lower.
 
+``score: margin`` scores a set instead by the held-out rows as multiple-choice questions: the mean margin of the gold
+choice's log-likelihood over the best other choice's (results/README.md section 15). A search on the response loss
+found edits that make every answer likelier and the margin smaller (section 14); the margin cannot be raised that
+way. Every stored loss (``state.json``, ``metrics.jsonl``, ``summary.json``) is then the negated margin, so that
+lower is better throughout.
+
 The held-out instrument, computed at the end on what the search never saw: the start and final sets trained with
 other seeds (``instrument_seeds``) and scored on other held-out rows (``instrument_rows_*``).
 
@@ -34,14 +40,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from .artifacts import atomic_write_json, read_json, sha256_json, write_jsonl, write_run_info
 from .config import TrainConfig, option
 from .data import Example
 from .errors import ConfigError, DataError
 
-__all__ = ["PerformanceDistillConfig", "apply_edit", "distill_by_performance", "editable_positions", "held_out_loss",
+__all__ = ["PerformanceDistillConfig", "apply_edit", "distill_by_performance", "editable_positions", "held_out_score",
            "propose_edit"]
 
 
@@ -56,6 +62,10 @@ class PerformanceDistillConfig:
     candidates: int = option(2, "edited sets scored per iteration (one training run each)")
     swaps: int = option(4, "prompt tokens changed per candidate, each in another row")
     fluent_top_k: int = option(8, "a new token is among the model's own top-k next tokens at its position")
+    score: Literal["loss", "margin"] = option(
+        "loss", "loss: token-mean response loss of the held-out rows (lower = better); margin: the held-out rows as "
+                "multiple-choice questions, the mean log-likelihood margin of the gold choice over the best other "
+                "(higher = better; stored negated, so lower is better throughout)", omit_when="loss")
     train_seed: int = option(1, "training seed of every scoring run (the same for every set: paired)")
     rows: str = option("arc-easy:validation", "held-out rows whose response loss scores a set; never the reported "
                                               "questions")
@@ -158,18 +168,25 @@ def _init_worker(threads: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def held_out_loss(model: str, examples: Sequence[Example], recipe: TrainConfig, rows: tuple[str, int, int | None],
-                  seed: int, device: str = "auto", trust_remote_code: bool = False) -> float:
-    """Performance matching's score of ``examples``: ``model`` trained on them with ``recipe`` and ``seed``, then
-    the token-mean response loss of the held-out ``rows`` (source, offset, limit). The function
-    :func:`performance_selection.score_draws` computes for a real subset."""
+def held_out_score(model: str, examples: Sequence[Example], recipe: TrainConfig, rows: tuple[str, int, int | None],
+                   seed: int, score: str = "loss", device: str = "auto", trust_remote_code: bool = False) -> float:
+    """Performance matching's score of ``examples`` (lower = better): ``model`` trained on them with ``recipe`` and
+    ``seed``, then, on the held-out ``rows`` (source, offset, limit), the token-mean response loss (``score``
+    "loss", what :func:`performance_selection.score_draws` computes for a real subset) or the negated mean margin
+    of the gold choice's log-likelihood over the best other choice's (``score`` "margin")."""
     from .data import tokenize_examples
-    from .performance_selection import held_out_rows
+    from .evaluation import choice_figures, evaluate_with_records
+    from .performance_selection import held_out_questions, held_out_rows
     from .training import mean_response_loss, train_on_examples
 
     recipe = dataclasses.replace(recipe, seed=seed)
     trained, tokenizer, _ = train_on_examples(model_name=model, examples=list(examples), config=recipe,
                                               device=device, progress=False, trust_remote_code=trust_remote_code)
+    if score == "margin":
+        _, records = evaluate_with_records(trained, tokenizer, held_out_questions(*rows))
+        return -choice_figures(records)["gold_minus_best_other"]
+    if score != "loss":
+        raise ConfigError(f"unknown score {score!r}; known: loss, margin")
     key = (model, rows, recipe.data)
     if key not in _WORKER_ROWS:   # held-out rows read and tokenized once per process
         _WORKER_ROWS[key] = tokenize_examples(tokenizer, held_out_rows(*rows, recipe.data),
@@ -191,8 +208,8 @@ class _Scorer:
 
     def __call__(self, jobs: Sequence[tuple[Sequence[Example], tuple, int]]) -> list[float]:
         if self.pool is None:
-            return [held_out_loss(examples=e, rows=r, seed=s, **self.fixed) for e, r, s in jobs]
-        futures = [self.pool.submit(held_out_loss, examples=list(e), rows=r, seed=s, **self.fixed)
+            return [held_out_score(examples=e, rows=r, seed=s, **self.fixed) for e, r, s in jobs]
+        futures = [self.pool.submit(held_out_score, examples=list(e), rows=r, seed=s, **self.fixed)
                    for e, r, s in jobs]
         return [f.result() for f in futures]
 
@@ -253,7 +270,12 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
             raise DataError(f"row {example.id}: its prompt does not decode back from its tokens; it cannot be edited "
                             f"token by token with {config.model}'s tokenizer")
     workers = min(config.workers, max(config.candidates, len(config.instrument_seeds) * 2))
-    scorer = _Scorer(workers, model=config.model, recipe=recipe, device=device, trust_remote_code=trust_remote_code)
+    if config.score == "margin":   # a clear error now rather than after the first training run
+        from .performance_selection import held_out_questions
+
+        held_out_questions(config.rows, config.rows_offset, config.rows_limit)
+    scorer = _Scorer(workers, model=config.model, recipe=recipe, score=config.score, device=device,
+                     trust_remote_code=trust_remote_code)
     search_start = time.time()
     try:
         if state is None:
@@ -261,7 +283,7 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
             state = {"fingerprint": fingerprint, "iteration": 0, "prompts": starts, "loss": loss, "start_loss": loss,
                      "accepted": 0, "seconds": 0.0}
             atomic_write_json(state_path, state)
-            log(f"start: held-out loss {loss:.4f}")
+            log(f"start: held-out {'loss' if config.score == 'loss' else 'negated margin'} {loss:.4f}")
         model = None
         fluent_cache: dict[tuple, list[int]] = {}
 
@@ -345,7 +367,8 @@ def _finish(output: Path, state: dict[str, Any], start_examples: Sequence[Exampl
         instrument = {"rows": list(rows_spec), "seeds": list(config.instrument_seeds), "start": start_losses,
                       "final": final_losses, "final_minus_start": differences,
                       "mean_final_minus_start": sum(differences) / len(differences)}
-    summary = {"iteration": state["iteration"], "accepted": state["accepted"], "start_loss": state["start_loss"],
+    summary = {"score": config.score if config.score == "loss" else "margin (every loss below is the negated margin)",
+               "iteration": state["iteration"], "accepted": state["accepted"], "start_loss": state["start_loss"],
                "final_loss": state["loss"], "search_seconds": state["seconds"],
                "iterations_per_hour": round(3600 * state["iteration"] / state["seconds"], 2) if state["seconds"] else None,
                "changed_tokens": sum(len(r["changed_positions"]) for r in rows),

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .artifacts import atomic_write_json, read_json, sha256_json
-from .config import DataSettings, TrainConfig, option
+from .config import DataSettings, EvalConfig, TrainConfig, option
 from .errors import ConfigError, DataError
 
-__all__ = ["PerformanceSelectionConfig", "best_draw", "draw_indices", "held_out_rows", "score_draws",
+__all__ = ["PerformanceSelectionConfig", "best_draw", "draw_indices", "held_out_questions", "held_out_rows",
+           "score_draws",
            "select_by_performance"]
 
 
@@ -82,6 +83,20 @@ def held_out_rows(source: str, offset: int, limit: int | None, data: DataSetting
     if not rows:
         raise DataError(f"held-out rows {source}[{offset}:{end}] are empty ({len(examples)} rows in all)")
     return rows
+
+
+def held_out_questions(source: str, offset: int, limit: int | None) -> EvalConfig:
+    """The held-out rows ``offset .. offset + limit`` of ``source`` as multiple-choice questions (each choice's text
+    scored as the continuation, fp32 so that a score does not depend on the CPU): what the ``margin`` score
+    evaluates. ``source`` must be a named task's split (``arc-easy:validation``)."""
+    from .data import parse_dataset_spec
+
+    parsed = parse_dataset_spec(source)
+    if parsed.kind != "task":
+        raise ConfigError(f"the margin score needs a multiple-choice task split as its held-out rows (e.g. "
+                          f"arc-easy:validation), got {source!r}")
+    return EvalConfig(task=parsed.name, split=parsed.split, template="rc", offset=offset or None, limit=limit,
+                      precision="fp32")
 
 
 def score_cache_path(cache_dir: str | Path, model: str, recipe: TrainConfig, config: PerformanceSelectionConfig,

@@ -51,7 +51,7 @@ from .matching import StudentSettings
 __all__ = ["RecipeTuning", "ValidityConfig", "ForkSettings", "load_validity_config", "noise_ceiling",
            "run_validity", "spearman_with_interval"]
 
-OBJECTIVES = ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "less")
+OBJECTIVES = ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "less")
 RECIPES = ("comparison", "tuned", "student")
 
 
@@ -126,7 +126,7 @@ class ValidityConfig:
     pm_seed: int = option(1, "the training seed whose run gives performance matching's score (not 0: it would "
                              "share the accuracy's seed noise)")
     pm_student_draws: int = option(4, "held-out draws the pm-student objective averages over")
-    objectives: tuple[str, ...] = option(("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "less"),
+    objectives: tuple[str, ...] = option(("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "less"),
                                          f"objectives, among {', '.join(OBJECTIVES)}")
     bootstrap: int = option(10000, "bootstrap resamples of each interval")
     report: str | None = option(None, "folder of the result files (<objective>-<model>-<budget>-<recipe>.json); "
@@ -532,7 +532,7 @@ class _Study:
     def train_cell(self, model_name: str, recipe_name: str, indices: Sequence[int], seed: int, *,
                    evaluate: EvalConfig | None, out: Path) -> None:
         """Train ``model_name`` on the subset with the recipe and seed; record the objective rows' loss and, with
-        ``evaluate``, the accuracy."""
+        ``evaluate``, the accuracy (and, at ``pm_seed`` with ``pm-margin`` among the objectives, its margin file)."""
         from .evaluation import evaluate_model
         from .training import mean_response_loss, train_on_examples
 
@@ -553,12 +553,67 @@ class _Study:
             rows = self.objective_examples(tokenizer, recipe.data)
             row.update({"objective_loss": mean_response_loss(model, rows, tokenizer.pad_token_id),
                         "objective_rows": len(rows), "objective_seconds": round(time.time() - start, 1)})
+            if "pm-margin" in self.config.objectives and recipe_name != "student" and \
+                    not self.margin_path(model_name, recipe_name, out.parent.parent.name).is_file():
+                self.write_margin(model, tokenizer, model_name, recipe_name, indices,
+                                  {**row, "subset": out.parent.parent.name})
         if evaluate is not None:
             metrics = evaluate_model(model, tokenizer, evaluate, progress=False)
             row.update({"acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
                         "eval_seconds": metrics["seconds"]})
         row["key"] = key
         atomic_write_json(out, row)
+
+    def margin_path(self, model: str, recipe: str, subset: str) -> Path:
+        return self.cell_path(model, recipe, subset, self.config.pm_seed).with_name("margin.json")
+
+    def margin_questions(self) -> EvalConfig:
+        from .performance_selection import held_out_questions
+
+        return held_out_questions(self.config.objective_rows, self.config.objective_offset,
+                                  self.config.objective_limit)
+
+    def write_margin(self, model: torch.nn.Module, tokenizer: Any, model_name: str, recipe_name: str,
+                     indices: Sequence[int], trained: dict[str, Any]) -> None:
+        """``pm-margin``'s score of a subset from its receiver trained with ``pm_seed`` (``trained``: that run's
+        row): the objective rows as multiple-choice questions, the gold choice's mean log-likelihood margin over
+        the best other choice (and the other figures of :func:`evaluation.choice_figures`)."""
+        from .evaluation import choice_figures, evaluate_with_records
+
+        start = time.time()
+        _, records = evaluate_with_records(model, tokenizer, self.margin_questions())
+        atomic_write_json(self.margin_path(model_name, recipe_name, trained["subset"]), {
+            **{k: trained[k] for k in ("model", "recipe", "seed", "indices", "train_steps", "train_seconds",
+                                        "objective_loss")},
+            **choice_figures(records), "margin_seconds": round(time.time() - start, 1),
+            "key": self.cell_key(model_name, recipe_name, self.config.pm_seed, indices, None)})
+
+    def margin_cell(self, model_name: str, recipe_name: str, subset: str) -> None:
+        """``pm-margin``'s score of ``subset`` where its ``pm_seed`` cell exists without one: the run repeated
+        (same recipe, seed and rows: the same training), its objective loss checked against the cell's."""
+        from .training import mean_response_loss, train_on_examples
+
+        indices = self.subsets()[subset]
+        key = self.cell_key(model_name, recipe_name, self.config.pm_seed, indices, None)
+        for other in RECIPES:   # another recipe that is this one (tuning chose the comparison's epochs)
+            path = self.margin_path(model_name, other, subset)
+            if other != recipe_name and path.is_file() and read_json(path)["key"] == key:
+                atomic_write_json(self.margin_path(model_name, recipe_name, subset),
+                                  {**read_json(path), "recipe": recipe_name, "same_as": f"{other} {subset}"})
+                return
+        recipe = dataclasses.replace(self.recipe_config(model_name, recipe_name), seed=self.config.pm_seed)
+        model, tokenizer, result = train_on_examples(model_name=model_name, examples=[self.pool[i] for i in indices],
+                                                     config=recipe, device=self.device, progress=False)
+        loss = mean_response_loss(model, self.objective_examples(tokenizer, recipe.data), tokenizer.pad_token_id)
+        cell = self.cell_path(model_name, recipe_name, subset, self.config.pm_seed)
+        stored = read_json(cell).get("objective_loss") if cell.is_file() else None
+        if stored is not None and abs(stored - loss) > 1e-3:
+            self.log(f"    note: {model_name} {recipe_name} {subset}: the repeated run's objective loss {loss:.6f} "
+                     f"differs from the cell's {stored:.6f} (not the same training)")
+        self.write_margin(model, tokenizer, model_name, recipe_name, indices, {
+            "model": model_name, "recipe": recipe_name, "seed": self.config.pm_seed, "indices": list(indices),
+            "subset": subset, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
+            "objective_loss": loss})
 
     def _twin(self, model: str, recipe: str, subset: str, seed: int, key: str,
               evaluate: bool) -> dict[str, Any] | None:
@@ -659,13 +714,21 @@ def _units(study: _Study) -> list[_Unit]:
                 units.append(_Unit(f"tuning {model}", study.tuning_path(model),
                                    lambda m=model: study.choose_epochs(m), needs=tuple(grid_units)))
                 needs = ("subsets", f"tuning {model}")
+            performance = recipe != "student" and any(o in config.objectives for o in ("pm", "pm-sum", "pm-margin"))
             for subset in planned:
                 seeds = config.noise_seeds if subset in config.noise_subsets else (0,)
                 for seed in seeds:
                     units.append(_cell_unit(study, model, recipe, subset, seed, True, needs))
-                if recipe != "student" and config.pm_seed not in seeds and \
-                        ("pm" in config.objectives or "pm-sum" in config.objectives):
+                if performance and config.pm_seed not in seeds:
                     units.append(_cell_unit(study, model, recipe, subset, config.pm_seed, False, needs))
+                if performance and "pm-margin" in config.objectives:
+                    # after the pm_seed cell, which writes the margin file itself (this unit repeats the run only
+                    # for a cell made before pm-margin was an objective)
+                    pm_cell = next(u.name for u in reversed(units) if u.output == study.cell_path(
+                        model, recipe, subset, config.pm_seed))
+                    units.append(_Unit(f"{model} {recipe} {subset} margin", study.margin_path(model, recipe, subset),
+                                       lambda m=model, r=recipe, s=subset: study.margin_cell(m, r, s),
+                                       needs + (pm_cell,)))
     units += scores(("pm-student",))   # when no recipe is "tuned"
     seen: set[str] = set()
     return [u for u in units if not (u.name in seen or seen.add(u.name))]
@@ -768,6 +831,15 @@ def _objective_scores(study: _Study, objective: str, model: str, recipe: str,
                 scores[n] -= cell["objective_loss"]
                 seconds += cell["train_seconds"] + cell["objective_seconds"]
         return scores, seconds / len(subsets)
+    if objective == "pm-margin":
+        if recipe == "student":
+            return None, None
+        paths = {n: study.margin_path(model, recipe, n) for n in subsets}
+        if not all(p.is_file() for p in paths.values()):
+            return None, None
+        rows = {n: read_json(p) for n, p in paths.items()}
+        return ({n: r["gold_minus_best_other"] for n, r in rows.items()},
+                sum(r["train_seconds"] + r["margin_seconds"] for r in rows.values()) / len(rows))
     path = study.score_path(objective)
     if not path.is_file():
         return None, None
