@@ -125,6 +125,8 @@ def test_a_tiny_study_writes_every_result_and_resumes(tmp_path, tiny_llama_dir, 
     # pm-margin is the gold-minus-best-other margin on the objective rows' questions, from that same seed-1 run
     margin = read_json(out / "cells" / folder / "comparison" / "random-0" / "seed1" / "margin.json")
     assert margin["objective_loss"] == cell["objective_loss"] and margin["n"] == 5
+    assert sum(m > 0 for m in margin["question_margins"]) / 5 == pytest.approx(margin["acc"]) and \
+        sum(margin["question_margins"]) / 5 == pytest.approx(margin["gold_minus_best_other"])
     assert next(p for p in read_json(out / "validity" / f"pm-margin-{model}-4-comparison.json")["points"]
                 if p["set"] == "random-0")["score"] == margin["gold_minus_best_other"]
     tuned = read_json(out / "tuning" / f"{folder}.json")

@@ -65,6 +65,7 @@ __all__ = [
     "score_requests",
     "argmax_first",
     "multiple_choice_metrics",
+    "question_margins",
     "item_records",
     "aggregate_by_subject",
     "choice_figures",
@@ -791,6 +792,12 @@ def evaluate_with_records(model: torch.nn.Module, tokenizer: Any, config: Any, *
     return _evaluate(model, tokenizer, _task_requests(config), progress)
 
 
+def question_margins(records: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Per item (records as :func:`item_records` writes them), the gold choice's log-likelihood minus the best other
+    choice's: positive exactly where the item is answered right (ties aside)."""
+    return [r["loglik"][r["gold"]] - max(x for i, x in enumerate(r["loglik"]) if i != r["gold"]) for r in records]
+
+
 def choice_figures(records: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
     """What a model's choice log-likelihoods say about items (records as :func:`item_records` writes them): ``acc``
     and ``acc_norm``; ``gold_loglik_per_token`` (the gold continuations' log-likelihood over their tokens, what a
@@ -802,14 +809,13 @@ def choice_figures(records: Sequence[Mapping[str, Any]]) -> dict[str, float | in
         raise ValueError("no records")
     n = len(records)
     gold = [r["loglik"][r["gold"]] for r in records]
-    best_other = [max(x for i, x in enumerate(r["loglik"]) if i != r["gold"]) for r in records]
     normaliser = [max(r["loglik"]) + math.log(sum(math.exp(x - max(r["loglik"])) for x in r["loglik"]))
                   for r in records]
     return {"n": n, "acc": sum(r["acc"] for r in records) / n, "acc_norm": sum(r["acc_norm"] for r in records) / n,
             "gold_loglik_per_token": sum(gold) / sum(r["num_tokens"][r["gold"]] for r in records),
             "mean_choice_loglik": sum(sum(r["loglik"]) / len(r["loglik"]) for r in records) / n,
             "mc_cross_entropy": sum(z - g for z, g in zip(normaliser, gold)) / n,
-            "gold_minus_best_other": sum(g - b for g, b in zip(gold, best_other)) / n}
+            "gold_minus_best_other": sum(question_margins(records)) / n}
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, config: Any, *, progress: bool = True,

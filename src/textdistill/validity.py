@@ -578,14 +578,15 @@ class _Study:
         """``pm-margin``'s score of a subset from its receiver trained with ``pm_seed`` (``trained``: that run's
         row): the objective rows as multiple-choice questions, the gold choice's mean log-likelihood margin over
         the best other choice (and the other figures of :func:`evaluation.choice_figures`)."""
-        from .evaluation import choice_figures, evaluate_with_records
+        from .evaluation import choice_figures, evaluate_with_records, question_margins
 
         start = time.time()
         _, records = evaluate_with_records(model, tokenizer, self.margin_questions())
         atomic_write_json(self.margin_path(model_name, recipe_name, trained["subset"]), {
             **{k: trained[k] for k in ("model", "recipe", "seed", "indices", "train_steps", "train_seconds",
                                         "objective_loss")},
-            **choice_figures(records), "margin_seconds": round(time.time() - start, 1),
+            **choice_figures(records), "question_margins": question_margins(records),
+            "margin_seconds": round(time.time() - start, 1),
             "key": self.cell_key(model_name, recipe_name, self.config.pm_seed, indices, None)})
 
     def margin_cell(self, model_name: str, recipe_name: str, subset: str) -> None:
