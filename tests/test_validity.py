@@ -220,3 +220,13 @@ def test_pm_margin_added_to_a_finished_study_repeats_the_pm_runs_exactly(tmp_pat
         cell = read_json(out / "cells" / folder / "comparison" / subset / "seed1" / "result.json")
         margin = read_json(out / "cells" / folder / "comparison" / subset / "seed1" / "margin.json")
         assert margin["objective_loss"] == cell["objective_loss"] and margin["indices"] == cell["indices"]
+
+    # pm-sum sums every receiver whose cells the folder holds, also one a run's `models` leaves out
+    import shutil
+
+    shutil.copytree(out / "cells" / folder, out / "cells" / "another-receiver")
+    written = run_validity(dataclasses.replace(config, objectives=("pm", "pm-sum")), out, device="cpu",
+                           progress=False, log=lambda *_: None, report_only=True)
+    by_name = {p.name.split("-" + tiny_llama_dir.name)[0]: read_json(p) for p in written}
+    assert [2 * p["score"] for p in by_name["pm"]["points"]] == \
+        pytest.approx([p["score"] for p in by_name["pm-sum"]["points"]])

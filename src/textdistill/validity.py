@@ -818,14 +818,17 @@ def _objective_scores(study: _Study, objective: str, model: str, recipe: str,
                       subsets: dict[str, list[int]]) -> tuple[dict[str, float] | None, float | None]:
     config = study.config
     if objective in ("pm", "pm-sum"):
-        models = [model] if objective == "pm" else list(config.models)
         if recipe == "student":
             return None, None
+        # pm-sum: every receiver of the study folder, also those a run limited with --models leaves out
+        folders = [study.cell_path(model, recipe, "x", 0).parents[3]] if objective == "pm" else \
+            sorted({study.cell_path(m, recipe, "x", 0).parents[3] for m in config.models} |
+                   {p.parent for p in (study.root / "cells").glob(f"*/{recipe}")})
         scores = {n: 0.0 for n in subsets}
         seconds = 0.0
-        for m in models:
+        for folder in folders:
             for n in subsets:
-                path = study.cell_path(m, recipe, n, config.pm_seed)
+                path = folder / recipe / n / f"seed{config.pm_seed}" / "result.json"
                 if not path.is_file():
                     return None, None
                 cell = read_json(path)
