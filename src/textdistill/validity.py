@@ -14,7 +14,10 @@ prefers train better models. This stage measures that directly. For one pool, bu
    that choosing an objective never touches the reported numbers. ``noise_subsets`` subsets are also trained with
    the other ``noise_seeds``: the noise ceiling. Performance matching (``pm``) is the loss of held-out validation
    rows after the receiver's own recipe, taken from an independent training seed (``pm_seed``) so that it shares
-   no seed noise with the accuracy it is correlated with.
+   no seed noise with the accuracy it is correlated with. ``pm-margin`` scores that same run by the held-out rows
+   as multiple-choice questions: the mean margin of the gold choice's log-likelihood over the best other's
+   (``margin.json`` beside the cell, with every question's margin), which text that makes every answer likelier
+   cannot raise.
 4. **Recipes.** ``comparison`` is the comparison's recipe as it is; ``tuned`` is the same recipe with its number of
    epochs chosen per model on validation accuracy (``tuning``: a grid, a few random subsets, questions that are
    neither the accuracy slice nor the reported ones); ``student`` trains the way the distillation's student does
