@@ -824,9 +824,10 @@ def _objective_scores(study: _Study, objective: str, model: str, recipe: str,
         if recipe == "student":
             return None, None
         # pm-sum: every receiver of the study folder, also those a run limited with --models leaves out
-        folders = [study.cell_path(model, recipe, "x", 0).parents[3]] if objective == "pm" else \
-            sorted({study.cell_path(m, recipe, "x", 0).parents[3] for m in config.models} |
-                   {p.parent for p in (study.root / "cells").glob(f"*/{recipe}")})
+        named = [study.cell_path(m, recipe, "x", 0).parents[3] for m in ([model] if objective == "pm" else
+                                                                           config.models)]
+        folders = named if objective == "pm" else named + sorted(
+            {p.parent for p in (study.root / "cells").glob(f"*/{recipe}")} - set(named))
         scores = {n: 0.0 for n in subsets}
         seconds = 0.0
         for folder in folders:
