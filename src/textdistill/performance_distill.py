@@ -179,14 +179,14 @@ def held_out_score(model: str, examples: Sequence[Example], recipe: TrainConfig,
     from .performance_selection import held_out_questions, held_out_rows
     from .training import mean_response_loss, train_on_examples
 
+    if score not in ("loss", "margin"):   # before the training run, not after it
+        raise ConfigError(f"unknown score {score!r}; known: loss, margin")
     recipe = dataclasses.replace(recipe, seed=seed)
     trained, tokenizer, _ = train_on_examples(model_name=model, examples=list(examples), config=recipe,
                                               device=device, progress=False, trust_remote_code=trust_remote_code)
     if score == "margin":
         _, records = evaluate_with_records(trained, tokenizer, held_out_questions(*rows))
         return -choice_figures(records)["gold_minus_best_other"]
-    if score != "loss":
-        raise ConfigError(f"unknown score {score!r}; known: loss, margin")
     key = (model, rows, recipe.data)
     if key not in _WORKER_ROWS:   # held-out rows read and tokenized once per process
         _WORKER_ROWS[key] = tokenize_examples(tokenizer, held_out_rows(*rows, recipe.data),
