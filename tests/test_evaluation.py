@@ -533,6 +533,20 @@ def test_choice_figures_margin_ignores_what_raises_every_choice_but_the_response
         choice_figures([])
 
 
+def test_a_capped_margin_rises_only_with_questions_below_the_cap():
+    from textdistill.evaluation import mean_margin
+
+    margins = [-3.0, 0.5, 4.0]
+    assert mean_margin(margins) == pytest.approx(0.5)
+    assert mean_margin(margins, 1.0) == pytest.approx((-3.0 + 0.5 + 1.0) / 3)
+    # more confidence on a question already right by more than the cap changes nothing; on a wrong one it counts
+    assert mean_margin([-3.0, 0.5, 9.0], 1.0) == mean_margin(margins, 1.0)
+    assert mean_margin([-2.0, 0.5, 4.0], 1.0) > mean_margin(margins, 1.0)
+    assert mean_margin(margins, 0.0) == pytest.approx(-1.0)   # a hinge at 0: wrong questions only
+    with pytest.raises(ValueError, match="no margins"):
+        mean_margin([], 1.0)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 3. a model whose right answer is known
 # --------------------------------------------------------------------------------------------------------------------

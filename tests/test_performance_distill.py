@@ -47,7 +47,9 @@ def test_edits_change_fluent_tokens_of_distinct_rows_off_the_scaffolding(smollm_
 @pytest.mark.parametrize("bad, message", [({"iterations": 0}, "iterations must be positive"),
                                           ({"swaps": 0}, "swaps must be positive"),
                                           ({"rows_limit": 0}, "rows_limit must be positive"),
-                                          ({"instrument_rows_offset": -1}, "must be >= 0")])
+                                          ({"instrument_rows_offset": -1}, "must be >= 0"),
+                                          ({"score": "accuracy"}, "unknown score"),
+                                          ({"margin_cap": 1.0}, "margin score only")])
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(ConfigError, match=message):
         PerformanceDistillConfig(**bad)

@@ -35,7 +35,10 @@ def test_draws_are_the_random_selections_of_consecutive_seeds():
 
 @pytest.mark.parametrize("bad, message", [({"draws": 0}, "draws must be positive"),
                                           ({"rows_limit": 0}, "rows_limit positive"),
-                                          ({"models": ()}, "models is empty")])
+                                          ({"models": ()}, "models is empty"),
+                                          ({"score": "accuracy"}, "unknown score 'accuracy'"),
+                                          ({"margin_cap": 1.0}, "margin score only"),
+                                          ({"score": "margin", "margin_cap": float("inf")}, "finite")])
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(CONFIG, **bad)
@@ -79,6 +82,43 @@ def test_the_best_draw_is_chosen_by_the_trained_receivers_held_out_loss_and_a_re
     summed = read_selection(tmp_path / "both.json")
     assert summed["draw_losses"][llama] == losses
     assert both["losses"] == [a + b for a, b in zip(losses, summed["draw_losses"][gemma])]
+
+
+def test_a_selection_by_the_capped_margin_scores_each_draw_by_its_held_out_questions_and_keeps_its_own_cache(
+        tmp_path, tiny_llama_dir):
+    from textdistill.evaluation import evaluate_with_records, mean_margin, question_margins
+    from textdistill.performance_selection import held_out_questions, score_cache_path
+    from textdistill.selection import pool_ids_hash
+    from textdistill.training import train_on_examples
+
+    llama = str(tiny_llama_dir)
+    capped = dataclasses.replace(CONFIG, draws=2, score="margin", margin_cap=0.5)
+    out = tmp_path / "capped.json"
+    result = select_by_performance(data="arc-easy:train", budget=4, output=out, config=capped, recipe=RECIPE,
+                                   models=[llama], device="cpu", progress=False, log=lambda *_: None)
+    record = read_selection(out)
+    assert record["score"] == "margin" and record["margin_cap"] == 0.5
+    pool = load_examples("arc-easy:train", RECIPE.data)
+    draws = draw_indices(len(pool), 4, capped)
+    model, tokenizer, _ = train_on_examples(model_name=llama, examples=[pool[i] for i in draws[1]],
+                                            config=dataclasses.replace(RECIPE, seed=1), device="cpu", progress=False)
+    _, records = evaluate_with_records(model, tokenizer, held_out_questions("arc-easy:validation", 2, 4))
+    margins = question_margins(records)
+    assert len(margins) == 4
+    assert record["draw_losses"][llama][1] == pytest.approx(-mean_margin(margins, 0.5), abs=1e-9)
+    assert result["draw"] == min(range(2), key=lambda k: (record["draw_losses"][llama][k], k))
+    # another score or cap is another cache file; the loss keeps the file name it had before the margin existed
+    ids = pool_ids_hash(pool)
+    names = {score_cache_path("c", llama, RECIPE, c, ids, 4).name for c in (
+        CONFIG, capped, dataclasses.replace(capped, margin_cap=None), dataclasses.replace(capped, margin_cap=1.0))}
+    assert len(names) == 4
+    from textdistill.artifacts import sha256_json
+    from textdistill.keys import keyed
+
+    before = sha256_json([llama, keyed(dataclasses.replace(RECIPE, seed=1)), "arc-easy:validation", 2, 4, ids, 4])
+    assert score_cache_path("c", llama, RECIPE, CONFIG, ids, 4).name == f"{tiny_llama_dir.name}-{before[:12]}.json"
+    assert [p.name for p in out.with_name("capped.draws").glob("*.json")] == \
+        [score_cache_path("c", llama, RECIPE, capped, ids, 4).name]
 
 
 def test_an_experiment_arm_where_each_receiver_scores_its_own_selection(tmp_path, tiny_llama_dir):

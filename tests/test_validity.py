@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from textdistill.artifacts import read_json
+from textdistill.artifacts import atomic_write_json, read_json
 from textdistill.config import DataSettings, EvalConfig, LoraSettings, TrainConfig
 from textdistill.errors import ConfigError
 from textdistill.experts import ExpertsConfig, make_experts
@@ -100,7 +100,7 @@ def test_a_tiny_study_writes_every_result_and_resumes(tmp_path, tiny_llama_dir, 
     # every objective under comparison and tuned; under student, pm and pm-sum do not apply
     names = sorted(p.name for p in written)
     model = tiny_llama_dir.name
-    for objective in ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "less"):
+    for objective in ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "pm-margin-capped", "less"):
         for recipe in ("comparison", "tuned"):
             assert f"{objective}-{model}-4-{recipe}.json" in names
     assert f"pm-{model}-4-student.json" not in names and f"tm-{model}-4-student.json" in names
@@ -129,6 +129,9 @@ def test_a_tiny_study_writes_every_result_and_resumes(tmp_path, tiny_llama_dir, 
         sum(margin["question_margins"]) / 5 == pytest.approx(margin["gold_minus_best_other"])
     assert next(p for p in read_json(out / "validity" / f"pm-margin-{model}-4-comparison.json")["points"]
                 if p["set"] == "random-0")["score"] == margin["gold_minus_best_other"]
+    capped = read_json(out / "validity" / f"pm-margin-capped-{model}-4-comparison.json")
+    assert capped["margin_cap"] == config.margin_cap and next(p for p in capped["points"] if p["set"] == "random-0")[
+        "score"] == pytest.approx(sum(min(m, config.margin_cap) for m in margin["question_margins"]) / 5)
     tuned = read_json(out / "tuning" / f"{folder}.json")
     assert tuned["epochs"] in (1.0, 2.0)
     assert read_json(out / "validity" / f"tm-{model}-4-tuned.json")["recipe_config"]["epochs"] == tuned["epochs"]
@@ -220,6 +223,21 @@ def test_pm_margin_added_to_a_finished_study_repeats_the_pm_runs_exactly(tmp_pat
         cell = read_json(out / "cells" / folder / "comparison" / subset / "seed1" / "result.json")
         margin = read_json(out / "cells" / folder / "comparison" / subset / "seed1" / "margin.json")
         assert margin["objective_loss"] == cell["objective_loss"] and margin["indices"] == cell["indices"]
+
+    # the cap may change between runs (it is computed from the stored margins); a margin file without them is
+    # reported, not used
+    messages = []
+    hinge = run_validity(dataclasses.replace(config, objectives=("pm-margin-capped",), margin_cap=0.0), out,
+                         device="cpu", progress=False, log=messages.append, report_only=True)
+    margins = read_json(out / "cells" / folder / "comparison" / "null-0" / "seed1" / "margin.json")
+    assert next(p for p in read_json(hinge[0])["points"] if p["set"] == "null-0")["score"] == \
+        pytest.approx(sum(min(m, 0.0) for m in margins["question_margins"]) / len(margins["question_margins"]))
+    path = out / "cells" / folder / "comparison" / "null-0" / "seed1" / "margin.json"
+    atomic_write_json(path, {k: v for k, v in margins.items() if k != "question_margins"})
+    assert run_validity(dataclasses.replace(config, objectives=("pm-margin-capped",)), out, device="cpu",
+                        progress=False, log=messages.append, report_only=True) == []
+    assert any("lack question_margins" in m for m in messages)
+    atomic_write_json(path, margins)
 
     # pm-sum sums every receiver whose cells the folder holds, also one a run's `models` leaves out
     import shutil

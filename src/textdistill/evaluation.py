@@ -66,6 +66,7 @@ __all__ = [
     "argmax_first",
     "multiple_choice_metrics",
     "question_margins",
+    "mean_margin",
     "item_records",
     "aggregate_by_subject",
     "choice_figures",
@@ -798,6 +799,17 @@ def question_margins(records: Sequence[Mapping[str, Any]]) -> list[float]:
     return [r["loglik"][r["gold"]] - max(x for i, x in enumerate(r["loglik"]) if i != r["gold"]) for r in records]
 
 
+def mean_margin(margins: Sequence[float], cap: float | None = None) -> float:
+    """The mean of per-question margins (:func:`question_margins`), each counted up to ``cap`` when one is given:
+    with a cap, a question already answered right by at least ``cap`` adds nothing more, so only wrong or close
+    questions can raise the mean (what accuracy, which counts each margin's sign, rewards)."""
+    if not margins:
+        raise ValueError("no margins")
+    if cap is None:
+        return sum(margins) / len(margins)
+    return sum(min(m, cap) for m in margins) / len(margins)
+
+
 def choice_figures(records: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
     """What a model's choice log-likelihoods say about items (records as :func:`item_records` writes them): ``acc``
     and ``acc_norm``; ``gold_loglik_per_token`` (the gold continuations' log-likelihood over their tokens, what a
@@ -815,7 +827,7 @@ def choice_figures(records: Sequence[Mapping[str, Any]]) -> dict[str, float | in
             "gold_loglik_per_token": sum(gold) / sum(r["num_tokens"][r["gold"]] for r in records),
             "mean_choice_loglik": sum(sum(r["loglik"]) / len(r["loglik"]) for r in records) / n,
             "mc_cross_entropy": sum(z - g for z, g in zip(normaliser, gold)) / n,
-            "gold_minus_best_other": sum(question_margins(records)) / n}
+            "gold_minus_best_other": mean_margin(question_margins(records))}
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, config: Any, *, progress: bool = True,

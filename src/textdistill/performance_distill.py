@@ -16,9 +16,10 @@ run and the search is gradient-free:
 - the best candidate replaces the current set if its held-out loss is lower.
 
 ``score: margin`` scores a set instead by the held-out rows as multiple-choice questions: the mean margin of the gold
-choice's log-likelihood over the best other choice's (results/README.md section 15). A search on the response loss
-found edits that make every answer likelier and the margin smaller (section 14); the margin cannot be raised that
-way. Every stored loss (``state.json``, ``metrics.jsonl``, ``summary.json``) is then the negated margin, so that
+choice's log-likelihood over the best other choice's (results/README.md section 15), each question's margin counted
+up to ``margin_cap`` when one is set (so that questions already answered right cannot raise it further). A search on
+the response loss found edits that make every answer likelier and the margin smaller (section 14); the margin
+cannot be raised that way. Every stored loss (``state.json``, ``metrics.jsonl``, ``summary.json``) is then the negated margin, so that
 lower is better throughout.
 
 The held-out instrument, computed at the end on what the search never saw: the start and final sets trained with
@@ -66,6 +67,10 @@ class PerformanceDistillConfig:
         "loss", "loss: token-mean response loss of the held-out rows (lower = better); margin: the held-out rows as "
                 "multiple-choice questions, the mean log-likelihood margin of the gold choice over the best other "
                 "(higher = better; stored negated, so lower is better throughout)", omit_when="loss")
+    margin_cap: float | None = option(
+        None, "margin score: each question's margin counts up to this value (mean of min(margin, cap)), so that "
+              "questions already answered right by that much cannot raise it; null: uncapped", omit_when=None,
+        acts=lambda *configs: configs[-1].score == "margin")
     train_seed: int = option(1, "training seed of every scoring run (the same for every set: paired)")
     rows: str = option("arc-easy:validation", "held-out rows whose response loss scores a set; never the reported "
                                               "questions")
@@ -81,6 +86,9 @@ class PerformanceDistillConfig:
                              "above 1)", keyed=False, resume=False)
 
     def __post_init__(self) -> None:
+        from .performance_selection import check_score
+
+        check_score(self.score, self.margin_cap)
         for name in ("iterations", "candidates", "swaps", "fluent_top_k", "workers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -146,9 +154,6 @@ def apply_edit(prompts: Sequence[list[int]], edit: Sequence[tuple[int, int, int]
 # Scoring: one training run per set (in worker processes when workers > 1)
 # ----------------------------------------------------------------------------------------------------------------
 
-_WORKER_ROWS: dict[tuple, list] = {}
-
-
 def _init_worker(threads: int) -> None:
     """A scoring process: ``threads`` torch threads, and an exit as soon as the process that started it is gone (a
     killed search must not leave training runs behind on the cores)."""
@@ -169,29 +174,21 @@ def _init_worker(threads: int) -> None:
 
 
 def held_out_score(model: str, examples: Sequence[Example], recipe: TrainConfig, rows: tuple[str, int, int | None],
-                   seed: int, score: str = "loss", device: str = "auto", trust_remote_code: bool = False) -> float:
+                   seed: int, score: str = "loss", margin_cap: float | None = None, device: str = "auto",
+                   trust_remote_code: bool = False) -> float:
     """Performance matching's score of ``examples`` (lower = better): ``model`` trained on them with ``recipe`` and
-    ``seed``, then, on the held-out ``rows`` (source, offset, limit), the token-mean response loss (``score``
-    "loss", what :func:`performance_selection.score_draws` computes for a real subset) or the negated mean margin
-    of the gold choice's log-likelihood over the best other choice's (``score`` "margin")."""
-    from .data import tokenize_examples
-    from .evaluation import choice_figures, evaluate_with_records
-    from .performance_selection import held_out_questions, held_out_rows
-    from .training import mean_response_loss, train_on_examples
+    ``seed``, then scored on the held-out ``rows`` (source, offset, limit) by
+    :func:`performance_selection.score_trained`: the token-mean response loss (``score`` "loss", what
+    :func:`performance_selection.score_draws` computes for a real subset) or the negated mean margin of the gold
+    choice's log-likelihood over the best other choice's, capped at ``margin_cap`` (``score`` "margin")."""
+    from .performance_selection import check_score, score_trained
+    from .training import train_on_examples
 
-    if score not in ("loss", "margin"):   # before the training run, not after it
-        raise ConfigError(f"unknown score {score!r}; known: loss, margin")
+    check_score(score, margin_cap)   # before the training run, not after it
     recipe = dataclasses.replace(recipe, seed=seed)
     trained, tokenizer, _ = train_on_examples(model_name=model, examples=list(examples), config=recipe,
                                               device=device, progress=False, trust_remote_code=trust_remote_code)
-    if score == "margin":
-        _, records = evaluate_with_records(trained, tokenizer, held_out_questions(*rows))
-        return -choice_figures(records)["gold_minus_best_other"]
-    key = (model, rows, recipe.data)
-    if key not in _WORKER_ROWS:   # held-out rows read and tokenized once per process
-        _WORKER_ROWS[key] = tokenize_examples(tokenizer, held_out_rows(*rows, recipe.data),
-                                              max_length=recipe.data.max_length, append_eos=recipe.data.append_eos)
-    return mean_response_loss(trained, _WORKER_ROWS[key], tokenizer.pad_token_id)
+    return score_trained(trained, tokenizer, model, rows, recipe.data, score, margin_cap)
 
 
 class _Scorer:
@@ -274,7 +271,8 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
         from .performance_selection import held_out_questions
 
         held_out_questions(config.rows, config.rows_offset, config.rows_limit)
-    scorer = _Scorer(workers, model=config.model, recipe=recipe, score=config.score, device=device,
+    scorer = _Scorer(workers, model=config.model, recipe=recipe, score=config.score, margin_cap=config.margin_cap,
+                     device=device,
                      trust_remote_code=trust_remote_code)
     search_start = time.time()
     try:
@@ -367,7 +365,10 @@ def _finish(output: Path, state: dict[str, Any], start_examples: Sequence[Exampl
         instrument = {"rows": list(rows_spec), "seeds": list(config.instrument_seeds), "start": start_losses,
                       "final": final_losses, "final_minus_start": differences,
                       "mean_final_minus_start": sum(differences) / len(differences)}
-    summary = {"score": config.score if config.score == "loss" else "margin (every loss below is the negated margin)",
+    score = {"loss": "loss", "margin": "margin (every loss below is the negated margin)"}[config.score]
+    if config.margin_cap is not None:
+        score = f"margin capped at {config.margin_cap:g} per question (every loss below is the negated capped margin)"
+    summary = {"score": score,
                "iteration": state["iteration"], "accepted": state["accepted"], "start_loss": state["start_loss"],
                "final_loss": state["loss"], "search_seconds": state["seconds"],
                "iterations_per_hour": round(3600 * state["iteration"] / state["seconds"], 2) if state["seconds"] else None,

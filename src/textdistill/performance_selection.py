@@ -6,6 +6,12 @@ measured; lower is better. Of the objectives of the validity study (results/READ
 one whose correlation with accuracy lies above zero on both SmolLM2-135M and Gemma-3-270M, so it is the objective by
 which this arm picks "the top subset": ``draws`` seeded random subsets of the budget are scored, the best is kept.
 
+``score: margin`` scores a draw instead by the held-out rows as multiple-choice questions after training: the mean
+margin of the gold choice's log-likelihood over the best other choice's (``pm-margin`` of the validity study, the
+most predictive objective measured there, results/README.md section 15), each question's margin counted up to
+``margin_cap`` when one is set. Every stored and compared loss is then the negated score, so lower is better
+throughout.
+
 Each (model, draw) score is one training run: it is cached in a JSON file per scoring model (written after every
 draw), so an interrupted selection continues, a larger ``draws`` reuses the smaller run's draws, and the selection
 that sums several models' losses reuses the runs of the selections scored by one of them.
@@ -16,18 +22,30 @@ Entry: :func:`select_by_performance` (``textdistill select --method performance`
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from .artifacts import atomic_write_json, read_json, sha256_json
 from .config import DataSettings, EvalConfig, TrainConfig, option
 from .errors import ConfigError, DataError
 
-__all__ = ["PerformanceSelectionConfig", "best_draw", "draw_indices", "held_out_questions", "held_out_rows",
-           "score_draws",
-           "select_by_performance"]
+__all__ = ["PerformanceSelectionConfig", "SCORES", "best_draw", "check_score", "draw_indices", "held_out_questions",
+           "held_out_rows", "score_draws", "score_trained", "select_by_performance"]
+
+SCORES = ("loss", "margin")
+
+
+def check_score(score: str, margin_cap: float | None) -> None:
+    """A clear error for an unknown score, or a cap on a score that has no margin (before any training run)."""
+    if score not in SCORES:
+        raise ConfigError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
+    if margin_cap is not None and score != "margin":
+        raise ConfigError(f"margin_cap ({margin_cap}) applies to the margin score only, and the score is {score!r}")
+    if margin_cap is not None and not math.isfinite(margin_cap):
+        raise ConfigError(f"margin_cap must be a finite number (or null: uncapped), got {margin_cap}")
 
 
 @dataclass(frozen=True)
@@ -43,8 +61,17 @@ class PerformanceSelectionConfig:
     rows_limit: int | None = option(None, "rows of `rows` used (None: all from rows_offset)")
     models: tuple[str, ...] | None = option(None, "scoring models, whose losses are summed; None: in an experiment, "
                                                   "each receiver scores its own selection (select needs a list)")
+    score: Literal["loss", "margin"] = option(
+        "loss", "loss: token-mean response loss of the held-out rows (lower = better); margin: the held-out rows as "
+                "multiple-choice questions, the mean log-likelihood margin of the gold choice over the best other "
+                "(higher = better; stored negated)", omit_when="loss")
+    margin_cap: float | None = option(
+        None, "margin score: each question's margin counts up to this value (mean of min(margin, cap)), so that "
+              "questions already answered right by that much cannot raise it; null: uncapped", omit_when=None,
+        acts=lambda *configs: configs[-1].score == "margin")
 
     def __post_init__(self) -> None:
+        check_score(self.score, self.margin_cap)
         if self.draws <= 0:
             raise ConfigError(f"performance.draws must be positive, got {self.draws}")
         if self.rows_offset < 0 or (self.rows_limit is not None and self.rows_limit <= 0):
@@ -99,29 +126,58 @@ def held_out_questions(source: str, offset: int, limit: int | None) -> EvalConfi
                       precision="fp32")
 
 
+_TOKENIZED_ROWS: dict[tuple, list] = {}   # held-out rows tokenized once per process, per scoring model
+
+
+def score_trained(model: Any, tokenizer: Any, model_name: str, rows: tuple[str, int, int | None], data: DataSettings,
+                  score: str = "loss", margin_cap: float | None = None) -> float:
+    """Performance matching's score of a receiver already trained on a set, lower = better: on the held-out ``rows``
+    (source, offset, limit), the token-mean response loss (``score`` "loss"; ``data`` gives the template), or the
+    negated mean margin of the gold choice over the best other, each counted up to ``margin_cap`` (``score``
+    "margin", fp32)."""
+    from .data import tokenize_examples
+    from .evaluation import evaluate_with_records, mean_margin, question_margins
+    from .training import mean_response_loss
+
+    check_score(score, margin_cap)
+    if score == "margin":
+        _, records = evaluate_with_records(model, tokenizer, held_out_questions(*rows))
+        return -mean_margin(question_margins(records), margin_cap)
+    key = (model_name, rows, data)
+    if key not in _TOKENIZED_ROWS:
+        _TOKENIZED_ROWS[key] = tokenize_examples(tokenizer, held_out_rows(*rows, data), max_length=data.max_length,
+                                                 append_eos=data.append_eos)
+    return mean_response_loss(model, _TOKENIZED_ROWS[key], tokenizer.pad_token_id)
+
+
 def score_cache_path(cache_dir: str | Path, model: str, recipe: TrainConfig, config: PerformanceSelectionConfig,
                      pool_ids: str, count: int) -> Path:
     """The cache file of one scoring model: its name holds a hash of everything a score depends on but the draw."""
     from .keys import keyed
 
-    key = sha256_json([model, keyed(dataclasses.replace(recipe, seed=config.train_seed)), config.rows,
-                       config.rows_offset, config.rows_limit, pool_ids, count])[:12]
+    parts = [model, keyed(dataclasses.replace(recipe, seed=config.train_seed)), config.rows, config.rows_offset,
+             config.rows_limit, pool_ids, count]
+    if config.score != "loss":   # the loss's caches keep the names they had before the margin existed
+        parts += [config.score, config.margin_cap]
+    key = sha256_json(parts)[:12]
     return Path(cache_dir) / f"{Path(model.rstrip('/')).name}-{key}.json"
 
 
 def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: str, recipe: TrainConfig,
                 config: PerformanceSelectionConfig, cache: Path, device: str = "auto", progress: bool = True,
                 trust_remote_code: bool = False, log=print) -> list[float]:
-    """The held-out loss of ``model`` trained (``recipe``, seed ``config.train_seed``) on each draw's rows of
-    ``pool``; draws already in ``cache`` (same rows) are read, the others trained and written there one by one."""
+    """The held-out loss (``config.score``; the negated margin for "margin") of ``model`` trained (``recipe``, seed
+    ``config.train_seed``) on each draw's rows of ``pool``; draws already in ``cache`` (same rows) are read, the
+    others trained and written there one by one."""
     from filelock import FileLock
     from tqdm.auto import tqdm
 
-    from .data import tokenize_examples
-    from .training import mean_response_loss, train_on_examples
+    from .training import train_on_examples
 
     recipe = dataclasses.replace(recipe, seed=config.train_seed)
-    rows = None
+    rows = (config.rows, config.rows_offset, config.rows_limit)
+    if config.score == "margin":   # a clear error now rather than after the first training run
+        held_out_questions(*rows)
     cache.parent.mkdir(parents=True, exist_ok=True)
     losses: list[float] = []
     for k, indices in enumerate(tqdm(draws, desc=f"performance draws ({Path(model).name})", disable=not progress)):
@@ -133,19 +189,17 @@ def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: s
             trained, tokenizer, result = train_on_examples(
                 model_name=model, examples=[pool[i] for i in indices], config=recipe, device=device,
                 progress=False, trust_remote_code=trust_remote_code)
-            if rows is None:
-                examples = held_out_rows(config.rows, config.rows_offset, config.rows_limit, recipe.data)
-                rows = tokenize_examples(tokenizer, examples, max_length=recipe.data.max_length,
-                                         append_eos=recipe.data.append_eos)
-            entry = {"loss": mean_response_loss(trained, rows, tokenizer.pad_token_id), "rows": len(rows),
-                     "train_steps": result.steps, "seconds": round(time.time() - start, 1)}
+            loss = score_trained(trained, tokenizer, model, rows, recipe.data, config.score, config.margin_cap)
+            entry = {"loss": loss, "train_steps": result.steps, "seconds": round(time.time() - start, 1)}
             with FileLock(str(cache) + ".lock"):
                 stored = read_json(cache)["draws"] if cache.is_file() else {}
                 stored[str(sorted(indices))] = entry
                 atomic_write_json(cache, {"model": model, "recipe": recipe, "rows": config.rows,
                                           "rows_offset": config.rows_offset, "rows_limit": config.rows_limit,
+                                          "score": config.score, "margin_cap": config.margin_cap,
                                           "draws": stored})
-            log(f"  draw {k}: {Path(model).name} held-out loss {entry['loss']:.4f} ({entry['seconds']:.0f} s)")
+            label = "held-out loss" if config.score == "loss" else "negated held-out margin"
+            log(f"  draw {k}: {Path(model).name} {label} {entry['loss']:.4f} ({entry['seconds']:.0f} s)")
         losses.append(float(entry["loss"]))
     return losses
 
@@ -183,6 +237,7 @@ def select_by_performance(*, data: str, budget: str | int, output: str | Path, c
                     indices=draws[best], extra={
                         "draw": best, "draw_seed": config.seed + best, "scoring_models": list(scoring),
                         "held_out_loss": summed[best], "draw_losses": losses, "summed_losses": summed,
+                        "score": config.score, "margin_cap": config.margin_cap,
                         "rows": config.rows, "rows_offset": config.rows_offset, "rows_limit": config.rows_limit,
                         "seconds": round(time.time() - start, 1)})
     return {"count": count, "indices": draws[best], "scores": None, "draw": best, "losses": summed}

@@ -17,7 +17,8 @@ prefers train better models. This stage measures that directly. For one pool, bu
    no seed noise with the accuracy it is correlated with. ``pm-margin`` scores that same run by the held-out rows
    as multiple-choice questions: the mean margin of the gold choice's log-likelihood over the best other's
    (``margin.json`` beside the cell, with every question's margin), which text that makes every answer likelier
-   cannot raise.
+   cannot raise; ``pm-margin-capped`` is the mean of each question's margin capped at ``margin_cap``, which
+   questions already answered right by that much cannot raise either.
 4. **Recipes.** ``comparison`` is the comparison's recipe as it is; ``tuned`` is the same recipe with its number of
    epochs chosen per model on validation accuracy (``tuning``: a grid, a few random subsets, questions that are
    neither the accuracy slice nor the reported ones); ``student`` trains the way the distillation's student does
@@ -54,7 +55,8 @@ from .matching import StudentSettings
 __all__ = ["RecipeTuning", "ValidityConfig", "ForkSettings", "load_validity_config", "noise_ceiling",
            "run_validity", "spearman_with_interval"]
 
-OBJECTIVES = ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "less")
+OBJECTIVES = ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "pm-margin-capped", "less")
+MARGIN_OBJECTIVES = ("pm-margin", "pm-margin-capped")   # both read the margin file of the pm_seed run
 RECIPES = ("comparison", "tuned", "student")
 
 
@@ -129,8 +131,11 @@ class ValidityConfig:
     pm_seed: int = option(1, "the training seed whose run gives performance matching's score (not 0: it would "
                              "share the accuracy's seed noise)")
     pm_student_draws: int = option(4, "held-out draws the pm-student objective averages over")
-    objectives: tuple[str, ...] = option(("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "less"),
-                                         f"objectives, among {', '.join(OBJECTIVES)}")
+    objectives: tuple[str, ...] = option(("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin",
+                                          "pm-margin-capped", "less"), f"objectives, among {', '.join(OBJECTIVES)}")
+    margin_cap: float = option(1.0, "pm-margin-capped: each question's margin counts up to this value, so that "
+                                    "questions already answered right by that much cannot raise the score",
+                               acts=lambda *configs: "pm-margin-capped" in configs[-1].objectives)
     bootstrap: int = option(10000, "bootstrap resamples of each interval")
     report: str | None = option(None, "folder of the result files (<objective>-<model>-<budget>-<recipe>.json); "
                                       "null: <output>/validity")
@@ -556,7 +561,7 @@ class _Study:
             rows = self.objective_examples(tokenizer, recipe.data)
             row.update({"objective_loss": mean_response_loss(model, rows, tokenizer.pad_token_id),
                         "objective_rows": len(rows), "objective_seconds": round(time.time() - start, 1)})
-            if "pm-margin" in self.config.objectives and recipe_name != "student" and \
+            if _wants_margins(self.config) and recipe_name != "student" and \
                     not self.margin_path(model_name, recipe_name, out.parent.parent.name).is_file():
                 self.write_margin(model, tokenizer, model_name, recipe_name, indices,
                                   {**row, "subset": out.parent.parent.name})
@@ -718,14 +723,15 @@ def _units(study: _Study) -> list[_Unit]:
                 units.append(_Unit(f"tuning {model}", study.tuning_path(model),
                                    lambda m=model: study.choose_epochs(m), needs=tuple(grid_units)))
                 needs = ("subsets", f"tuning {model}")
-            performance = recipe != "student" and any(o in config.objectives for o in ("pm", "pm-sum", "pm-margin"))
+            performance = recipe != "student" and any(o in config.objectives for o in ("pm", "pm-sum",
+                                                                                          *MARGIN_OBJECTIVES))
             for subset in planned:
                 seeds = config.noise_seeds if subset in config.noise_subsets else (0,)
                 for seed in seeds:
                     units.append(_cell_unit(study, model, recipe, subset, seed, True, needs))
                 if performance and config.pm_seed not in seeds:
                     units.append(_cell_unit(study, model, recipe, subset, config.pm_seed, False, needs))
-                if performance and "pm-margin" in config.objectives:
+                if performance and _wants_margins(config):
                     # after the pm_seed cell, which writes the margin file itself (this unit repeats the run only
                     # for a cell made before pm-margin was an objective)
                     pm_cell = next(u.name for u in reversed(units) if u.output == study.cell_path(
@@ -736,6 +742,10 @@ def _units(study: _Study) -> list[_Unit]:
     units += scores(("pm-student",))   # when no recipe is "tuned"
     seen: set[str] = set()
     return [u for u in units if not (u.name in seen or seen.add(u.name))]
+
+
+def _wants_margins(config: ValidityConfig) -> bool:
+    return any(o in config.objectives for o in MARGIN_OBJECTIVES)
 
 
 def _cell_unit(study: _Study, model: str, recipe: str, subset: str, seed: int, evaluate: bool,
@@ -808,7 +818,8 @@ def write_report(study: _Study, output: Path) -> list[Path]:
                     "noise_ceiling": ceiling["noise_ceiling"], "seed_std": ceiling["seed_std"],
                     "acc_std": ceiling["total_std"], "noise_replicates": dict(zip(config.noise_subsets, replicates)),
                     "seconds_per_score": seconds, "accuracy": to_jsonable(config.accuracy),
-                    "score_means": "higher = the objective prefers the set", "points": points})
+                    "score_means": "higher = the objective prefers the set", "points": points,
+                    **({"margin_cap": config.margin_cap} if objective == "pm-margin-capped" else {})})
                 written.append(path)
     return written
 
@@ -839,15 +850,25 @@ def _objective_scores(study: _Study, objective: str, model: str, recipe: str,
                 scores[n] -= cell["objective_loss"]
                 seconds += cell["train_seconds"] + cell["objective_seconds"]
         return scores, seconds / len(subsets)
-    if objective == "pm-margin":
+    if objective in MARGIN_OBJECTIVES:
+        from .evaluation import mean_margin
+
         if recipe == "student":
             return None, None
         paths = {n: study.margin_path(model, recipe, n) for n in subsets}
         if not all(p.is_file() for p in paths.values()):
             return None, None
         rows = {n: read_json(p) for n, p in paths.items()}
-        return ({n: r["gold_minus_best_other"] for n, r in rows.items()},
-                sum(r["train_seconds"] + r["margin_seconds"] for r in rows.values()) / len(rows))
+        if objective == "pm-margin-capped":
+            old = [n for n, r in rows.items() if "question_margins" not in r]
+            if old:   # written before margin files kept each question's margin
+                study.log(f"  pm-margin-capped {model} {recipe}: {len(old)} margin files lack question_margins "
+                          f"(e.g. {paths[old[0]]}); delete them and rerun to repeat those runs")
+                return None, None
+            scores = {n: mean_margin(r["question_margins"], config.margin_cap) for n, r in rows.items()}
+        else:
+            scores = {n: r["gold_minus_best_other"] for n, r in rows.items()}
+        return scores, sum(r["train_seconds"] + r["margin_seconds"] for r in rows.values()) / len(rows)
     path = study.score_path(objective)
     if not path.is_file():
         return None, None
@@ -873,7 +894,8 @@ def summary_table(paths: Sequence[Path]) -> str:
 
 #: Settings that may change between runs on one folder (they add work or only change the report); any other change
 #: would mix cells made under two settings, so it is refused.
-_EXTENSIBLE = ("name", "models", "recipes", "objectives", "bootstrap", "report")
+# settings that change no stored unit (margin_cap: the capped score is computed from the stored margins)
+_EXTENSIBLE = ("name", "models", "recipes", "objectives", "margin_cap", "bootstrap", "report")
 
 
 def _check_same_study(root: Path, config: ValidityConfig) -> None:
