@@ -19,8 +19,8 @@ run and the search is gradient-free:
 choice's log-likelihood over the best other choice's (results/README.md section 15), each question's margin counted
 up to ``margin_cap`` when one is set (so that questions already answered right cannot raise it further). A search on
 the response loss found edits that make every answer likelier and the margin smaller (section 14); the margin
-cannot be raised that way. Every stored loss (``state.json``, ``metrics.jsonl``, ``summary.json``) is then the negated margin, so that
-lower is better throughout.
+cannot be raised that way. Every stored loss (``state.json``, ``metrics.jsonl``, ``summary.json``) is then the
+negated margin, so that lower is better throughout.
 
 The held-out instrument, computed at the end on what the search never saw: the start and final sets trained with
 other seeds (``instrument_seeds``) and scored on other held-out rows (``instrument_rows_*``).
