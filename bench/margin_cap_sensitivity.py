@@ -40,12 +40,14 @@ def main() -> None:
     args = parser.parse_args()
     study = Path(args.study)
     subsets = json.loads((study / "subsets.json").read_text())["subsets"]
+    settings = json.loads((study / "study.json").read_text())["settings"]
+    pm_seed, resamples = settings.get("pm_seed", 1), settings.get("bootstrap", 10000)
     report = {"study": str(study), "subsets": len(subsets), "machine": machine_description(), "columns": {}}
     for folder in sorted((study / "cells").glob("*/*")):
         model, recipe = folder.parent.name, folder.name
         margins, acc = {}, {}
         for name in subsets:
-            margin, cell = folder / name / "seed1" / "margin.json", folder / name / "seed0" / "result.json"
+            margin, cell = folder / name / f"seed{pm_seed}" / "margin.json", folder / name / "seed0" / "result.json"
             if not (margin.is_file() and cell.is_file()):
                 break
             stored = json.loads(margin.read_text())
@@ -58,7 +60,8 @@ def main() -> None:
         per_subset = {name: scores_of(m) for name, m in margins.items()}
         column = {}
         for score in next(iter(per_subset.values())):
-            rho, ci = spearman_with_interval([per_subset[n][score] for n in subsets], [acc[n] for n in subsets])
+            rho, ci = spearman_with_interval([per_subset[n][score] for n in subsets], [acc[n] for n in subsets],
+                                             resamples=resamples)
             column[score] = {"spearman": rho, "ci95": ci}
         report["columns"][f"{model} {recipe}"] = column
         print(f"\n{model} {recipe} (n {len(subsets)})")

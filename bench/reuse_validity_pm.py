@@ -35,12 +35,14 @@ from textdistill.validity import _Study, load_validity_config
 
 
 def main(experiment_config: str, experiment_root: str, validity_config: str, validity_root: str, *,
-         score: str = "loss", margin_cap: float | None = None, cache_dir: str | None = None,
+         score: str | None = None, margin_cap: float | None = None, cache_dir: str | None = None,
          models: list[str] | None = None) -> None:
     from textdistill.evaluation import mean_margin
 
     experiment = resolve_precisions(load_experiment_config(experiment_config), "cpu")
     study = load_validity_config(validity_config)
+    if score is None:   # the experiment's own score and cap
+        score, margin_cap = experiment.performance.score, experiment.performance.margin_cap
     performance = dataclasses.replace(experiment.performance, score=score, margin_cap=margin_cap)
     if performance.train_seed != study.pm_seed:
         sys.exit(f"the training seeds differ ({performance.train_seed} against the study's {study.pm_seed})")
@@ -55,7 +57,7 @@ def main(experiment_config: str, experiment_root: str, validity_config: str, val
     cache_dir = Path(cache_dir) if cache_dir else Path(experiment_root) / "selections" / "performance-draws"
     studied = _Study(study, Path(validity_root), device="cpu", progress=False, log=print)
     for spec in models or experiment.models:
-        model, _, epochs = spec.partition(":")
+        model, _, epochs = spec.rpartition(":") if ":" in spec else (spec, "", "")
         model_recipe = dataclasses.replace(experiment.recipe, epochs=float(epochs)) if epochs else experiment.recipe
         recipe = dataclasses.replace(model_recipe, seed=performance.train_seed)
         # the study's recipe for this model that is the comparison's (comparison, or tuned where it was chosen)
@@ -67,10 +69,16 @@ def main(experiment_config: str, experiment_root: str, validity_config: str, val
         cache = score_cache_path(cache_dir, model, model_recipe, performance, pool_ids_hash(pool), count)
         found = {}
         name = "result.json" if score == "loss" else "margin.json"
-        for path in sorted((Path(validity_root) / "cells" / model / same[0]).glob(f"*/seed{study.pm_seed}/{name}")):
+        folder = studied.cell_path(model, same[0], "x", study.pm_seed).parents[2]   # cells/<model>/<recipe>
+        for path in sorted(folder.glob(f"*/seed{study.pm_seed}/{name}")):
             cell = read_json(path)
             if str(sorted(cell["indices"])) not in draws:
                 continue
+            if score == "margin":   # the margin of the very run the study keyed (the same training)
+                run = read_json(path.with_name("result.json"))
+                if cell.get("key") != run.get("key") or abs(cell["objective_loss"] - run["objective_loss"]) > 1e-3:
+                    print(f"  {path}: not the run of its cell ({cell.get('key')} against {run.get('key')}); skipped")
+                    continue
             if score == "loss" and "objective_loss" in cell:
                 found[str(sorted(cell["indices"]))] = {
                     "loss": cell["objective_loss"], "rows": cell["objective_rows"], "train_steps": cell["train_steps"],
@@ -94,7 +102,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in ("experiment_config", "experiment_root", "validity_config", "validity_root"):
         parser.add_argument(name)
-    parser.add_argument("--score", choices=["loss", "margin"], default="loss")
+    parser.add_argument("--score", choices=["loss", "margin"], default=None, help="default: the experiment's")
     parser.add_argument("--margin-cap", type=float, default=None)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--model", action="append", default=None, help="MODEL or MODEL:EPOCHS (repeatable)")

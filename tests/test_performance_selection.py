@@ -92,20 +92,20 @@ def test_a_selection_by_the_capped_margin_scores_each_draw_by_its_held_out_quest
     from textdistill.training import train_on_examples
 
     llama = str(tiny_llama_dir)
-    capped = dataclasses.replace(CONFIG, draws=2, score="margin", margin_cap=0.5)
+    capped = dataclasses.replace(CONFIG, draws=2, score="margin", margin_cap=-0.05)
     out = tmp_path / "capped.json"
     result = select_by_performance(data="arc-easy:train", budget=4, output=out, config=capped, recipe=RECIPE,
                                    models=[llama], device="cpu", progress=False, log=lambda *_: None)
     record = read_selection(out)
-    assert record["score"] == "margin" and record["margin_cap"] == 0.5
+    assert record["score"] == "margin" and record["margin_cap"] == -0.05
     pool = load_examples("arc-easy:train", RECIPE.data)
     draws = draw_indices(len(pool), 4, capped)
     model, tokenizer, _ = train_on_examples(model_name=llama, examples=[pool[i] for i in draws[1]],
                                             config=dataclasses.replace(RECIPE, seed=1), device="cpu", progress=False)
     _, records = evaluate_with_records(model, tokenizer, held_out_questions("arc-easy:validation", 2, 4))
     margins = question_margins(records)
-    assert len(margins) == 4
-    assert record["draw_losses"][llama][1] == pytest.approx(-mean_margin(margins, 0.5), abs=1e-9)
+    assert len(margins) == 4 and min(margins) < -0.05 < max(margins)   # the cap bites on some, not all
+    assert record["draw_losses"][llama][1] == pytest.approx(-mean_margin(margins, -0.05), abs=1e-9)
     assert result["draw"] == min(range(2), key=lambda k: (record["draw_losses"][llama][k], k))
     # another score or cap is another cache file; the loss keeps the file name it had before the margin existed
     ids = pool_ids_hash(pool)

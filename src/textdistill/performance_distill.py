@@ -89,6 +89,8 @@ class PerformanceDistillConfig:
         from .performance_selection import check_score
 
         check_score(self.score, self.margin_cap)
+        if self.margin_cap is not None:   # 1 and 1.0 are one setting
+            object.__setattr__(self, "margin_cap", float(self.margin_cap))
         for name in ("iterations", "candidates", "swaps", "fluent_top_k", "workers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -281,7 +283,9 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
             state = {"fingerprint": fingerprint, "iteration": 0, "prompts": starts, "loss": loss, "start_loss": loss,
                      "accepted": 0, "seconds": 0.0}
             atomic_write_json(state_path, state)
-            log(f"start: held-out {'loss' if config.score == 'loss' else 'negated margin'} {loss:.4f}")
+            label = "loss" if config.score == "loss" else "negated margin" + (
+                "" if config.margin_cap is None else f" (capped at {config.margin_cap:g})")
+            log(f"start: held-out {label} {loss:.4f}")
         model = None
         fluent_cache: dict[tuple, list[int]] = {}
 

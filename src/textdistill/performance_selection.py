@@ -43,20 +43,21 @@ def check_score(score: str, margin_cap: float | None) -> None:
     if score not in SCORES:
         raise ConfigError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
     if margin_cap is not None and score != "margin":
-        raise ConfigError(f"margin_cap ({margin_cap}) applies to the margin score only, and the score is {score!r}")
+        raise ConfigError(f"margin_cap ({margin_cap}) applies to the margin score only, and the score is {score!r}: "
+                          f"set score: margin (--score margin, --performance.score margin), or leave the cap unset")
     if margin_cap is not None and not math.isfinite(margin_cap):
         raise ConfigError(f"margin_cap must be a finite number (or null: uncapped), got {margin_cap}")
 
 
 @dataclass(frozen=True)
 class PerformanceSelectionConfig:
-    """The best of ``draws`` random subsets under performance matching (the receivers' held-out loss)."""
+    """The best of ``draws`` random subsets under performance matching (the receivers' held-out loss, or margin)."""
 
     draws: int = option(16, "random subsets scored (one training run per subset and scoring model)")
     seed: int = option(0, "draw k is the random subset of seed + k (select --method random --seed seed+k)")
     train_seed: int = option(1, "training seed of every scoring run")
-    rows: str = option("arc-easy:validation", "the held-out rows (dataset or task:split) whose response loss "
-                                              "scores a subset; never the reported questions")
+    rows: str = option("arc-easy:validation", "the held-out rows (dataset or task:split; a task split for the "
+                                              "margin) that score a subset; never the reported questions")
     rows_offset: int = option(0, "first row of `rows` used")
     rows_limit: int | None = option(None, "rows of `rows` used (None: all from rows_offset)")
     models: tuple[str, ...] | None = option(None, "scoring models, whose losses are summed; None: in an experiment, "
@@ -72,6 +73,8 @@ class PerformanceSelectionConfig:
 
     def __post_init__(self) -> None:
         check_score(self.score, self.margin_cap)
+        if self.margin_cap is not None:   # 1 and 1.0 are one setting (and one cache file)
+            object.__setattr__(self, "margin_cap", float(self.margin_cap))
         if self.draws <= 0:
             raise ConfigError(f"performance.draws must be positive, got {self.draws}")
         if self.rows_offset < 0 or (self.rows_limit is not None and self.rows_limit <= 0):
@@ -210,7 +213,7 @@ def select_by_performance(*, data: str, budget: str | int, output: str | Path, c
                           device: str = "auto", progress: bool = True, trust_remote_code: bool = False,
                           log=print) -> dict[str, Any]:
     """Entry of ``textdistill select --method performance``: score ``config.draws`` random subsets of ``data`` by
-    the summed held-out loss of ``models`` (default ``config.models``) after training each with ``recipe``, and
+    the summed held-out loss (``config.score``; for the margin, the negated margin) of ``models`` (default ``config.models``) after training each with ``recipe``, and
     write the best as a selection file (with every draw's losses). ``cache_dir`` (default: beside ``output``)
     keeps the per-draw runs. Returns ``{"count", "indices", "scores": None, "draw", "losses"}``."""
     from .data import load_examples
