@@ -74,10 +74,11 @@ def main(experiment_config: str, experiment_root: str, validity_config: str, val
             cell = read_json(path)
             if str(sorted(cell["indices"])) not in draws:
                 continue
-            if score == "margin":   # the margin of the very run the study keyed (the same training)
+            if score == "margin":   # the margin of the same training as the cell's (its held-out loss agrees)
                 run = read_json(path.with_name("result.json"))
-                if cell.get("key") != run.get("key") or abs(cell["objective_loss"] - run["objective_loss"]) > 1e-3:
-                    print(f"  {path}: not the run of its cell ({cell.get('key')} against {run.get('key')}); skipped")
+                if abs(cell["objective_loss"] - run["objective_loss"]) > 1e-6:
+                    print(f"  {path}: not the training of its cell (held-out loss {cell['objective_loss']} against "
+                          f"{run['objective_loss']}); skipped")
                     continue
             if score == "loss" and "objective_loss" in cell:
                 found[str(sorted(cell["indices"]))] = {
