@@ -1,0 +1,72 @@
+"""Is one arm more accurate than another on the same questions? A paired comparison from `textdistill eval
+--log-samples` files: per training seed each arm's accuracy, the questions only one of the two answers right, and
+over the seeds the mean accuracy difference with a bootstrap 95% interval that resamples questions (the seeds'
+samples are resampled together, so the interval covers question sampling as well as the seeds given).
+
+    python bench/paired_accuracy.py --a start=DIR0,DIR1,DIR2 --b distilled=DIR0,DIR1,DIR2 [--output FILE.json]
+
+Each DIR holds a `samples_<task>.jsonl` of the same questions in the same order; the k-th DIR of A pairs with the
+k-th of B (the same training seed). `DIR1+DIR2` joins two slices of questions evaluated for one seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+
+
+def read_correct(folder: str) -> list[int]:
+    """Per question, 1 where the argmax choice is the gold one (the `acc` the eval wrote); ``A+B``: A's questions,
+    then B's."""
+    if "+" in folder:
+        return [c for part in folder.split("+") for c in read_correct(part)]
+    files = sorted(Path(folder).glob("samples_*.jsonl"))
+    if len(files) != 1:
+        raise SystemExit(f"{folder}: expected one samples_*.jsonl, found {len(files)}")
+    with open(files[0], encoding="utf-8") as f:
+        return [int(json.loads(line)["acc"]) for line in f if line.strip()]
+
+
+def paired_difference(a: list[list[int]], b: list[list[int]], *, resamples: int = 10000,
+                      seed: int = 0) -> dict[str, object]:
+    """``a[k][i]``, ``b[k][i]``: correctness of question i under seed k. Returns the seed-mean accuracies, the mean
+    difference b - a and its bootstrap 95% interval over questions."""
+    n = len(a[0])
+    if any(len(x) != n for x in a + b) or len(a) != len(b):
+        raise ValueError("every run needs the same questions, and A and B the same number of seeds")
+    per_question = [sum(b[k][i] - a[k][i] for k in range(len(a))) / len(a) for i in range(n)]
+    rng = random.Random(seed)
+    means = sorted(sum(per_question[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return {"n": n, "seeds": len(a), "acc_a": [sum(x) / n for x in a], "acc_b": [sum(x) / n for x in b],
+            "b_only_right": [sum(y > x for x, y in zip(xa, xb)) for xa, xb in zip(a, b)],
+            "a_only_right": [sum(x > y for x, y in zip(xa, xb)) for xa, xb in zip(a, b)],
+            "mean_difference": statistics.fmean(per_question),
+            "ci95": [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a", required=True, help="NAME=DIR,DIR,...")
+    parser.add_argument("--b", required=True, help="NAME=DIR,DIR,...")
+    parser.add_argument("--output")
+    args = parser.parse_args()
+    (name_a, _, dirs_a), (name_b, _, dirs_b) = args.a.partition("="), args.b.partition("=")
+    result = paired_difference([read_correct(d) for d in dirs_a.split(",")],
+                               [read_correct(d) for d in dirs_b.split(",")])
+    result = {"a": name_a, "b": name_b, **result, "dirs_a": dirs_a.split(","), "dirs_b": dirs_b.split(","),
+              # per seed, per question: 1 = answered right (the figures above are recomputable from these)
+              "correct_a": ["".join(map(str, read_correct(d))) for d in dirs_a.split(",")],
+              "correct_b": ["".join(map(str, read_correct(d))) for d in dirs_b.split(",")]}
+    print(f"{name_a}: acc {', '.join(f'{x:.3f}' for x in result['acc_a'])}; {name_b}: acc "
+          f"{', '.join(f'{x:.3f}' for x in result['acc_b'])} (n {result['n']})")
+    print(f"{name_b} - {name_a}: {result['mean_difference']:+.4f} [{result['ci95'][0]:+.4f}, {result['ci95'][1]:+.4f}]"
+          f"; questions only {name_b} gets right per seed {result['b_only_right']}, only {name_a} {result['a_only_right']}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
