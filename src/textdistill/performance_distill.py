@@ -47,6 +47,7 @@ from .artifacts import atomic_write_json, read_json, sha256_json, write_jsonl, w
 from .config import TrainConfig, option
 from .data import Example
 from .errors import ConfigError, DataError
+from .performance_selection import check_score, margin_cap_option, score_option
 
 __all__ = ["PerformanceDistillConfig", "apply_edit", "distill_by_performance", "editable_positions", "held_out_score",
            "propose_edit"]
@@ -63,14 +64,8 @@ class PerformanceDistillConfig:
     candidates: int = option(2, "edited sets scored per iteration (one training run each)")
     swaps: int = option(4, "prompt tokens changed per candidate, each in another row")
     fluent_top_k: int = option(8, "a new token is among the model's own top-k next tokens at its position")
-    score: Literal["loss", "margin"] = option(
-        "loss", "loss: token-mean response loss of the held-out rows (lower = better); margin: the held-out rows as "
-                "multiple-choice questions, the mean log-likelihood margin of the gold choice over the best other "
-                "(higher = better; stored negated, so lower is better throughout)", omit_when="loss")
-    margin_cap: float | None = option(
-        None, "margin score: each question's margin counts up to this value (mean of min(margin, cap)), so that "
-              "questions already answered right by that much cannot raise it; null: uncapped", omit_when=None,
-        acts=lambda *configs: configs[-1].score == "margin")
+    score: Literal["loss", "margin"] = score_option()
+    margin_cap: float | None = margin_cap_option()
     train_seed: int = option(1, "training seed of every scoring run (the same for every set: paired)")
     rows: str = option("arc-easy:validation", "held-out rows whose response loss scores a set; never the reported "
                                               "questions")
@@ -86,11 +81,7 @@ class PerformanceDistillConfig:
                              "above 1)", keyed=False, resume=False)
 
     def __post_init__(self) -> None:
-        from .performance_selection import check_score
-
-        check_score(self.score, self.margin_cap)
-        if self.margin_cap is not None:   # 1 and 1.0 are one setting
-            object.__setattr__(self, "margin_cap", float(self.margin_cap))
+        object.__setattr__(self, "margin_cap", check_score(self.score, self.margin_cap))
         for name in ("iterations", "candidates", "swaps", "fluent_top_k", "workers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -183,7 +174,7 @@ def held_out_score(model: str, examples: Sequence[Example], recipe: TrainConfig,
     :func:`performance_selection.score_trained`: the token-mean response loss (``score`` "loss", what
     :func:`performance_selection.score_draws` computes for a real subset) or the negated mean margin of the gold
     choice's log-likelihood over the best other choice's, capped at ``margin_cap`` (``score`` "margin")."""
-    from .performance_selection import check_score, score_trained
+    from .performance_selection import score_trained
     from .training import train_on_examples
 
     check_score(score, margin_cap)   # before the training run, not after it

@@ -38,8 +38,24 @@ __all__ = ["PerformanceSelectionConfig", "SCORES", "best_draw", "check_score", "
 SCORES = ("loss", "margin")
 
 
-def check_score(score: str, margin_cap: float | None) -> None:
-    """A clear error for an unknown score, or a cap on a score that has no margin (before any training run)."""
+def score_option() -> Any:
+    """The ``score`` field of the configs that score sets by performance (selection, distill-pm)."""
+    return option("loss", "loss: token-mean response loss of the held-out rows (lower = better); margin: the held-out "
+                          "rows as multiple-choice questions, the mean log-likelihood margin of the gold choice over "
+                          "the best other (higher = better; stored negated, so lower is better throughout)",
+                  omit_when="loss")
+
+
+def margin_cap_option() -> Any:
+    """The ``margin_cap`` field beside :func:`score_option`."""
+    return option(None, "margin score: each question's margin counts up to this value (mean of min(margin, cap)), "
+                        "so that questions already answered right by that much cannot raise it; null: uncapped",
+                  omit_when=None, acts=lambda *configs: configs[-1].score == "margin")
+
+
+def check_score(score: str, margin_cap: float | None) -> float | None:
+    """A clear error for an unknown score, or a cap on a score that has no margin (before any training run); returns
+    the cap as a float (1 and 1.0 are one setting, and one cache file)."""
     if score not in SCORES:
         raise ConfigError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
     if margin_cap is not None and score != "margin":
@@ -47,6 +63,7 @@ def check_score(score: str, margin_cap: float | None) -> None:
                           f"set score: margin (--score margin, --performance.score margin), or leave the cap unset")
     if margin_cap is not None and not math.isfinite(margin_cap):
         raise ConfigError(f"margin_cap must be a finite number (or null: uncapped), got {margin_cap}")
+    return None if margin_cap is None else float(margin_cap)
 
 
 @dataclass(frozen=True)
@@ -62,19 +79,11 @@ class PerformanceSelectionConfig:
     rows_limit: int | None = option(None, "rows of `rows` used (None: all from rows_offset)")
     models: tuple[str, ...] | None = option(None, "scoring models, whose losses are summed; None: in an experiment, "
                                                   "each receiver scores its own selection (select needs a list)")
-    score: Literal["loss", "margin"] = option(
-        "loss", "loss: token-mean response loss of the held-out rows (lower = better); margin: the held-out rows as "
-                "multiple-choice questions, the mean log-likelihood margin of the gold choice over the best other "
-                "(higher = better; stored negated)", omit_when="loss")
-    margin_cap: float | None = option(
-        None, "margin score: each question's margin counts up to this value (mean of min(margin, cap)), so that "
-              "questions already answered right by that much cannot raise it; null: uncapped", omit_when=None,
-        acts=lambda *configs: configs[-1].score == "margin")
+    score: Literal["loss", "margin"] = score_option()
+    margin_cap: float | None = margin_cap_option()
 
     def __post_init__(self) -> None:
-        check_score(self.score, self.margin_cap)
-        if self.margin_cap is not None:   # 1 and 1.0 are one setting (and one cache file)
-            object.__setattr__(self, "margin_cap", float(self.margin_cap))
+        object.__setattr__(self, "margin_cap", check_score(self.score, self.margin_cap))
         if self.draws <= 0:
             raise ConfigError(f"performance.draws must be positive, got {self.draws}")
         if self.rows_offset < 0 or (self.rows_limit is not None and self.rows_limit <= 0):
