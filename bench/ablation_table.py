@@ -12,7 +12,6 @@ prompts are measured the same way for reference.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
 from pathlib import Path
+
+from textdistill.report import paired_difference
 
 
 def read_correct(folder: str) -> list[int]:
@@ -28,23 +28,6 @@ def read_correct(folder: str) -> list[int]:
         raise SystemExit(f"{folder}: expected one samples_*.jsonl, found {len(files)}")
     with open(files[0], encoding="utf-8") as f:
         return [int(json.loads(line)["acc"]) for line in f if line.strip()]
-
-
-def paired_difference(a: list[list[int]], b: list[list[int]], *, resamples: int = 10000,
-                      seed: int = 0) -> dict[str, object]:
-    """``a[k][i]``, ``b[k][i]``: correctness of question i under seed k. Returns the seed-mean accuracies, the mean
-    difference b - a and its bootstrap 95% interval over questions."""
-    n = len(a[0])
-    if any(len(x) != n for x in a + b) or len(a) != len(b):
-        raise ValueError("every run needs the same questions, and A and B the same number of seeds")
-    per_question = [sum(b[k][i] - a[k][i] for k in range(len(a))) / len(a) for i in range(n)]
-    rng = random.Random(seed)
-    means = sorted(sum(per_question[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return {"n": n, "seeds": len(a), "acc_a": [sum(x) / n for x in a], "acc_b": [sum(x) / n for x in b],
-            "b_only_right": [sum(y > x for x, y in zip(xa, xb)) for xa, xb in zip(a, b)],
-            "a_only_right": [sum(x > y for x, y in zip(xa, xb)) for xa, xb in zip(a, b)],
-            "mean_difference": statistics.fmean(per_question),
-            "ci95": [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]]}
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import mc_rows, write_jsonl
 from textdistill.cli import main
@@ -143,13 +144,25 @@ def test_demo_dispatches_the_demo_preset(tmp_path, monkeypatch, capsys):
     import textdistill.experiment as experiment
 
     calls = []
+    paired = {"model": "m", "budget": "15%", "reference": "distilled", "arm": "base", "arm_budget": "", "n": 24,
+              "pair_seeds": [0], "mean_difference": 0.125, "ci95": [0.0, 0.25], "reference_only_right": [4],
+              "arm_only_right": [1]}
+
+    def run(config, output, **kw):
+        calls.append((config, output, kw))
+        Path(output).mkdir(parents=True)
+        (Path(output) / "results.json").write_text(json.dumps({"rows": [], "paired": [paired]}))
+        return [{"model": "m", "method": "base", "budget": "", "acc": 0.5, "acc_norm": 0.4}]
+
     monkeypatch.setattr(assets, "is_converted", lambda name: True)
-    monkeypatch.setattr(experiment, "run_experiment", lambda config, output, **kw: calls.append((config, output, kw))
-                        or [{"model": "m", "method": "base", "budget": "", "acc": 0.5, "acc_norm": 0.4}])
+    monkeypatch.setattr(experiment, "run_experiment", run)
     assert main(["demo", "--output", str(tmp_path / "d"), "--no-progress"]) == 0
     (config, output, kw), = calls
     assert config.name == "demo" and str(output) == str(tmp_path / "d") and kw["progress"] is False
-    assert "| m | base | - | 0.5000 | 0.4000 | 1 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| m | base | - | 0.5000 | 0.4000 | 1 |" in out
+    # the paired differences follow the table (the interval touches zero: not bold)
+    assert "| m | 15% | distilled - base | +0.1250 | [+0.0000, +0.2500] | 1 | 4/1 |" in out
 
 
 def _help(command: str, capsys, method: str | None = None) -> str:

@@ -13,7 +13,7 @@ from textdistill.errors import ConfigError, DataError
 from textdistill.experiment import (_cell_dir, _pool_settings, cell_key, load_experiment_config, run_experiment,
                                     settings_key, stage_settings, validate)
 from textdistill.less import LessConfig
-from textdistill.report import comparison_table, summarize
+from textdistill.report import comparison_table, paired_comparisons, paired_difference, summarize
 
 
 def _config(tmp_path, tiny_llama_dir, **extra):
@@ -35,6 +35,8 @@ def _config(tmp_path, tiny_llama_dir, **extra):
 def test_bad_configs_fail_before_any_work(tmp_path, tiny_llama_dir):
     with pytest.raises(ConfigError, match="unknown method"):
         _config(tmp_path, tiny_llama_dir, methods=["random", "magic"])
+    with pytest.raises(ConfigError, match="paired_reference 'less' is not one of the arms run"):
+        _config(tmp_path, tiny_llama_dir, paired_reference="less")
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="larger than the pool"):
         run_experiment(_config(tmp_path, tiny_llama_dir, budgets=["17"]), out, device="cpu", progress=False)
@@ -94,6 +96,22 @@ def test_cells_run_once_and_results_are_written(tmp_path, tiny_llama_dir):
     assert sorted(r["method"] for r in table) == ["base", "random", "random"]
     assert (out / "report.md").read_text().count("| random |") == 3   # acc and acc_norm by budget, every arm
     assert (out / "accuracy_vs_budget.png").stat().st_size > 1000
+    # every cell keeps its per-question answers: they are its acc and acc_norm, question by question
+    for row in rows:
+        assert len(row["correct"]) == len(row["correct_norm"]) == row["n"] == 6
+        assert sum(map(int, row["correct"])) / 6 == pytest.approx(row["acc"])
+        assert sum(map(int, row["correct_norm"])) / 6 == pytest.approx(row["acc_norm"])
+    # the report pairs the default reference (random: no distilled arm) with base, seed by seed
+    assert config.paired_reference_arm() == "random"
+    import json
+
+    (paired,) = json.loads((out / "results.json").read_text())["paired"]
+    base = next(r for r in rows if r["method"] == "base")
+    randoms = [r for r in rows if r["method"] == "random"]
+    assert (paired["reference"], paired["arm"], paired["n"], paired["pair_seeds"]) == ("random", "base", 6, [0, 1])
+    # the mean of per-question differences is the difference of the mean accuracies
+    assert paired["mean_difference"] == pytest.approx(sum(r["acc"] for r in randoms) / 2 - base["acc"])
+    assert "Paired differences: `random` against every other arm" in (out / "report.md").read_text()
     results = sorted(out.rglob("result.json"))
     stamps = [p.stat().st_mtime_ns for p in results]
     logs.clear()
@@ -165,6 +183,52 @@ def test_distilled_arms_share_one_distillation_and_transfer_by_text(tmp_path, ti
     assert sum("skipped" in line for line in logs) == 8 and sum("redone" in line for line in logs) == 10
 
 
+def test_paired_difference_counts_questions_and_its_interval_is_the_questions_sampling():
+    # B gets right every question A gets right, and 30 of the other 200 - 1 seed, 400 questions
+    a = [[1] * 200 + [0] * 200]
+    b = [[1] * 230 + [0] * 170]
+    result = paired_difference(a, b, resamples=4000)
+    assert result["mean_difference"] == pytest.approx(30 / 400)
+    assert (result["b_only_right"], result["a_only_right"]) == ([30], [0])
+    # per-question differences are 0/1 with p = 0.075: the interval is about +-1.96 sqrt(p (1 - p) / n) around p
+    half = 1.96 * (0.075 * 0.925 / 400) ** 0.5
+    low, high = result["ci95"]
+    assert low == pytest.approx(0.075 - half, abs=0.006) and high == pytest.approx(0.075 + half, abs=0.006)
+    # identical arms: no difference and no width; the same answers in another order: the same interval
+    assert paired_difference(a, a)["ci95"] == [0.0, 0.0]
+    assert paired_difference([a[0][::-1]], [b[0][::-1]], resamples=4000)["mean_difference"] == pytest.approx(0.075)
+    # two seeds: the mean over seeds of the per-question difference (a seed where B loses 10 questions)
+    two = paired_difference(a + a, b + [[1] * 190 + [0] * 210], resamples=1000)
+    assert two["mean_difference"] == pytest.approx((30 - 10) / 2 / 400)
+    assert (two["b_only_right"], two["a_only_right"]) == ([30, 0], [0, 10])
+    with pytest.raises(ValueError, match="same number of runs"):
+        paired_difference(a + a, b)
+    with pytest.raises(ValueError, match="same questions"):
+        paired_difference(a, [b[0][:399]])
+
+
+def test_paired_comparisons_pair_seeds_broadcast_base_and_say_what_is_missing():
+    def row(method, budget, seed, correct):
+        return {"model": "m", "method": method, "budget": budget, "seed": seed, "correct": correct}
+
+    rows = [row("base", "", "", "0000"), row("full", "100%", 0, "1111"),
+            row("distilled", "1%", 1, "1100"), row("distilled", "1%", 0, "1110"),
+            row("random", "1%", 0, "1000"), row("random", "1%", 1, "0000"), row("random", "5%", 0, "1111"),
+            {**row("less", "1%", 0, "1"), "correct": None}]
+    by_arm = {(c["arm"], c["arm_budget"]): c for c in paired_comparisons(rows, "distilled", resamples=200)}
+    # random 5% is another budget: not compared with distilled 1%; base and full are compared at every budget
+    assert set(by_arm) == {("base", ""), ("full", "100%"), ("random", "1%"), ("less", "1%")}
+    # seed 0 with seed 0 and seed 1 with seed 1, whatever the rows' order: (2 + 2) / 2 questions of 4
+    assert by_arm[("random", "1%")]["mean_difference"] == pytest.approx(0.5)
+    assert by_arm[("random", "1%")]["reference_only_right"] == [2, 2]
+    assert by_arm[("base", "")]["pair_seeds"] == [0, 1]
+    assert by_arm[("base", "")]["mean_difference"] == pytest.approx((3 + 2) / 2 / 4)
+    # full has seed 0 only: only the common seed counts
+    assert by_arm[("full", "100%")]["pair_seeds"] == [0]
+    assert by_arm[("full", "100%")]["mean_difference"] == pytest.approx(-1 / 4)
+    assert by_arm[("less", "1%")]["n"] == 0 and "no common seed" in by_arm[("less", "1%")]["reason"]
+
+
 def test_cells_with_identical_training_data_reuse_one_run(tmp_path, tiny_llama_dir):
     """A random subset of the whole pool (sorted indices) is the pool itself: the same deterministic run as ``full``
     with the same seed, so it is reused and marked; a smaller budget is trained for real."""
@@ -176,6 +240,7 @@ def test_cells_with_identical_training_data_reuse_one_run(tmp_path, tiny_llama_d
     full, same, smaller = by_cell[("full", "100%")], by_cell[("random", "100%")], by_cell[("random", "8")]
     assert same["same_data_as"] == "full 100% seed 0" and same["data_key"] == full["data_key"]
     assert (same["acc"], same["acc_norm"], same["train_steps"]) == (full["acc"], full["acc_norm"], full["train_steps"])
+    assert (same["correct"], same["correct_norm"]) == (full["correct"], full["correct_norm"])
     assert "same_data_as" not in smaller and smaller["data_key"] != full["data_key"]
     assert sum("its run is reused" in line for line in logs) == 1
     assert "random (same as full 100%)" in (out / "report.md").read_text()

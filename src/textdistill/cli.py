@@ -309,6 +309,20 @@ def _parse_sets(pairs: Sequence[str] | None) -> dict[str, Any]:
     return overrides
 
 
+def _print_paired(output: str) -> None:
+    """The report's paired differences (results.json), where the run has any."""
+    import json
+    from pathlib import Path
+
+    from .report import paired_table
+
+    paired = json.loads((Path(output) / "results.json").read_text()).get("paired")
+    if paired:
+        print(f"\n{paired[0]['reference']} minus each arm on the same questions (bootstrap 95% interval over "
+              f"questions):")
+        print(paired_table(paired))
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import load_experiment_config, run_experiment
     from .report import comparison_table
@@ -318,6 +332,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
                           report_only=args.report_only, trust_remote_code=args.trust_remote_code,
                           checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds)
     print(comparison_table(rows))
+    _print_paired(args.output)
     print(f"results: {args.output}/results.csv, report: {args.output}/report.md")
     return 0
 
@@ -371,6 +386,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"Output: {args.output}", flush=True)
     rows = run_experiment(config, args.output, device=args.device, progress=not args.no_progress)
     print(comparison_table(rows))
+    _print_paired(args.output)
     for folder in distillation_folders(Path(args.output)):
         print("\n".join(["", "What distillation did:", *distillation_summary(folder)]))
     print(f"results: {args.output}/results.csv, report: {args.output}/report.md")

@@ -75,6 +75,10 @@ class ExperimentConfig:
                                                  "trained with `recipe`, by the held-out loss of the receivers")
     distill_init: Literal["random", "less", "match"] = option("match", "the distillation's starting samples")
     distill_per_seed: bool = option(True, "false: one distillation (seed 0) shared by all training seeds")
+    paired_reference: str | None = option(
+        None, "the arm the report compares question by question with every other arm (the same questions and "
+              "training seeds; a bootstrap 95% interval over questions); default: distilled if run, else random, "
+              "else none", keyed=False)
 
     def __post_init__(self) -> None:
         # the target's template is part of every cell key: an unset one becomes the task's default, as it always was
@@ -86,6 +90,9 @@ class ExperimentConfig:
             raise ConfigError("list at least one model under 'models'")
         if not self.seeds:
             raise ConfigError("list at least one seed under 'seeds'")
+        if self.paired_reference is not None and self.paired_reference not in self.methods:
+            raise ConfigError(f"paired_reference '{self.paired_reference}' is not one of the arms run "
+                              f"({', '.join(self.methods)})")
         distilling = bool(set(self.methods) & set(DISTILL_METHODS))
         matching = "match" in self.methods or (distilling and self.distill_init == "match")
         held_by_match, held_by_instrument = self.match.heldout_experts, self.distill.instrument.heldout_experts
@@ -94,6 +101,12 @@ class ExperimentConfig:
                               f"({held_by_instrument}) differ: the match selection (the distillation's start) would "
                               f"see experts the instrument holds out, or skip ones it could use; give both the same "
                               f"value")
+
+    def paired_reference_arm(self) -> str | None:
+        """The arm the report's paired differences are taken against (``paired_reference``, else its default)."""
+        if self.paired_reference is not None:
+            return self.paired_reference
+        return next((m for m in ("distilled", "random") if m in self.methods), None)
 
 
 def load_experiment_config(path_or_preset: str, overrides: dict[str, Any] | None = None,
@@ -462,11 +475,14 @@ def run_cell(config: ExperimentConfig, stages: _Stages, model_name: str, method:
     if adapter is not None and method != "base" and config.recipe.method == "lora":   # full fine-tuning: no adapter
         save_adapter(model, tokenizer, adapter, model_name)
         row["adapter"] = str(adapter.relative_to(stages.root))
-    from .evaluation import evaluate_model
+    from .evaluation import evaluate_with_records
 
-    metrics = evaluate_model(model, tokenizer, config.target, progress=progress)
+    metrics, records = evaluate_with_records(model, tokenizer, config.target, progress=progress)
     row.update({"acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
-                "eval_seconds": metrics["seconds"], "cell_seconds": round(time.time() - start, 1)})
+                "eval_seconds": metrics["seconds"], "cell_seconds": round(time.time() - start, 1),
+                # per question, for the report's paired differences (the same questions in every cell)
+                "correct": "".join(str(r["acc"]) for r in records),
+                "correct_norm": "".join(str(r["acc_norm"]) for r in records)})
     return row
 
 
@@ -593,5 +609,6 @@ def _run_experiment(config: ExperimentConfig, output: str | Path, *, device: str
         for key, value in previous.items():
             stage_seconds[key] = round(stage_seconds.get(key, 0.0) + value, 1)
         atomic_write_json(root / "stage_seconds.json", stage_seconds)
-    write_report(root, rows, config=config, stage_seconds=stage_seconds)
+    write_report(root, rows, config=config, stage_seconds=stage_seconds,
+                 paired_reference=config.paired_reference_arm())
     return rows

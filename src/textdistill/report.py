@@ -54,6 +54,10 @@ class CellResult:
     selection: str | None = _column(csv=False)   # performance: the selection file (selections/) it trained on
     reused_from: str | None = _column(csv=False)  # an earlier run folder the cell was copied from
     config_key: str | None = _column(csv=False)  # the cell key it was made under (experiment.cell_key)
+    # per target question, in the target's order: "1" where the argmax choice is gold (acc), "0" otherwise; what the
+    # report's paired differences are computed from (cells made before it existed have none)
+    correct: str | None = _column(run=True, csv=False)
+    correct_norm: str | None = _column(run=True, csv=False)   # the same for acc_norm
     row_schema: int = _column(csv=False, default=ROW_SCHEMA)
 
     @classmethod
@@ -109,6 +113,98 @@ def comparison_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = ("
         note = f" (same as {', '.join(first['same_data_as'])})" if first["same_data_as"] else ""
         lines.append(f"| {first['model']} | {first['method']}{note} | {first['budget'] or '-'} | {values} | "
                      f"{first['seeds']} | {timing} |")
+    return "\n".join(lines)
+
+
+def paired_difference(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], *, resamples: int = 10000,
+                      seed: int = 0) -> dict[str, Any]:
+    """Is arm B more accurate than arm A on the same questions? ``a[k][i]``, ``b[k][i]``: 0/1 correctness of question
+    ``i`` under training seed ``k`` (the k-th run of A pairs with the k-th of B). Returns each run's accuracy, per seed
+    the questions only B / only A gets right, the mean over seeds of B - A and its percentile bootstrap 95% interval
+    over questions (every seed's answers to a question are resampled together, so the interval covers the sampling
+    of questions as well as the seeds given; the seeds' std alone covers training noise only)."""
+    import numpy as np
+
+    if not a or len(a) != len(b):
+        raise ValueError(f"A and B need the same number of runs (seeds), and at least one: {len(a)} and {len(b)}")
+    n = len(a[0])
+    if n == 0 or any(len(x) != n for x in [*a, *b]):
+        raise ValueError("every run needs the same questions (the same, non-zero count)")
+    a_arr, b_arr = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)   # (seeds, questions)
+    per_question = (b_arr - a_arr).mean(axis=0)                                       # (questions,)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 2_000_000 // n)   # resampled index blocks of (chunk, n): bounded memory
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        means[start:stop] = per_question[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {"n": n, "seeds": len(a), "acc_a": [float(x) for x in a_arr.mean(axis=1)],
+            "acc_b": [float(x) for x in b_arr.mean(axis=1)],
+            "b_only_right": [int(x) for x in ((b_arr > a_arr).sum(axis=1))],
+            "a_only_right": [int(x) for x in ((a_arr > b_arr).sum(axis=1))],
+            "mean_difference": float(per_question.mean()), "ci95": [float(low), float(high)]}
+
+
+def paired_comparisons(rows: Sequence[dict[str, Any]], reference: str, metric: str = "acc",
+                       resamples: int = 10000) -> list[dict[str, Any]]:
+    """``reference`` - every other arm, question by question, per model and budget (``base`` and ``full`` beside
+    every budget): :func:`paired_difference` over the training seeds both arms have (``base``'s single run pairs with
+    every seed). Only cells with per-question records (``correct``; ``correct_norm`` for ``acc_norm``) count; a pair
+    without any common seed with records is listed with ``n`` 0 and the reason."""
+    field_name = {"acc": "correct", "acc_norm": "correct_norm"}[metric]
+    by_arm: dict[tuple[str, str, str], dict[Any, str]] = {}
+    for row in rows:
+        if row.get(field_name):
+            by_arm.setdefault((row["model"], row["method"], str(row["budget"])), {})[row["seed"]] = row[field_name]
+    groups = sorted({(r["model"], str(r["budget"])) for r in rows
+                     if r["method"] == reference}, key=lambda k: (k[0], _budget_value(k[1])))
+    out = []
+    for model, budget in groups:
+        mine = by_arm.get((model, reference, budget), {})
+        arms = sorted({(r["method"], str(r["budget"])) for r in rows if r["model"] == model and r["method"] != reference
+                       and (str(r["budget"]) == budget or r["method"] in ("base", "full"))},
+                      key=lambda k: _method_order(k[0]))
+        for method, arm_budget in arms:
+            theirs = by_arm.get((model, method, arm_budget), {})
+            if len(theirs) == 1 and "" in theirs:      # base: one run, the same for every seed
+                seeds = sorted(mine, key=str)
+                pairs = [(mine[s], theirs[""]) for s in seeds]
+            else:
+                seeds = sorted(set(mine) & set(theirs), key=str)
+                pairs = [(mine[s], theirs[s]) for s in seeds]
+            entry: dict[str, Any] = {"model": model, "budget": budget, "reference": reference, "arm": method,
+                                     "arm_budget": arm_budget, "metric": metric, "pair_seeds": seeds}
+            lengths = {len(x) for pair in pairs for x in pair}
+            if not pairs or len(lengths) != 1:
+                entry.update({"n": 0, "reason": "no common seed with per-question records" if not pairs
+                              else "the runs scored different numbers of questions"})
+            else:
+                result = paired_difference([[int(c) for c in arm] for _, arm in pairs],
+                                           [[int(c) for c in ref] for ref, _ in pairs], resamples=resamples)
+                entry.update({"n": result["n"], "mean_difference": result["mean_difference"], "ci95": result["ci95"],
+                              "reference_only_right": result["b_only_right"],
+                              "arm_only_right": result["a_only_right"]})
+            out.append(entry)
+    return out
+
+
+def paired_table(comparisons: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`paired_comparisons`: the difference, its 95% interval over questions, and per seed
+    the questions only the reference / only the arm answers right."""
+    lines = ["| model | budget | reference - arm | difference | 95% interval over questions | seeds | questions "
+             "only the reference / only the arm gets right, per seed |", "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        arm = c["arm"] + (f" {c['arm_budget']}" if c["arm_budget"] and c["arm_budget"] != c["budget"] else "")
+        head = f"| {c['model']} | {c['budget']} | {c['reference']} - {arm} |"
+        if not c["n"]:
+            lines.append(f"{head} - | {c['reason']} | 0 | |")
+            continue
+        low, high = c["ci95"]
+        resolved = "**" if low > 0 or high < 0 else ""
+        counts = ", ".join(f"{x}/{y}" for x, y in zip(c["reference_only_right"], c["arm_only_right"]))
+        lines.append(f"{head} {resolved}{c['mean_difference']:+.4f}{resolved} | [{low:+.4f}, {high:+.4f}] | "
+                     f"{len(c['pair_seeds'])} | {counts} |")
     return "\n".join(lines)
 
 
@@ -284,8 +380,10 @@ def plot_distance_histogram(distances: list[float]) -> bytes:
     return _png(fig)
 
 
-def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, stage_seconds: dict[str, float]) -> Path:
-    """Write ``results.csv``, ``results.json``, ``report.md`` and the PNG plots into ``root``."""
+def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, stage_seconds: dict[str, float],
+                 paired_reference: str | None = None) -> Path:
+    """Write ``results.csv``, ``results.json``, ``report.md`` and the PNG plots into ``root``; with
+    ``paired_reference``, also that arm's paired differences against every other arm (:func:`paired_comparisons`)."""
     rows = _sorted_rows(rows)
     buffer = io.StringIO()
     columns = CellResult.csv_columns()
@@ -294,8 +392,9 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
     atomic_write_text(root / "results.csv", buffer.getvalue())
+    paired = paired_comparisons(rows, paired_reference) if paired_reference else []
     atomic_write_json(root / "results.json", {"rows": rows, "summary": summarize(rows),
-                                              "stage_seconds": stage_seconds})
+                                              "paired": paired, "stage_seconds": stage_seconds})
     lines = [f"# Experiment `{getattr(config, 'name', 'experiment')}`", "",
              f"Pool `{config.pool}`" + (f" (first {config.pool_limit} rows)" if config.pool_limit else "") +
              f"; target `{config.target.task}:{config.target.split}`" +
@@ -305,6 +404,12 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
              "## Accuracy by budget", "", "acc, mean ± std over seeds (the number of seeds in brackets when not 3):",
              "", budget_table(rows), "", "acc_norm:", "", budget_table(rows, "acc_norm"), "",
              "## Every arm", "", comparison_table(rows), "", "![accuracy vs budget](accuracy_vs_budget.png)", ""]
+    if paired:
+        lines += [f"## Paired differences: `{paired_reference}` against every other arm, question by question", "",
+                  "acc of the reference minus acc of the arm on the same questions, mean over the training seeds both "
+                  "have (base: its one run); the interval resamples questions (bootstrap), so it covers question "
+                  "sampling as well as training noise, which the std over seeds alone does not. **Bold**: the "
+                  "interval excludes zero.", "", paired_table(paired), ""]
     if rows:
         atomic_write_bytes(root / "accuracy_vs_budget.png", plot_accuracy_vs_budget(rows))
     runs = {}
