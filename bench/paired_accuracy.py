@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from textdistill.report import paired_difference
+from textdistill.report import paired_accuracy_difference
 
 
 def read_correct(folder: str) -> list[int]:
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--output")
     args = parser.parse_args()
     (name_a, _, dirs_a), (name_b, _, dirs_b) = args.a.partition("="), args.b.partition("=")
-    result = paired_difference([read_correct(d) for d in dirs_a.split(",")],
+    result = paired_accuracy_difference([read_correct(d) for d in dirs_a.split(",")],
                                [read_correct(d) for d in dirs_b.split(",")])
     result = {"a": name_a, "b": name_b, **result, "dirs_a": dirs_a.split(","), "dirs_b": dirs_b.split(","),
               # per seed, per question: 1 = answered right (the figures above are recomputable from these)

@@ -13,7 +13,8 @@ from textdistill.errors import ConfigError, DataError
 from textdistill.experiment import (_cell_dir, _pool_settings, cell_key, load_experiment_config, run_experiment,
                                     settings_key, stage_settings, validate)
 from textdistill.less import LessConfig
-from textdistill.report import comparison_table, paired_comparisons, paired_difference, summarize
+from textdistill.report import (comparison_table, paired_accuracy_difference, paired_comparisons, paired_table,
+                               summarize)
 
 
 def _config(tmp_path, tiny_llama_dir, **extra):
@@ -37,6 +38,8 @@ def test_bad_configs_fail_before_any_work(tmp_path, tiny_llama_dir):
         _config(tmp_path, tiny_llama_dir, methods=["random", "magic"])
     with pytest.raises(ConfigError, match="paired_reference 'less' is not one of the arms run"):
         _config(tmp_path, tiny_llama_dir, paired_reference="less")
+    with pytest.raises(ConfigError, match="paired_reference must be an arm trained at a budget, not 'base'"):
+        _config(tmp_path, tiny_llama_dir, paired_reference="base")
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="larger than the pool"):
         run_experiment(_config(tmp_path, tiny_llama_dir, budgets=["17"]), out, device="cpu", progress=False)
@@ -174,6 +177,14 @@ def test_distilled_arms_share_one_distillation_and_transfer_by_text(tmp_path, ti
     report = (out / "report.md").read_text()
     assert "Held-out matching loss" in report and "| match selection |" in report
     assert "Prompts after distillation" in report and (out / "matching_loss.png").is_file()
+    # distilled is the paired reference on both models; continuous (the distilling model's only) pairs on that one
+    import json
+
+    paired = json.loads((out / "results.json").read_text())["paired"]
+    assert {(c["model"], c["arm"]) for c in paired} == {(m, a) for m in config.models for a in
+                                                         ("random", "match", "distill-init")} | {
+        (str(tiny_llama_dir), "continuous")}
+    assert all(c["n"] == 6 and c["pair_seeds"] == [0, 1] for c in paired)
     # changing the distillation redoes its cells only: random and match are kept
     import dataclasses
 
@@ -183,28 +194,28 @@ def test_distilled_arms_share_one_distillation_and_transfer_by_text(tmp_path, ti
     assert sum("skipped" in line for line in logs) == 8 and sum("redone" in line for line in logs) == 10
 
 
-def test_paired_difference_counts_questions_and_its_interval_is_the_questions_sampling():
+def test_paired_accuracy_difference_counts_questions_and_its_interval_is_the_questions_sampling():
     # B gets right every question A gets right, and 30 of the other 200 - 1 seed, 400 questions
     a = [[1] * 200 + [0] * 200]
     b = [[1] * 230 + [0] * 170]
-    result = paired_difference(a, b, resamples=4000)
+    result = paired_accuracy_difference(a, b, resamples=4000)
     assert result["mean_difference"] == pytest.approx(30 / 400)
     assert (result["b_only_right"], result["a_only_right"]) == ([30], [0])
     # per-question differences are 0/1 with p = 0.075: the interval is about +-1.96 sqrt(p (1 - p) / n) around p
     half = 1.96 * (0.075 * 0.925 / 400) ** 0.5
     low, high = result["ci95"]
     assert low == pytest.approx(0.075 - half, abs=0.006) and high == pytest.approx(0.075 + half, abs=0.006)
-    # identical arms: no difference and no width; the same answers in another order: the same interval
-    assert paired_difference(a, a)["ci95"] == [0.0, 0.0]
-    assert paired_difference([a[0][::-1]], [b[0][::-1]], resamples=4000)["mean_difference"] == pytest.approx(0.075)
+    # identical arms: no difference and no width; the same answers in another order: the same difference
+    assert paired_accuracy_difference(a, a)["ci95"] == [0.0, 0.0]
+    assert paired_accuracy_difference([a[0][::-1]], [b[0][::-1]], resamples=4000)["mean_difference"] == pytest.approx(0.075)
     # two seeds: the mean over seeds of the per-question difference (a seed where B loses 10 questions)
-    two = paired_difference(a + a, b + [[1] * 190 + [0] * 210], resamples=1000)
+    two = paired_accuracy_difference(a + a, b + [[1] * 190 + [0] * 210], resamples=1000)
     assert two["mean_difference"] == pytest.approx((30 - 10) / 2 / 400)
     assert (two["b_only_right"], two["a_only_right"]) == ([30, 0], [0, 10])
     with pytest.raises(ValueError, match="same number of runs"):
-        paired_difference(a + a, b)
+        paired_accuracy_difference(a + a, b)
     with pytest.raises(ValueError, match="same questions"):
-        paired_difference(a, [b[0][:399]])
+        paired_accuracy_difference(a, [b[0][:399]])
 
 
 def test_paired_comparisons_pair_seeds_broadcast_base_and_say_what_is_missing():
@@ -226,7 +237,22 @@ def test_paired_comparisons_pair_seeds_broadcast_base_and_say_what_is_missing():
     # full has seed 0 only: only the common seed counts
     assert by_arm[("full", "100%")]["pair_seeds"] == [0]
     assert by_arm[("full", "100%")]["mean_difference"] == pytest.approx(-1 / 4)
-    assert by_arm[("less", "1%")]["n"] == 0 and "no common seed" in by_arm[("less", "1%")]["reason"]
+    assert (by_arm[("less", "1%")]["n"], by_arm[("less", "1%")]["reason"]) == (0, "the arm has no per-question records")
+    # seeds in numeric order (2 before 10), and runs of different lengths are not compared
+    rows += [row("distilled", "1%", 10, "0000"), row("distilled", "1%", 2, "0000"),
+             row("random", "1%", 10, "1111"), row("random", "1%", 2, "111")]
+    by_arm = {(c["arm"], c["arm_budget"]): c for c in paired_comparisons(rows, "distilled", resamples=200)}
+    assert by_arm[("base", "")]["pair_seeds"] == [0, 1, 2, 10]
+    assert by_arm[("random", "1%")]["reason"] == "the runs scored different numbers of questions"
+    # acc_norm pairs correct_norm; a table lists the compared pairs and names the others
+    norm_rows = [{**r, "correct_norm": r["correct"]} for r in rows[:6]]
+    (norm,) = [c for c in paired_comparisons(norm_rows, "distilled", "acc_norm", resamples=200) if c["arm"] == "random"]
+    assert norm["metric"] == "acc_norm" and norm["mean_difference"] == pytest.approx(0.5)
+    table = paired_table(paired_comparisons(rows, "distilled", resamples=200))
+    assert "| m | 1% | distilled - base | **+0.3125** |" in table
+    assert "Not compared: m 1% distilled - random (the runs scored different numbers of questions); m 1% distilled" \
+           " - less (the arm has no per-question records)." in table
+    assert paired_table([c for c in paired_comparisons(rows, "distilled") if not c["n"]]) == ""
 
 
 def test_cells_with_identical_training_data_reuse_one_run(tmp_path, tiny_llama_dir):

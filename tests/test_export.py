@@ -32,16 +32,17 @@ def cell(tmp_path_factory, tiny_llama_dir):
     config = load_experiment_config(str(path))
     requests = evaluation.build_requests(config.target)
     trained: list = []
-    original = evaluation.evaluate_model
+    original = evaluation.evaluate_with_records   # what a cell scores its trained model with
 
-    def scoring(model, tokenizer, eval_config, progress=True):
+    def scoring(model, tokenizer, eval_config, progress=False):
         trained.extend(evaluation.score_requests(model, tokenizer, requests, progress=False))
         return original(model, tokenizer, eval_config, progress=progress)
 
     out = path.parent / "out"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation, "evaluate_model", scoring)
+        patch.setattr(evaluation, "evaluate_with_records", scoring)
         (row,) = run_experiment(config, out, device="cpu", progress=False)
+    assert trained, "the cell did not score its model through evaluate_with_records"
     return {"row": row, "adapter": out / row["adapter"], "requests": requests, "trained": trained}
 
 

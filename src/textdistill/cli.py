@@ -316,11 +316,12 @@ def _print_paired(output: str) -> None:
 
     from .report import paired_table
 
-    paired = json.loads((Path(output) / "results.json").read_text()).get("paired")
-    if paired:
+    paired = json.loads((Path(output) / "results.json").read_text()).get("paired") or []
+    table = paired_table(paired)
+    if table:
         print(f"\n{paired[0]['reference']} minus each arm on the same questions (bootstrap 95% interval over "
               f"questions):")
-        print(paired_table(paired))
+        print(table)
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:

@@ -90,6 +90,9 @@ class ExperimentConfig:
             raise ConfigError("list at least one model under 'models'")
         if not self.seeds:
             raise ConfigError("list at least one seed under 'seeds'")
+        if self.paired_reference in ("base", "full"):
+            raise ConfigError(f"paired_reference must be an arm trained at a budget, not '{self.paired_reference}' "
+                              f"(base and full are compared with it at every budget)")
         if self.paired_reference is not None and self.paired_reference not in self.methods:
             raise ConfigError(f"paired_reference '{self.paired_reference}' is not one of the arms run "
                               f"({', '.join(self.methods)})")

@@ -116,9 +116,9 @@ def comparison_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = ("
     return "\n".join(lines)
 
 
-def paired_difference(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], *, resamples: int = 10000,
+def paired_accuracy_difference(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], *, resamples: int = 10000,
                       seed: int = 0) -> dict[str, Any]:
-    """Is arm B more accurate than arm A on the same questions? ``a[k][i]``, ``b[k][i]``: 0/1 correctness of question
+    """Is arm B more accurate than arm A on the same questions (the difference is **B - A**)? ``a[k][i]``, ``b[k][i]``: 0/1 correctness of question
     ``i`` under training seed ``k`` (the k-th run of A pairs with the k-th of B). Returns each run's accuracy, per seed
     the questions only B / only A gets right, the mean over seeds of B - A and its percentile bootstrap 95% interval
     over questions (every seed's answers to a question are resampled together, so the interval covers the sampling
@@ -148,10 +148,11 @@ def paired_difference(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], *,
 
 def paired_comparisons(rows: Sequence[dict[str, Any]], reference: str, metric: str = "acc",
                        resamples: int = 10000) -> list[dict[str, Any]]:
-    """``reference`` - every other arm, question by question, per model and budget (``base`` and ``full`` beside
-    every budget): :func:`paired_difference` over the training seeds both arms have (``base``'s single run pairs with
-    every seed). Only cells with per-question records (``correct``; ``correct_norm`` for ``acc_norm``) count; a pair
-    without any common seed with records is listed with ``n`` 0 and the reason."""
+    """``reference`` minus every other arm, question by question, per model and budget (``base`` and ``full`` beside
+    every budget): :func:`paired_accuracy_difference` over the training seeds both arms have (``base``'s single run
+    pairs with every seed). ``reference`` is an arm trained at a budget (not ``base`` or ``full``). Only cells with
+    per-question records (``correct``; ``correct_norm`` for ``acc_norm``) count; a pair that cannot be compared is
+    listed with ``n`` 0 and the reason."""
     field_name = {"acc": "correct", "acc_norm": "correct_norm"}[metric]
     by_arm: dict[tuple[str, str, str], dict[Any, str]] = {}
     for row in rows:
@@ -168,19 +169,22 @@ def paired_comparisons(rows: Sequence[dict[str, Any]], reference: str, metric: s
         for method, arm_budget in arms:
             theirs = by_arm.get((model, method, arm_budget), {})
             if len(theirs) == 1 and "" in theirs:      # base: one run, the same for every seed
-                seeds = sorted(mine, key=str)
+                seeds = sorted(mine, key=_seed_order)
                 pairs = [(mine[s], theirs[""]) for s in seeds]
             else:
-                seeds = sorted(set(mine) & set(theirs), key=str)
+                seeds = sorted(set(mine) & set(theirs), key=_seed_order)
                 pairs = [(mine[s], theirs[s]) for s in seeds]
             entry: dict[str, Any] = {"model": model, "budget": budget, "reference": reference, "arm": method,
                                      "arm_budget": arm_budget, "metric": metric, "pair_seeds": seeds}
             lengths = {len(x) for pair in pairs for x in pair}
             if not pairs or len(lengths) != 1:
-                entry.update({"n": 0, "reason": "no common seed with per-question records" if not pairs
-                              else "the runs scored different numbers of questions"})
+                reason = ("the arm has no per-question records" if not theirs else
+                          "the reference has no per-question records" if not mine else
+                          "no training seed with per-question records in both" if not pairs else
+                          "the runs scored different numbers of questions")
+                entry.update({"n": 0, "reason": reason})
             else:
-                result = paired_difference([[int(c) for c in arm] for _, arm in pairs],
+                result = paired_accuracy_difference([[int(c) for c in arm] for _, arm in pairs],
                                            [[int(c) for c in ref] for ref, _ in pairs], resamples=resamples)
                 entry.update({"n": result["n"], "mean_difference": result["mean_difference"], "ci95": result["ci95"],
                               "reference_only_right": result["b_only_right"],
@@ -189,22 +193,31 @@ def paired_comparisons(rows: Sequence[dict[str, Any]], reference: str, metric: s
     return out
 
 
+def _seed_order(seed: Any) -> tuple[bool, Any]:
+    return (isinstance(seed, str), seed)   # integers in numeric order; base's "" last
+
+
 def paired_table(comparisons: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of :func:`paired_comparisons`: the difference, its 95% interval over questions, and per seed
-    the questions only the reference / only the arm answers right."""
+    """Markdown table of the compared pairs of :func:`paired_comparisons` (``n`` > 0): the difference, its 95%
+    interval over questions, and per seed the questions only the reference / only the arm answers right; a last
+    line names the pairs that could not be compared, and why. Empty when no pair was compared."""
+    compared = [c for c in comparisons if c["n"]]
+    if not compared:
+        return ""
     lines = ["| model | budget | reference - arm | difference | 95% interval over questions | seeds | questions "
              "only the reference / only the arm gets right, per seed |", "|---|---|---|---|---|---|---|"]
-    for c in comparisons:
+    for c in compared:
         arm = c["arm"] + (f" {c['arm_budget']}" if c["arm_budget"] and c["arm_budget"] != c["budget"] else "")
         head = f"| {c['model']} | {c['budget']} | {c['reference']} - {arm} |"
-        if not c["n"]:
-            lines.append(f"{head} - | {c['reason']} | 0 | |")
-            continue
         low, high = c["ci95"]
         resolved = "**" if low > 0 or high < 0 else ""
         counts = ", ".join(f"{x}/{y}" for x, y in zip(c["reference_only_right"], c["arm_only_right"]))
         lines.append(f"{head} {resolved}{c['mean_difference']:+.4f}{resolved} | [{low:+.4f}, {high:+.4f}] | "
                      f"{len(c['pair_seeds'])} | {counts} |")
+    skipped = [c for c in comparisons if not c["n"]]
+    if skipped:
+        lines += ["", "Not compared: " + "; ".join(f"{c['model']} {c['budget']} {c['reference']} - {c['arm']} "
+                                                   f"({c['reason']})" for c in skipped) + "."]
     return "\n".join(lines)
 
 
@@ -404,12 +417,12 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
              "## Accuracy by budget", "", "acc, mean ± std over seeds (the number of seeds in brackets when not 3):",
              "", budget_table(rows), "", "acc_norm:", "", budget_table(rows, "acc_norm"), "",
              "## Every arm", "", comparison_table(rows), "", "![accuracy vs budget](accuracy_vs_budget.png)", ""]
-    if paired:
+    if paired_table(paired):
         lines += [f"## Paired differences: `{paired_reference}` against every other arm, question by question", "",
                   "acc of the reference minus acc of the arm on the same questions, mean over the training seeds both "
-                  "have (base: its one run); the interval resamples questions (bootstrap), so it covers question "
-                  "sampling as well as training noise, which the std over seeds alone does not. **Bold**: the "
-                  "interval excludes zero.", "", paired_table(paired), ""]
+                  "have (base: its one run); the interval resamples questions (bootstrap) for these seeds, so it covers "
+                  "the sampling of questions, which the std over seeds does not (and not the choice of seeds). "
+                  "**Bold**: the interval excludes zero.", "", paired_table(paired), ""]
     if rows:
         atomic_write_bytes(root / "accuracy_vs_budget.png", plot_accuracy_vs_budget(rows))
     runs = {}
