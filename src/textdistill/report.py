@@ -417,12 +417,13 @@ def write_report(root: Path, rows: Sequence[dict[str, Any]], *, config: Any, sta
              "## Accuracy by budget", "", "acc, mean ± std over seeds (the number of seeds in brackets when not 3):",
              "", budget_table(rows), "", "acc_norm:", "", budget_table(rows, "acc_norm"), "",
              "## Every arm", "", comparison_table(rows), "", "![accuracy vs budget](accuracy_vs_budget.png)", ""]
-    if paired_table(paired):
+    table = paired_table(paired)
+    if table:
         lines += [f"## Paired differences: `{paired_reference}` against every other arm, question by question", "",
                   "acc of the reference minus acc of the arm on the same questions, mean over the training seeds both "
                   "have (base: its one run); the interval resamples questions (bootstrap) for these seeds, so it covers "
                   "the sampling of questions, which the std over seeds does not (and not the choice of seeds). "
-                  "**Bold**: the interval excludes zero.", "", paired_table(paired), ""]
+                  "**Bold**: the interval excludes zero.", "", table, ""]
     if rows:
         atomic_write_bytes(root / "accuracy_vs_budget.png", plot_accuracy_vs_budget(rows))
     runs = {}
