@@ -1,5 +1,5 @@
 #!/bin/bash
-cd /work/main
+cd "$(dirname "$0")/../.."
 A=results/pm-margin-distill-1pct; R=results/pm-margin-distill-1pct-seed1
 dirs() { # root model arm -> comma list of both-slice dirs per seed
   echo "$1/comparison-slice/$2/$3/seed0+$1/study-slice/$2/$3/seed0,$1/comparison-slice/$2/$3/seed1+$1/study-slice/$2/$3/seed1,$1/comparison-slice/$2/$3/seed2+$1/study-slice/$2/$3/seed2"

@@ -1,5 +1,5 @@
 #!/bin/bash
-cd /work/main
+cd "$(dirname "$0")/../.."
 A=results/pm-margin-distill-1pct
 u() { echo "$A/test-500-999/$1/$2/seed0+$A/test-2000-2375/$1/$2/seed0,$A/test-500-999/$1/$2/seed1+$A/test-2000-2375/$1/$2/seed1,$A/test-500-999/$1/$2/seed2+$A/test-2000-2375/$1/$2/seed2"; }
 all() { echo "$A/comparison-slice/$1/$2/seed0+$A/test-500-999/$1/$2/seed0+$A/study-slice/$1/$2/seed0+$A/test-2000-2375/$1/$2/seed0,$A/comparison-slice/$1/$2/seed1+$A/test-500-999/$1/$2/seed1+$A/study-slice/$1/$2/seed1+$A/test-2000-2375/$1/$2/seed1,$A/comparison-slice/$1/$2/seed2+$A/test-500-999/$1/$2/seed2+$A/study-slice/$1/$2/seed2+$A/test-2000-2375/$1/$2/seed2"; }
