@@ -27,6 +27,17 @@ from textdistill.experiment import ExperimentConfig
 from textdistill.training import train
 
 
+def model_and_epochs(spec: str) -> tuple[str, str]:
+    """MODEL or MODEL:EPOCHS (the model may be a path with colons of its own): the model and the epochs ("" if
+    none)."""
+    model, sep, epochs = spec.rpartition(":")
+    try:
+        float(epochs)
+    except ValueError:
+        return spec, ""
+    return (model, epochs) if sep else (spec, "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
@@ -43,7 +54,7 @@ def main() -> None:
     config = load_config(ExperimentConfig, path=args.config, section="experiment")
     target = config.target
     for spec in args.model:
-        model, _, epochs = spec.partition(":")
+        model, epochs = model_and_epochs(spec)
         recipe = config.recipe if not epochs else dataclasses.replace(config.recipe, epochs=float(epochs))
         for seed in args.seeds:
             out = Path(args.results) / Path(model).name / args.arm / f"seed{seed}.json"
@@ -70,7 +81,7 @@ def main() -> None:
             except Timeout:   # another process runs this cell
                 continue
     for spec in args.model:
-        model = Path(spec.partition(":")[0]).name
+        model = Path(model_and_epochs(spec)[0]).name
         rows = [json.loads(p.read_text()) for p in sorted((Path(args.results) / model / args.arm).glob("seed*.json"))]
         accs = [r["acc"] for r in rows]
         if accs:

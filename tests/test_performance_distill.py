@@ -143,6 +143,50 @@ def test_the_margin_score_is_the_negated_margin_of_the_held_out_questions_and_dr
         _run(tmp_path, "bad", dataclasses.replace(config, rows=str(tmp_path / "rows.jsonl")), selection)
 
 
+def test_co_receivers_score_a_set_by_the_sum_of_every_receivers_score_on_the_decoded_text(
+        tmp_path, tiny_llama_dir, tiny_gemma_dir):
+    from textdistill.keys import resume_settings
+
+    model, other = str(tiny_llama_dir), str(tiny_gemma_dir)
+    selection, start = _selection(tmp_path, [0, 3, 5])
+    config = PerformanceDistillConfig(model=model, co_receivers=(other,), score="margin", iterations=2, candidates=2,
+                                      swaps=2, fluent_top_k=50, rows_offset=2, rows_limit=3, instrument_seeds=(2,),
+                                      instrument_rows_offset=6, instrument_rows_limit=2, seed=5)
+    run = _run(tmp_path, "both", config, selection)
+    rows = ("arc-easy:validation", 2, 3)
+    own = {m: held_out_score(m, start, RECIPE, rows, seed=1, score="margin", device="cpu") for m in (model, other)}
+    state = json.loads((tmp_path / "both" / "state.json").read_text())
+    assert state["start_loss_by_model"] == own and run["start_loss"] == own[model] + own[other]
+    metrics = [json.loads(line) for line in (tmp_path / "both" / "metrics.jsonl").read_text().splitlines()]
+    current = run["start_loss"]
+    for record in metrics:   # acceptance by the sum, each candidate's parts recorded
+        assert record["candidate_losses"] == [sum(p.values()) for p in record["candidate_losses_by_model"]]
+        assert record["accepted"] == (min(record["candidate_losses"]) < current)
+        current = min(current, *record["candidate_losses"])
+    # the co-receiver trains on the text a user loads, through its own tokenizer
+    distilled = load_examples(str(tmp_path / "both" / "distilled.jsonl"), RECIPE.data)
+    assert run["final_loss"] == pytest.approx(sum(held_out_score(m, distilled, RECIPE, rows, seed=1, score="margin",
+                                                                 device="cpu") for m in (model, other)), abs=1e-6)
+    instrument = run["instrument"]
+    assert set(instrument["by_model"]) == {model, other}
+    parts = instrument["by_model"]
+    assert instrument["start"] == [parts[model]["start"][0] + parts[other]["start"][0]]
+    assert run["score"].startswith(f"the sum over {model}, {other}")
+    # each co-receiver trains with its own epoch count, the recipe otherwise; a single receiver keeps its fingerprint
+    receivers = dataclasses.replace(config, co_receiver_epochs=(3.0,)).receivers(dataclasses.replace(RECIPE, epochs=15))
+    assert [(m, r.epochs) for m, r in receivers] == [(model, 15), (other, 3.0)]
+    assert "co_receivers" not in resume_settings(dataclasses.replace(config, co_receivers=()))
+
+
+@pytest.mark.parametrize("bad, message", [({"co_receivers": ("m",)}, "distinct models other than model"),
+                                          ({"co_receivers": ("a", "a")}, "distinct models"),
+                                          ({"co_receivers": ("a",), "co_receiver_epochs": (3, 4)}, "one count per"),
+                                          ({"co_receivers": ("a",), "co_receiver_epochs": (0,)}, "must be positive")])
+def test_bad_co_receivers_are_refused(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        PerformanceDistillConfig(model="m", **bad)
+
+
 def test_the_command_line_builds_both_configs_and_refuses_a_training_seed(tmp_path, tiny_llama_dir, capsys):
     from textdistill.cli import main
 

@@ -100,7 +100,8 @@ def test_a_tiny_study_writes_every_result_and_resumes(tmp_path, tiny_llama_dir, 
     # every objective under comparison and tuned; under student, pm and pm-sum do not apply
     names = sorted(p.name for p in written)
     model = tiny_llama_dir.name
-    for objective in ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "pm-margin-capped", "less"):
+    for objective in ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "pm-margin-capped",
+                      "pm-margin-sum", "less"):
         for recipe in ("comparison", "tuned"):
             assert f"{objective}-{model}-4-{recipe}.json" in names
     assert f"pm-{model}-4-student.json" not in names and f"tm-{model}-4-student.json" in names
@@ -250,3 +251,18 @@ def test_pm_margin_added_to_a_finished_study_repeats_the_pm_runs_exactly(tmp_pat
     by_name = {p.name.split("-" + tiny_llama_dir.name)[0]: read_json(p) for p in written}
     assert [2 * p["score"] for p in by_name["pm"]["points"]] == \
         pytest.approx([p["score"] for p in by_name["pm-sum"]["points"]])
+    # pm-margin-sum likewise: each subset's margin summed over the receivers (the copy given margins of its own)
+    other = {}
+    for k, path in enumerate(sorted((out / "cells" / "another-receiver" / "comparison").glob("*/seed1/margin.json"))):
+        other[path.parts[-3]] = 0.1 * k - 0.3
+        atomic_write_json(path, {**read_json(path), "gold_minus_best_other": other[path.parts[-3]]})
+    written = run_validity(dataclasses.replace(config, objectives=("pm-margin", "pm-margin-sum")), out, device="cpu",
+                           progress=False, log=lambda *_: None, report_only=True)
+    by_name = {p.name.split("-" + tiny_llama_dir.name)[0]: read_json(p) for p in written}
+    own = {p["set"]: p["score"] for p in by_name["pm-margin"]["points"]}
+    assert len(other) == len(own) and {p["set"]: p["score"] for p in by_name["pm-margin-sum"]["points"]} == \
+        pytest.approx({n: own[n] + other[n] for n in own})
+    # ... and waits while one receiver lacks a subset's margin
+    path.unlink()
+    assert run_validity(dataclasses.replace(config, objectives=("pm-margin-sum",)), out, device="cpu",
+                        progress=False, log=lambda *_: None, report_only=True) == []

@@ -55,8 +55,10 @@ from .matching import StudentSettings
 __all__ = ["RecipeTuning", "ValidityConfig", "ForkSettings", "load_validity_config", "noise_ceiling",
            "run_validity", "spearman_with_interval"]
 
-OBJECTIVES = ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "pm-margin-capped", "less")
-MARGIN_OBJECTIVES = ("pm-margin", "pm-margin-capped")   # both read the margin file of the pm_seed run
+OBJECTIVES = ("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin", "pm-margin-capped", "pm-margin-sum",
+              "less")
+# each reads the margin file of the pm_seed run (pm-margin-sum: every receiver's)
+MARGIN_OBJECTIVES = ("pm-margin", "pm-margin-capped", "pm-margin-sum")
 RECIPES = ("comparison", "tuned", "student")
 
 
@@ -132,7 +134,8 @@ class ValidityConfig:
                              "share the accuracy's seed noise)")
     pm_student_draws: int = option(4, "held-out draws the pm-student objective averages over")
     objectives: tuple[str, ...] = option(("tm", "tm-denoised", "pm", "pm-sum", "pm-student", "pm-margin",
-                                          "pm-margin-capped", "less"), f"objectives, among {', '.join(OBJECTIVES)}")
+                                          "pm-margin-capped", "pm-margin-sum", "less"),
+                                         f"objectives, among {', '.join(OBJECTIVES)}")
     margin_cap: float = option(1.0, "pm-margin-capped: each question's margin counts up to this value, so that "
                                     "questions already answered right by that much cannot raise the score",
                                acts=lambda *configs: "pm-margin-capped" in configs[-1].objectives)
@@ -855,6 +858,8 @@ def _objective_scores(study: _Study, objective: str, model: str, recipe: str,
 
         if recipe == "student":
             return None, None
+        if objective == "pm-margin-sum":
+            return _margin_sum(study, recipe, subsets)
         paths = {n: study.margin_path(model, recipe, n) for n in subsets}
         if not all(p.is_file() for p in paths.values()):
             return None, None
@@ -874,6 +879,27 @@ def _objective_scores(study: _Study, objective: str, model: str, recipe: str,
         return None, None
     stored = read_json(path)
     return stored["scores"], stored["seconds_per_score"]
+
+
+def _margin_sum(study: _Study, recipe: str, subsets: dict[str, list[int]]) -> tuple[dict[str, float] | None,
+                                                                                     float | None]:
+    """``pm-margin-sum``: each subset's held-out margin summed over every receiver of the study folder under
+    ``recipe`` (the score of text chosen for all of them at once, as ``distill-pm --co_receivers`` scores it), and
+    the seconds of all their runs per subset; None while any receiver lacks a subset's margin."""
+    # one folder per receiver: the study's models and any other whose cells the folder holds (as pm-sum)
+    folders = {study.margin_path(m, recipe, "x").parents[3] for m in study.config.models}
+    folders |= {p.parent for p in (study.root / "cells").glob(f"*/{recipe}")}
+    scores = {n: 0.0 for n in subsets}
+    seconds = 0.0
+    for folder in sorted(folders):
+        for n in subsets:
+            path = folder / recipe / n / f"seed{study.config.pm_seed}" / "margin.json"
+            if not path.is_file():
+                return None, None
+            row = read_json(path)
+            scores[n] += row["gold_minus_best_other"]
+            seconds += row["train_seconds"] + row["margin_seconds"]
+    return scores, seconds / len(subsets)
 
 
 def summary_table(paths: Sequence[Path]) -> str:
