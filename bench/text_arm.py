@@ -31,11 +31,15 @@ def model_and_epochs(spec: str) -> tuple[str, str]:
     """MODEL or MODEL:EPOCHS (the model may be a path with colons of its own): the model and the epochs ("" if
     none)."""
     model, sep, epochs = spec.rpartition(":")
+    if not sep:
+        return spec, ""
+    if not epochs:   # "MODEL:" is MODEL
+        return model, ""
     try:
         float(epochs)
     except ValueError:
         return spec, ""
-    return (model, epochs) if sep else (spec, "")
+    return model, epochs
 
 
 def main() -> None:

@@ -165,23 +165,62 @@ def test_co_receivers_score_a_set_by_the_sum_of_every_receivers_score_on_the_dec
         current = min(current, *record["candidate_losses"])
     # the co-receiver trains on the text a user loads, through its own tokenizer
     distilled = load_examples(str(tmp_path / "both" / "distilled.jsonl"), RECIPE.data)
-    assert run["final_loss"] == pytest.approx(sum(held_out_score(m, distilled, RECIPE, rows, seed=1, score="margin",
-                                                                 device="cpu") for m in (model, other)), abs=1e-6)
+    final = {m: held_out_score(m, distilled, RECIPE, rows, seed=1, score="margin", device="cpu") for m in (model, other)}
+    assert run["final_loss_by_model"] == pytest.approx(final, abs=1e-6) and run["start_loss_by_model"] == own
+    assert run["final_loss"] == pytest.approx(sum(final.values()), abs=1e-6) and run["receivers"] == [model, other]
     instrument = run["instrument"]
-    assert set(instrument["by_model"]) == {model, other}
+    assert set(instrument["by_model"]) == {model, other} and instrument["sum_over"] == [model, other]
     parts = instrument["by_model"]
     assert instrument["start"] == [parts[model]["start"][0] + parts[other]["start"][0]]
     assert run["score"].startswith(f"the sum over {model}, {other}")
-    # each co-receiver trains with its own epoch count, the recipe otherwise; a single receiver keeps its fingerprint
-    receivers = dataclasses.replace(config, co_receiver_epochs=(3.0,)).receivers(dataclasses.replace(RECIPE, epochs=15))
-    assert [(m, r.epochs) for m, r in receivers] == [(model, 15), (other, 3.0)]
-    assert "co_receivers" not in resume_settings(dataclasses.replace(config, co_receivers=()))
+    # a single receiver keeps the fingerprint its runs had before co-receivers existed (lists from Python too)
+    before = {"model", "iterations", "candidates", "swaps", "fluent_top_k", "score", "train_seed", "rows",
+              "rows_offset", "rows_limit", "instrument_seeds", "instrument_rows_offset", "instrument_rows_limit",
+              "seed"} - {"iterations"}
+    assert set(resume_settings(dataclasses.replace(config, co_receivers=[], co_receiver_epochs=[]))) == before
+    assert set(resume_settings(PerformanceDistillConfig())) == before - {"score"}
+
+
+def test_each_receiver_trains_with_its_own_epochs_and_its_part_of_every_score_is_kept(tmp_path, tiny_llama_dir,
+                                                                                     tiny_gemma_dir, monkeypatch):
+    from textdistill import performance_distill
+
+    model, other = str(tiny_llama_dir), str(tiny_gemma_dir)
+    selection, _ = _selection(tmp_path, [0, 3, 5])
+    calls = []
+
+    def fake_score(*, model, examples, recipe, rows, seed, **_):   # distinct per receiver, set and seed
+        calls.append((model, recipe.epochs, seed))
+        return (1.0 if model == other else 0.0) + 0.01 * len(calls)
+
+    monkeypatch.setattr(performance_distill, "held_out_score", fake_score)
+    recipe = dataclasses.replace(RECIPE, max_steps=None, epochs=2.0)
+    config = PerformanceDistillConfig(model=model, co_receivers=(other,), co_receiver_epochs=(5.0,), iterations=2,
+                                      candidates=2, swaps=1, fluent_top_k=50, rows_limit=2, instrument_seeds=(7,))
+    run = distill_by_performance(data="arc-easy:train", selection=selection, output=tmp_path / "fake", config=config,
+                                 recipe=recipe, device="cpu", progress=False, log=lambda *_: None)
+    assert {(m, e) for m, e, _ in calls} == {(model, 2.0), (other, 5.0)}
+    assert [m for m, _, _ in calls] == [model, other] * (len(calls) // 2)   # each set on both, model first
+    assert {s for _, _, s in calls[:-4]} == {1} and {s for _, _, s in calls[-4:]} == {7}
+    metrics = [json.loads(line) for line in (tmp_path / "fake" / "metrics.jsonl").read_text().splitlines()]
+    for record in metrics:
+        assert all(set(p) == {model, other} and p[other] > 1 > p[model] for p in record["candidate_losses_by_model"])
+    assert sum(run["final_loss_by_model"].values()) == pytest.approx(run["final_loss"])
+    # the epochs of a co-receiver cannot act under a step count, and saying so beats ignoring them
+    with pytest.raises(ConfigError, match="does not act while the recipe sets max_steps"):
+        config.receivers(RECIPE)
+    with pytest.raises(Exception, match="not found|unknown model"):
+        distill_by_performance(data="arc-easy:train", selection=selection, output=tmp_path / "typo", recipe=recipe,
+                               config=dataclasses.replace(config, co_receivers=(str(tmp_path / "no-such-model"),)),
+                               device="cpu", progress=False, log=lambda *_: None)
+    assert not (tmp_path / "typo" / "state.json").exists()
 
 
 @pytest.mark.parametrize("bad, message", [({"co_receivers": ("m",)}, "distinct models other than model"),
                                           ({"co_receivers": ("a", "a")}, "distinct models"),
                                           ({"co_receivers": ("a",), "co_receiver_epochs": (3, 4)}, "one count per"),
-                                          ({"co_receivers": ("a",), "co_receiver_epochs": (0,)}, "must be positive")])
+                                          ({"co_receivers": ("a",), "co_receiver_epochs": (0,)}, "must be positive"),
+                                          ({"co_receivers": ("",)}, "empty model name")])
 def test_bad_co_receivers_are_refused(bad, message):
     with pytest.raises(ConfigError, match=message):
         PerformanceDistillConfig(model="m", **bad)
@@ -203,3 +242,6 @@ def test_the_command_line_builds_both_configs_and_refuses_a_training_seed(tmp_pa
     assert run["config"]["distill_pm"]["candidates"] == 1 and run["config"]["recipe"]["max_steps"] == 1
     assert main([*common, "--recipe.seed", "3"]) == 2
     assert "--recipe.seed does not act here" in capsys.readouterr().err
+    # the co-receiver flags parse (a list or one value); their epochs cannot act beside --recipe.max_steps
+    assert main([*common, "--co_receivers", str(tiny_llama_dir) + "-copy", "--co_receiver_epochs", "3"]) == 2
+    assert "co_receiver_epochs does not act while the recipe sets max_steps" in capsys.readouterr().err

@@ -18,8 +18,10 @@ run and the search is gradient-free:
 ``co_receivers`` are other models trained on every set too, each through its own tokenizer on the decoded text (as
 a user of another architecture would train on it), with ``recipe`` at its own epoch count
 (``co_receiver_epochs``); a set's score is then the sum of every receiver's, so the text is chosen for all of them
-at once (the validity study's ``pm-margin-sum``: +0.54 on SmolLM2-135M and +0.59 on Gemma-3-270M at 1% on ARC-Easy,
-results/README.md section 18). The proposals stay ``model``'s.
+at once. With ``score: margin`` that is the validity study's ``pm-margin-sum`` (+0.54 on SmolLM2-135M and +0.59 on
+Gemma-3-270M at 1% on ARC-Easy, results/README.md section 18); with the response loss it is ``pm-sum``, which the
+study did not find valid on both. The proposals stay ``model``'s. Every stored loss is then the sum; the state, the
+summary and the instrument also keep each receiver's part (``*_by_model``, ``by_model``).
 
 ``score: margin`` scores a set instead by the held-out rows as multiple-choice questions: the mean margin of the gold
 choice's log-likelihood over the best other choice's (results/README.md section 15), each question's margin counted
@@ -61,10 +63,12 @@ __all__ = ["PerformanceDistillConfig", "apply_edit", "distill_by_performance", "
 
 @dataclass(frozen=True)
 class PerformanceDistillConfig:
-    """Token search on performance matching (every score is one training run of ``model``)."""
+    """Token search on performance matching (every score is one training run of ``model``, and one of each
+    co-receiver)."""
 
-    model: str = option("smollm2-135m", "the receiver whose held-out loss scores a set; its tokenizer writes the "
-                                        "text and its next-token predictions propose the edits")
+    model: str = option("smollm2-135m", "the receiver whose held-out score scores a set (with the co-receivers'); "
+                                        "its tokenizer writes the text and its next-token predictions propose the "
+                                        "edits")
     iterations: int = option(40, "outer iterations; a rerun with more continues, with fewer (or as many) it only "
                                  "writes the outputs", resume=False)
     candidates: int = option(2, "edited sets scored per iteration (one training run each)")
@@ -73,8 +77,8 @@ class PerformanceDistillConfig:
     score: Literal["loss", "margin"] = score_option()
     margin_cap: float | None = margin_cap_option()
     co_receivers: tuple[str, ...] = option((), "other receivers trained on every set (the decoded text, through "
-                                               "their own tokenizers); a set scores the sum over model and these",
-                                           omit_when=())
+                                               "their own tokenizers); a set scores the sum over model and these "
+                                               "(validated with score: margin)", omit_when=())
     co_receiver_epochs: tuple[float, ...] = option((), "each co-receiver's epochs (its recipe is otherwise the "
                                                        "recipe's; the tuned rule's count, e.g. 3 for gemma3-270m); "
                                                        "empty: the recipe's", omit_when=(),
@@ -95,6 +99,8 @@ class PerformanceDistillConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "margin_cap", check_score(self.score, self.margin_cap))
+        for name in ("co_receivers", "co_receiver_epochs", "instrument_seeds"):   # lists from Python: keys as tuples
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("iterations", "candidates", "swaps", "fluent_top_k", "workers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -104,17 +110,22 @@ class PerformanceDistillConfig:
         for name in ("rows_limit", "instrument_rows_limit"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (or null: all rows), got {getattr(self, name)}")
+        if any(not m for m in self.co_receivers):
+            raise ConfigError("co_receivers holds an empty model name")
         if self.model in self.co_receivers or len(set(self.co_receivers)) < len(self.co_receivers):
             raise ConfigError(f"co_receivers must be distinct models other than model ({self.model}), got "
                               f"{list(self.co_receivers)}")
         if self.co_receiver_epochs and len(self.co_receiver_epochs) != len(self.co_receivers):
             raise ConfigError(f"co_receiver_epochs needs one count per co-receiver ({len(self.co_receivers)}), got "
                               f"{list(self.co_receiver_epochs)}")
-        if any(e <= 0 for e in self.co_receiver_epochs):
+        if any(not 0 < e < float("inf") for e in self.co_receiver_epochs):
             raise ConfigError(f"co_receiver_epochs must be positive, got {list(self.co_receiver_epochs)}")
 
     def receivers(self, recipe: TrainConfig) -> list[tuple[str, TrainConfig]]:
-        """Every receiver that scores a set, ``model`` first, with its recipe."""
+        """Every receiver that scores a set, ``model`` first, with its recipe (a co-receiver's at its own epochs)."""
+        if self.co_receiver_epochs and recipe.max_steps is not None:
+            raise ConfigError(f"co_receiver_epochs does not act while the recipe sets max_steps "
+                              f"({recipe.max_steps}): every receiver would train that many steps; unset one")
         epochs = self.co_receiver_epochs or (recipe.epochs,) * len(self.co_receivers)
         return [(self.model, recipe)] + [(m, dataclasses.replace(recipe, epochs=e))
                                          for m, e in zip(self.co_receivers, epochs)]
@@ -236,9 +247,6 @@ class _Scorer:
         n = len(self.receivers)
         return [{m: scores[k * n + i] for i, (m, _) in enumerate(self.receivers)} for k in range(len(jobs))]
 
-    def __call__(self, jobs: Sequence[tuple[Sequence[Example], tuple, int]]) -> list[float]:
-        """Each job's score: the sum over the receivers (the receiver's own score when there is one)."""
-        return [sum(scores.values()) for scores in self.by_model(jobs)]
 
     def close(self) -> None:
         if self.pool is not None:
@@ -259,15 +267,26 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
                            recipe: TrainConfig, device: str = "auto", progress: bool = True,
                            trust_remote_code: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Entry of ``textdistill distill-pm``: start from the rows of ``selection`` (a selection file of ``data``),
-    edit their prompts for ``config.iterations`` iterations, keeping an edit when ``config.model``'s held-out loss
-    after training with ``recipe`` drops; write the text and the held-out instrument to ``output``. A rerun on the
-    same folder continues; a folder of other settings is refused. Returns the summary."""
+    edit their prompts for ``config.iterations`` iterations, keeping an edit when the held-out loss (negated margin)
+    of ``config.model`` after training with ``recipe``, summed with its co-receivers', drops; write the text and the
+    held-out instrument to ``output``. A rerun on the same folder continues; a folder of other settings is refused.
+    Returns the summary."""
     from tqdm.auto import tqdm
 
     from .data import load_examples
     from .models import load_model, load_tokenizer
     from .selection import apply_selection
 
+    receivers = config.receivers(recipe)
+    if config.co_receivers:   # a misspelt or inaccessible receiver: a clear error now, not after the first run
+        from .models import resolve_model_path
+
+        resolved = [resolve_model_path(m) for m, _ in receivers]
+        if len(set(resolved)) < len(resolved):
+            raise ConfigError(f"two receivers are the same model: {', '.join(m for m, _ in receivers)} resolve "
+                              f"to {', '.join(resolved)}")
+        for name, _ in receivers[1:]:
+            load_tokenizer(name, trust_remote_code=trust_remote_code)
     output = Path(output)
     pool = load_examples(data, recipe.data)
     start_examples = apply_selection(pool, selection)
@@ -296,7 +315,6 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
         if tokenizer.decode(ids) != example.prompt:
             raise DataError(f"row {example.id}: its prompt does not decode back from its tokens; it cannot be edited "
                             f"token by token with {config.model}'s tokenizer")
-    receivers = config.receivers(recipe)
     workers = min(config.workers, len(receivers) * max(config.candidates, len(config.instrument_seeds) * 2))
     if config.score == "margin":   # a clear error now rather than after the first training run
         from .performance_selection import held_out_questions
@@ -380,6 +398,26 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
     return summary
 
 
+def _current_by_model(state: dict[str, Any], metrics_path: Path) -> dict[str, float]:
+    """Each receiver's part of the current set's loss: the start's, then that of every accepted candidate (the best
+    of its iteration), traced through ``metrics.jsonl`` (its last line per iteration, up to the state's)."""
+    records: dict[int, dict[str, Any]] = {}
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                records[record["iteration"]] = record
+    current = dict(state["start_loss_by_model"])
+    for iteration in range(state["iteration"]):
+        record = records[iteration]
+        if record["accepted"]:
+            losses = record["candidate_losses"]
+            current = record["candidate_losses_by_model"][min(range(len(losses)), key=lambda k: losses[k])]
+    if abs(sum(current.values()) - state["loss"]) > 1e-9 * max(1.0, abs(state["loss"])):
+        raise DataError(f"{metrics_path} does not trace to the state's loss {state['loss']} (by model: {current})")
+    return current
+
+
 def _instrument_figures(losses: Sequence[float]) -> dict[str, Any]:
     """The instrument's figures from its scores ordered (start, final) per seed."""
     start_losses, final_losses = list(losses[0::2]), list(losses[1::2])
@@ -411,7 +449,9 @@ def _finish(output: Path, state: dict[str, Any], start_examples: Sequence[Exampl
         instrument = {"rows": list(rows_spec), "seeds": list(config.instrument_seeds),
                       **_instrument_figures([sum(s.values()) for s in by_model])}
         if config.co_receivers:   # the sum above, and each receiver's own figures
+            instrument["sum_over"] = list(by_model[0])
             instrument["by_model"] = {m: _instrument_figures([s[m] for s in by_model]) for m in by_model[0]}
+    by_model = _current_by_model(state, output / "metrics.jsonl") if config.co_receivers else None
     score = {"loss": "loss", "margin": "margin (every loss below is the negated margin)"}[config.score]
     if config.margin_cap is not None:
         score = f"margin capped at {config.margin_cap:g} per question (every loss below is the negated capped margin)"
@@ -424,5 +464,8 @@ def _finish(output: Path, state: dict[str, Any], start_examples: Sequence[Exampl
                "changed_tokens": sum(len(r["changed_positions"]) for r in rows),
                "changed_rows": sum(bool(r["changed_positions"]) for r in rows), "rows": len(rows),
                "instrument": instrument}
+    if by_model is not None:
+        summary.update({"receivers": [m for m, _ in scorer.receivers],
+                        "start_loss_by_model": state["start_loss_by_model"], "final_loss_by_model": by_model})
     atomic_write_json(summary_path, summary)
     return summary

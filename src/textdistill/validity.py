@@ -895,6 +895,8 @@ def _margin_sum(study: _Study, recipe: str, subsets: dict[str, list[int]]) -> tu
         for n in subsets:
             path = folder / recipe / n / f"seed{study.config.pm_seed}" / "margin.json"
             if not path.is_file():
+                if any(folder.glob(f"{recipe}/*/seed*/result.json")):   # a receiver begun, not only planned
+                    study.log(f"  pm-margin-sum {recipe}: {path} is missing; the sum waits for every receiver")
                 return None, None
             row = read_json(path)
             scores[n] += row["gold_minus_best_other"]
@@ -955,7 +957,8 @@ def run_validity(config: ValidityConfig, output: str | Path, *, device: str = "a
     root = Path(output)
     root.mkdir(parents=True, exist_ok=True)
     _check_same_study(root, config)
-    write_run_info(root, command="validity", config=config)
+    if not report_only:   # the record of the runs that made the folder, not of a report
+        write_run_info(root, command="validity", config=config)
     study = _Study(config, root, device=device, progress=progress, log=log)
     if not report_only:
         _run_units(_units(study), log=log)
