@@ -223,7 +223,7 @@ def held_out_score(model: str, examples: Sequence[Example], recipe: TrainConfig,
 
 
 class _Scorer:
-    """Scores example sets by the sum over ``receivers`` ((model, recipe) pairs) of each one's held-out score,
+    """Scores example sets on each of ``receivers`` ((model, recipe) pairs; a set's score is the sum of theirs),
     ``workers`` training runs at a time (in-process when 1)."""
 
     def __init__(self, workers: int, receivers: Sequence[tuple[str, TrainConfig]], **fixed: Any):
