@@ -837,11 +837,8 @@ def _objective_scores(study: _Study, objective: str, model: str, recipe: str,
     if objective in ("pm", "pm-sum"):
         if recipe == "student":
             return None, None
-        # pm-sum: every receiver of the study folder, also those a run limited with --models leaves out
-        named = [study.cell_path(m, recipe, "x", 0).parents[3] for m in ([model] if objective == "pm" else
-                                                                           config.models)]
-        folders = named if objective == "pm" else named + sorted(
-            {p.parent for p in (study.root / "cells").glob(f"*/{recipe}")} - set(named))
+        folders = ([study.cell_path(model, recipe, "x", 0).parents[3]] if objective == "pm" else
+                   _receiver_folders(study, recipe))
         scores = {n: 0.0 for n in subsets}
         seconds = 0.0
         for folder in folders:
@@ -881,17 +878,21 @@ def _objective_scores(study: _Study, objective: str, model: str, recipe: str,
     return stored["scores"], stored["seconds_per_score"]
 
 
+def _receiver_folders(study: _Study, recipe: str) -> list[Path]:
+    """The cell folder of every receiver a sum over receivers (pm-sum, pm-margin-sum) covers under ``recipe``: the
+    study's models, then any other whose cells the folder holds (one a run limited with --models leaves out)."""
+    named = [study.cell_path(m, recipe, "x", 0).parents[3] for m in study.config.models]
+    return named + sorted({p.parent for p in (study.root / "cells").glob(f"*/{recipe}")} - set(named))
+
+
 def _margin_sum(study: _Study, recipe: str, subsets: dict[str, list[int]]) -> tuple[dict[str, float] | None,
                                                                                      float | None]:
     """``pm-margin-sum``: each subset's held-out margin summed over every receiver of the study folder under
     ``recipe`` (the score of text chosen for all of them at once, as ``distill-pm --co_receivers`` scores it), and
     the seconds of all their runs per subset; None while any receiver lacks a subset's margin."""
-    # one folder per receiver: the study's models and any other whose cells the folder holds (as pm-sum)
-    folders = {study.margin_path(m, recipe, "x").parents[3] for m in study.config.models}
-    folders |= {p.parent for p in (study.root / "cells").glob(f"*/{recipe}")}
     scores = {n: 0.0 for n in subsets}
     seconds = 0.0
-    for folder in sorted(folders):
+    for folder in _receiver_folders(study, recipe):
         for n in subsets:
             path = folder / recipe / n / f"seed{study.config.pm_seed}" / "margin.json"
             if not path.is_file():
