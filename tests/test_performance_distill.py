@@ -245,3 +245,57 @@ def test_the_command_line_builds_both_configs_and_refuses_a_training_seed(tmp_pa
     # the co-receiver flags parse (a list or one value); their epochs cannot act beside --recipe.max_steps
     assert main([*common, "--co_receivers", str(tiny_llama_dir) + "-copy", "--co_receiver_epochs", "3"]) == 2
     assert "co_receiver_epochs does not act while the recipe sets max_steps" in capsys.readouterr().err
+
+
+def _without_times(record: dict) -> dict:
+    return {k: v for k, v in record.items() if "seconds" not in k and k != "iterations_per_hour"}
+
+
+def test_two_ranks_share_the_training_runs_and_make_the_one_process_run(tmp_path, tiny_llama_dir, tiny_gemma_dir):
+    """Under torchrun each rank trains its share of every iteration's runs (candidates x receivers, then the
+    instrument's) and every rank takes the same decisions from the gathered scores: the text, the state, every
+    iteration's scores and the summary are the one-process run's, exactly (fp32, one thread per process), and only
+    rank 0 writes and reports."""
+    from launch import torchrun
+
+    selection, _ = _selection(tmp_path, [0, 3, 5])
+    config = tmp_path / "pm.yaml"
+    config.write_text(json.dumps({   # JSON is YAML
+        "distill_pm": {"model": str(tiny_llama_dir), "co_receivers": [str(tiny_gemma_dir)], "score": "margin",
+                       "iterations": 2, "candidates": 2, "swaps": 2, "fluent_top_k": 50, "rows_offset": 2,
+                       "rows_limit": 3, "instrument_seeds": [2], "instrument_rows_offset": 6,
+                       "instrument_rows_limit": 2, "seed": 5},
+        "recipe": {"max_steps": 2, "batch_size": 2, "lr": 5e-2, "precision": "fp32", "lora": {"r": 2, "alpha": 4},
+                   "data": {"max_length": 64, "limit": 16}}}))
+    runs, stdout = {}, {}
+    for nproc in (1, 2):
+        out = tmp_path / f"ranks{nproc}"
+        proc = torchrun("textdistill.cli", "distill-pm", "--data", "arc-easy:train", "--selection", selection,
+                        "--config", config, "--output", out, "--device", "cpu", "--no-progress", nproc=nproc,
+                        module=True, timeout=280)
+        runs[nproc], stdout[nproc] = out, json.loads(proc.stdout)   # one summary: only rank 0 prints it
+    one, two = runs[1], runs[2]
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    assert (two / "distilled.jsonl").read_text() == (one / "distilled.jsonl").read_text()
+    assert (two / "diagnostics.jsonl").read_text() == (one / "diagnostics.jsonl").read_text()
+    states = [json.loads((run / "state.json").read_text()) for run in (one, two)]
+    assert _without_times(states[1]) == _without_times(states[0]) and states[0]["iteration"] == 2
+    assert states[0]["accepted"] > 0   # the text changed, so the ranks agreed on an edit too
+    metrics = [[_without_times(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for run in (one, two)]
+    assert len(metrics[0]) == 2 and metrics[1] == metrics[0]   # one line per iteration: rank 1 appends nothing
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (one, two)]
+    assert _without_times(summaries[1]) == _without_times(summaries[0]) == _without_times(stdout[2])
+    assert summaries[0]["instrument"]["by_model"][str(tiny_gemma_dir)]["start"]   # the instrument ran on both ranks
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_workers_are_refused_under_a_launcher(tmp_path, tiny_llama_dir, monkeypatch):
+    from textdistill import distributed
+
+    selection, _ = _selection(tmp_path, [0, 3])
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)   # as under torchrun with 2 processes
+    config = PerformanceDistillConfig(model=str(tiny_llama_dir), workers=2, iterations=1)
+    with pytest.raises(ConfigError, match="every process is one worker"):
+        _run(tmp_path, "launched", config, selection)
+    assert not (tmp_path / "launched" / "state.json").exists()

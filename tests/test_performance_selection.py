@@ -164,3 +164,33 @@ def test_the_select_command_reads_the_recipe_from_an_experiment_config_and_refus
     assert [d["train_steps"] for d in draws.values()] == [1, 1]   # the config's recipe (max_steps 1) was used
     assert main(args + ["--output", str(tmp_path / "x.json"), "--recipe.seed", "3"]) == 2
     assert "--recipe.seed does not act here" in capsys.readouterr().err
+
+
+def test_two_ranks_train_each_draw_once_and_select_what_one_process_selects(tmp_path, tiny_llama_dir):
+    """Under torchrun each rank trains its share of the draws into the shared cache: every draw is trained once (one
+    log line each, from the rank that trained it), the cached scores are the one-process scores exactly (fp32, one
+    thread per process) and rank 0 writes the same selection."""
+    import yaml
+    from launch import torchrun
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({"experiment": {"recipe": {
+        "max_steps": 2, "batch_size": 2, "lr": 5e-3, "precision": "fp32", "lora": {"r": 2, "alpha": 4},
+        "data": {"max_length": 64, "limit": 16}}}}))
+    args = ["select", "--method", "performance", "--data", "arc-easy:train", "--budget", "4", "--config", config,
+            "--performance.models", f"[{tiny_llama_dir}]", "--performance.draws", "5", "--performance.seed", "11",
+            "--performance.rows_offset", "2", "--performance.rows_limit", "4", "--device", "cpu", "--no-progress"]
+    records, logs = {}, {}
+    for nproc in (1, 2):
+        out = tmp_path / f"ranks{nproc}.json"
+        proc = torchrun("textdistill.cli", *args, "--output", out, nproc=nproc, module=True, timeout=240)
+        records[nproc] = read_selection(out)
+        logs[nproc] = proc.stdout
+    for nproc in (1, 2):   # every draw trained once, and the selection reported once
+        assert sorted(line.split(":")[0].strip() for line in logs[nproc].splitlines() if line.startswith("  draw ")) \
+            == [f"draw {k}" for k in range(5)], logs[nproc]
+        assert logs[nproc].count("selected 4 rows") == 1
+    drop = ("seconds", "created", "argv")
+    assert {k: v for k, v in records[2].items() if k not in drop} == {k: v for k, v in records[1].items() if k not in drop}
+    caches = [json.loads(next(tmp_path.glob(f"ranks{n}.draws/*.json")).read_text())["draws"] for n in (1, 2)]
+    assert {k: v["loss"] for k, v in caches[1].items()} == {k: v["loss"] for k, v in caches[0].items()}

@@ -269,7 +269,8 @@ def _cmd_distill_pm(args: argparse.Namespace) -> int:
                                      recipe=_recipe(args.config, recipe_flags), device=args.device,
                                      progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
                                      log=lambda message: print(message, file=sys.stderr))
-    print(json.dumps(summary, indent=2))   # stdout holds the summary only
+    if _reports():   # rank 0 of a launch, or the only process
+        print(json.dumps(summary, indent=2))   # stdout holds the summary only
     return 0
 
 

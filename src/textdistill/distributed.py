@@ -15,6 +15,10 @@ How each stage uses the ranks (the stage's module says the details):
 * distill: every rank draws the same segments and computes the meta-gradient of its share of them; meta-gradients
   and candidate losses are summed, so every rank holds the same synthetic set; rank 0 writes the run folder;
 * LESS: the gradient features of the pool are sharded by rows and gathered on every rank;
+* distill-pm: each rank trains its share of every iteration's scoring runs (candidates x receivers) on its own and
+  every rank gathers every score; rank 0 proposes the edits and writes the run folder;
+* select --method performance: each rank trains its share of the draws into the shared cache; rank 0 writes the
+  selection;
 * experiment: the ranks do not form a group (:func:`independent`); each is a worker on its own device that takes
   the next cell (or shared stage) no other process holds, by file lock, as separate processes sharing a run folder
   always have.

@@ -33,6 +33,12 @@ negated margin, so that lower is better throughout.
 The held-out instrument, computed at the end on what the search never saw: the start and final sets trained with
 other seeds (``instrument_seeds``) and scored on other held-out rows (``instrument_rows_*``).
 
+Under ``torchrun`` / ``accelerate launch`` every process is a worker on its own device (``workers`` stays 1): the
+training runs of each batch (candidates x receivers, then the instrument's) are shared out over the ranks
+(:func:`distributed.shard_indices`) and every rank gathers every score, so all ranks take the same decisions; rank 0
+proposes the edits (and sends them to the others) and writes the run folder. The run is the one-process run: the
+same runs with the same seeds, only on several devices at once.
+
 A run folder holds ``state.json`` (the current prompts after every iteration: a rerun continues exactly),
 ``metrics.jsonl`` (one line per iteration), and at the end ``distilled.jsonl`` (prompt, response: what a user trains
 on), ``diagnostics.jsonl`` (per row, the start prompt and the marked changes), ``summary.json`` and ``run.json``.
@@ -51,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from . import distributed
 from .artifacts import atomic_write_json, read_json, sha256_json, write_jsonl, write_run_info
 from .config import TrainConfig, option
 from .data import Example
@@ -95,7 +102,8 @@ class PerformanceDistillConfig:
     instrument_rows_limit: int | None = option(285, "rows of `rows` the instrument scores")
     seed: int = option(0, "seed of the proposals (iteration i draws from seed and i)")
     workers: int = option(1, "processes training candidates at once (one per core; each sets 1 torch thread when "
-                             "above 1)", keyed=False, resume=False)
+                             "above 1); under torchrun every launched process is one worker instead", keyed=False,
+                          resume=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "margin_cap", check_score(self.score, self.margin_cap))
@@ -217,14 +225,16 @@ def held_out_score(model: str, examples: Sequence[Example], recipe: TrainConfig,
 
     check_score(score, margin_cap)   # before the training run, not after it
     recipe = dataclasses.replace(recipe, seed=seed)
+    # this process's own run: under a launcher the other ranks train other sets at the same time
     trained, tokenizer, _ = train_on_examples(model_name=model, examples=list(examples), config=recipe,
-                                              device=device, progress=False, trust_remote_code=trust_remote_code)
+                                              device=device, progress=False, trust_remote_code=trust_remote_code,
+                                              data_parallel=False)
     return score_trained(trained, tokenizer, model, rows, recipe.data, score, margin_cap)
 
 
 class _Scorer:
     """Scores example sets on each of ``receivers`` ((model, recipe) pairs; a set's score is the sum of theirs),
-    ``workers`` training runs at a time (in-process when 1)."""
+    ``workers`` training runs at a time (in-process when 1), or under a launcher each rank its share of the runs."""
 
     def __init__(self, workers: int, receivers: Sequence[tuple[str, TrainConfig]], **fixed: Any):
         self.receivers = list(receivers)
@@ -240,7 +250,10 @@ class _Scorer:
         """Each job's (examples, rows, seed) score per receiver."""
         runs = [dict(model=m, recipe=r, examples=list(e), rows=rows, seed=s, **self.fixed)
                 for e, rows, s in jobs for m, r in self.receivers]
-        if self.pool is None:
+        if distributed.world_size() > 1:   # runs rank, rank + world, ... here; every rank gets every score
+            mine = [held_out_score(**runs[k]) for k in distributed.shard_indices(len(runs))]
+            scores = distributed.merge_shards(distributed.all_gather_objects(mine), len(runs))
+        elif self.pool is None:
             scores = [held_out_score(**run) for run in runs]
         else:
             scores = [f.result() for f in [self.pool.submit(held_out_score, **run) for run in runs]]
@@ -270,13 +283,28 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
     edit their prompts for ``config.iterations`` iterations, keeping an edit when the held-out loss (negated margin)
     of ``config.model`` after training with ``recipe``, summed with its co-receivers', drops; write the text and the
     held-out instrument to ``output``. A rerun on the same folder continues; a folder of other settings is refused.
-    Returns the summary."""
+    Under a launcher every rank calls it (the module docstring says how they share the work). Returns the summary
+    (on every rank)."""
+    output = Path(output)
+    with distributed.main_process_owns(output / ".lock", f"the distill-pm run {output}", device) as target:
+        if distributed.world_size() > 1 and config.workers > 1:
+            raise ConfigError(f"workers: under torchrun / accelerate launch every process is one worker (here "
+                              f"{distributed.world_size()}); set workers to 1")
+        return _search(data=data, selection=selection, output=output, config=config, recipe=recipe,
+                       device=str(target), progress=progress, trust_remote_code=trust_remote_code,
+                       log=log if distributed.is_main() else (lambda _: None))
+
+
+def _search(*, data: str, selection: str | Path, output: Path, config: PerformanceDistillConfig, recipe: TrainConfig,
+            device: str, progress: bool, trust_remote_code: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """The body of :func:`distill_by_performance`, on this rank's ``device``."""
     from tqdm.auto import tqdm
 
     from .data import load_examples
     from .models import load_model, load_tokenizer
     from .selection import apply_selection
 
+    main = distributed.is_main()
     receivers = config.receivers(recipe)
     if config.co_receivers:   # a misspelt or inaccessible receiver: a clear error now, not after the first run
         from .models import resolve_model_path
@@ -287,7 +315,6 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
                               f"to {', '.join(resolved)}")
         for name, _ in receivers[1:]:
             load_tokenizer(name, trust_remote_code=trust_remote_code)
-    output = Path(output)
     pool = load_examples(data, recipe.data)
     start_examples = apply_selection(pool, selection)
     tokenizer = load_tokenizer(config.model, trust_remote_code=trust_remote_code)
@@ -297,10 +324,13 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
     if state is not None and state["fingerprint"] != fingerprint:
         raise ConfigError(f"{output} holds a distill-pm run of other settings (fingerprint {state['fingerprint']}, "
                           f"now {fingerprint}); use another --output")
-    output.mkdir(parents=True, exist_ok=True)
-    write_run_info(output, command="distill-pm", config={"distill_pm": config, "recipe": recipe, "data": data,
-                                                         "selection": str(selection)},
-                   seeds={"proposals": config.seed, "train": config.train_seed})
+    distributed.barrier()   # every rank has read the folder as it was before rank 0 writes into it
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_run_info(output, command="distill-pm", config={"distill_pm": config, "recipe": recipe, "data": data,
+                                                             "selection": str(selection)},
+                       seeds={"proposals": config.seed, "train": config.train_seed},
+                       extra={"world_size": distributed.world_size()})
 
     starts, editable = zip(*(editable_positions(tokenizer, e.prompt) for e in start_examples))
     starts, editable = [list(s) for s in starts], [list(e) for e in editable]
@@ -331,7 +361,8 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
                      "accepted": 0, "seconds": 0.0}
             if config.co_receivers:
                 state["start_loss_by_model"] = by_model
-            atomic_write_json(state_path, state)
+            if main:
+                atomic_write_json(state_path, state)
             label = "loss" if config.score == "loss" else "negated margin" + (
                 "" if config.margin_cap is None else f" (capped at {config.margin_cap:g})")
             parts = ", ".join(f"{m} {v:.4f}" for m, v in by_model.items()) if config.co_receivers else ""
@@ -361,13 +392,16 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
 
         metrics_path = output / "metrics.jsonl"
         bar = tqdm(total=config.iterations, initial=min(state["iteration"], config.iterations), desc="distill-pm",
-                   disable=not progress)
+                   disable=not progress or not main)
         while state["iteration"] < config.iterations:
             iteration, began = state["iteration"], time.time()
-            rng = random.Random(f"{config.seed}-{iteration}")
-            edits = [propose_edit(state["prompts"], editable, fluent, config.swaps, rng, reads_back)
-                     for _ in range(config.candidates)]
-            edits = [e for e in edits if e]
+            edits = None
+            if main:   # rank 0 alone loads the proposing model; the others receive its edits
+                rng = random.Random(f"{config.seed}-{iteration}")
+                edits = [propose_edit(state["prompts"], editable, fluent, config.swaps, rng, reads_back)
+                         for _ in range(config.candidates)]
+                edits = [e for e in edits if e]
+            edits = distributed.broadcast_object(edits)
             by_model = scorer.by_model([(examples_of(apply_edit(state["prompts"], e)), search_rows,
                                          config.train_seed) for e in edits])
             losses = [sum(scores.values()) for scores in by_model]
@@ -385,9 +419,10 @@ def distill_by_performance(*, data: str, selection: str | Path, output: str | Pa
                 state["accepted"] += 1
             state["iteration"] = iteration + 1
             state["seconds"] = round(state["seconds"] + record["seconds"], 1)
-            with open(metrics_path, "a", encoding="utf-8") as f:   # one line per iteration, then the state
-                f.write(json.dumps(record) + "\n")
-            atomic_write_json(state_path, state)
+            if main:
+                with open(metrics_path, "a", encoding="utf-8") as f:   # one line per iteration, then the state
+                    f.write(json.dumps(record) + "\n")
+                atomic_write_json(state_path, state)
             bar.update(1)
             bar.set_postfix(loss=f"{state['loss']:.4f}", accepted=state["accepted"])
         bar.close()
@@ -428,8 +463,10 @@ def _instrument_figures(losses: Sequence[float]) -> dict[str, Any]:
 
 def _finish(output: Path, state: dict[str, Any], start_examples: Sequence[Example], starts: Sequence[list[int]],
             examples_of: Callable, scorer: _Scorer, config: PerformanceDistillConfig, tokenizer: Any) -> dict[str, Any]:
-    """Write the dataset, its diagnostics and the summary (with the held-out instrument, computed once)."""
+    """Write the dataset, its diagnostics and the summary (with the held-out instrument, computed once; every rank
+    trains its share of it, rank 0 writes); returns the summary on every rank."""
     final = examples_of(state["prompts"])
+    main = distributed.is_main()
     rows = []
     for example, start_ids, ids, out in zip(start_examples, starts, state["prompts"], final):
         changed = [k for k, (a, b) in enumerate(zip(start_ids, ids)) if a != b]
@@ -437,11 +474,14 @@ def _finish(output: Path, state: dict[str, Any], start_examples: Sequence[Exampl
                          else tokenizer.decode([ids[k]]) for k in range(len(ids)))
         rows.append({"prompt": out.prompt, "response": out.response, "init_id": example.id,
                      "init_prompt": example.prompt, "changed_positions": changed, "marked_prompt": marked})
-    write_jsonl(output / "distilled.jsonl", [{"prompt": r["prompt"], "response": r["response"]} for r in rows])
-    write_jsonl(output / "diagnostics.jsonl", [{"index": i, **r} for i, r in enumerate(rows)])
     summary_path = output / "summary.json"
-    previous = read_json(summary_path) if summary_path.is_file() else {}
+    previous = {}
+    if main:   # the text first: the instrument below takes several training runs
+        write_jsonl(output / "distilled.jsonl", [{"prompt": r["prompt"], "response": r["response"]} for r in rows])
+        write_jsonl(output / "diagnostics.jsonl", [{"index": i, **r} for i, r in enumerate(rows)])
+        previous = read_json(summary_path) if summary_path.is_file() else {}
     instrument = previous.get("instrument") if previous.get("iteration") == state["iteration"] else None
+    instrument = distributed.broadcast_object(instrument)   # every rank takes part in computing it, or none
     if instrument is None and config.instrument_seeds:
         rows_spec = (config.rows, config.instrument_rows_offset, config.instrument_rows_limit)
         jobs = [(examples, rows_spec, seed) for seed in config.instrument_seeds for examples in (start_examples, final)]
@@ -451,6 +491,8 @@ def _finish(output: Path, state: dict[str, Any], start_examples: Sequence[Exampl
         if config.co_receivers:   # the sum above, and each receiver's own figures
             instrument["sum_over"] = list(by_model[0])
             instrument["by_model"] = {m: _instrument_figures([s[m] for s in by_model]) for m in by_model[0]}
+    if not main:
+        return distributed.broadcast_object(None)
     by_model = _current_by_model(state, output / "metrics.jsonl") if config.co_receivers else None
     score = {"loss": "loss", "margin": "margin (every loss below is the negated margin)"}[config.score]
     if config.margin_cap is not None:
@@ -468,4 +510,4 @@ def _finish(output: Path, state: dict[str, Any], start_examples: Sequence[Exampl
         summary.update({"receivers": [m for m, _ in scorer.receivers],
                         "start_loss_by_model": state["start_loss_by_model"], "final_loss_by_model": by_model})
     atomic_write_json(summary_path, summary)
-    return summary
+    return distributed.broadcast_object(summary)

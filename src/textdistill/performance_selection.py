@@ -177,10 +177,10 @@ def score_cache_path(cache_dir: str | Path, model: str, recipe: TrainConfig, con
 
 def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: str, recipe: TrainConfig,
                 config: PerformanceSelectionConfig, cache: Path, device: str = "auto", progress: bool = True,
-                trust_remote_code: bool = False, log=print) -> list[float]:
+                trust_remote_code: bool = False, log=print, share: Sequence[int] | None = None) -> list[float]:
     """The held-out loss (``config.score``; the negated margin for "margin") of ``model`` trained (``recipe``, seed
     ``config.train_seed``) on each draw's rows of ``pool``; draws already in ``cache`` (same rows) are read, the
-    others trained and written there one by one."""
+    others trained and written there one by one. ``share``: only these draws (by number), e.g. a rank's."""
     from filelock import FileLock
     from tqdm.auto import tqdm
 
@@ -192,15 +192,17 @@ def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: s
         held_out_questions(*rows)
     cache.parent.mkdir(parents=True, exist_ok=True)
     losses: list[float] = []
-    for k, indices in enumerate(tqdm(draws, desc=f"performance draws ({Path(model).name})", disable=not progress)):
+    numbers = range(len(draws)) if share is None else share
+    for k in tqdm(numbers, desc=f"performance draws ({Path(model).name})", disable=not progress):
+        indices = draws[k]
         with FileLock(str(cache) + ".lock"):   # processes scoring other draws of this model share the file
             stored = read_json(cache)["draws"] if cache.is_file() else {}
         entry = stored.get(str(sorted(indices)))
         if entry is None:
             start = time.time()
-            trained, tokenizer, result = train_on_examples(
+            trained, tokenizer, result = train_on_examples(   # this process's own run (other ranks: other draws)
                 model_name=model, examples=[pool[i] for i in indices], config=recipe, device=device,
-                progress=False, trust_remote_code=trust_remote_code)
+                progress=False, trust_remote_code=trust_remote_code, data_parallel=False)
             loss = score_trained(trained, tokenizer, model, rows, recipe.data, config.score, config.margin_cap)
             entry = {"loss": loss, "train_steps": result.steps, "seconds": round(time.time() - start, 1)}
             with FileLock(str(cache) + ".lock"):
@@ -224,7 +226,11 @@ def select_by_performance(*, data: str, budget: str | int, output: str | Path, c
     """Entry of ``textdistill select --method performance``: score ``config.draws`` random subsets of ``data`` by
     the summed held-out loss (``config.score``; for the margin, the negated margin) of ``models`` (default ``config.models``) after training each with ``recipe``, and
     write the best as a selection file (with every draw's losses). ``cache_dir`` (default: beside ``output``)
-    keeps the per-draw runs. Returns ``{"count", "indices", "scores": None, "draw", "losses"}``."""
+    keeps the per-draw runs. Under ``torchrun`` / ``accelerate launch`` each rank trains its share of the draws
+    (:func:`distributed.shard_indices`) on its own device into the shared cache, then every rank reads them all and
+    rank 0 writes the selection: the one-process selection, sooner. Returns ``{"count", "indices", "scores": None,
+    "draw", "losses"}``."""
+    from . import distributed
     from .data import load_examples
     from .selection import pool_ids_hash, resolve_budget, write_selection
 
@@ -240,11 +246,21 @@ def select_by_performance(*, data: str, budget: str | int, output: str | Path, c
     cache_dir = Path(cache_dir) if cache_dir is not None else output.with_name(output.stem + ".draws")
     pool_ids = pool_ids_hash(pool)
     start = time.time()
-    losses = {m: score_draws(pool=pool, draws=draws, model=m, recipe=recipe, config=config,
-                             cache=score_cache_path(cache_dir, m, recipe, config, pool_ids, count),
-                             device=device, progress=progress, trust_remote_code=trust_remote_code, log=log)
+    device = str(distributed.init(device))
+    caches = {m: score_cache_path(cache_dir, m, recipe, config, pool_ids, count) for m in scoring}
+    if distributed.world_size() > 1:
+        for m in scoring:
+            score_draws(pool=pool, draws=draws, model=m, recipe=recipe, config=config, cache=caches[m], device=device,
+                        progress=progress and distributed.is_main(), trust_remote_code=trust_remote_code, log=log,
+                        share=distributed.shard_indices(len(draws)))
+        distributed.barrier()   # every draw is in the cache now: the pass below reads them
+    losses = {m: score_draws(pool=pool, draws=draws, model=m, recipe=recipe, config=config, cache=caches[m],
+                             device=device, progress=progress and distributed.is_main(),
+                             trust_remote_code=trust_remote_code, log=log)
               for m in scoring}
     best, summed = best_draw(losses)
+    if not distributed.is_main():
+        return {"count": count, "indices": draws[best], "scores": None, "draw": best, "losses": summed}
     write_selection(output, method="performance", data=data, budget=budget, seed=config.seed, examples=pool,
                     indices=draws[best], extra={
                         "draw": best, "draw_seed": config.seed + best, "scoring_models": list(scoring),

@@ -356,9 +356,10 @@ def train_on_examples(*, model_name: str, examples: Sequence[Any], config: Train
                       metrics_log: list[dict[str, Any]] | None = None,
                       tokenizer: Any | None = None,
                       checkpointer: TrainCheckpointer | None = None,
-                      curves: Any | None = None) -> tuple[Any, Any, TrainResult]:
+                      curves: Any | None = None, data_parallel: bool = True) -> tuple[Any, Any, TrainResult]:
     """Load ``model_name``, add LoRA (or unfreeze everything for full fine-tuning) and train on ``examples``
     (prompt/response pairs, tokenized here with the model's own tokenizer, loaded unless given).
+    ``data_parallel=False``: this process trains alone under a launcher (:func:`train_model`).
     Returns (model, tokenizer, result)."""
     tokenizer = tokenizer or load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     tokenized = tokenize_examples(tokenizer, examples, max_length=config.data.max_length,
@@ -372,7 +373,8 @@ def train_on_examples(*, model_name: str, examples: Sequence[Any], config: Train
         for p in model.parameters():
             p.requires_grad_(True)
     result = train_model(model, tokenized, config, pad_id=tokenizer.pad_token_id, progress=progress,
-                         metrics_log=metrics_log, checkpointer=checkpointer, curves=curves)
+                         metrics_log=metrics_log, checkpointer=checkpointer, curves=curves,
+                         data_parallel=data_parallel)
     return model, tokenizer, result
 
 
