@@ -288,6 +288,11 @@ def test_two_ranks_share_the_training_runs_and_make_the_one_process_run(tmp_path
     assert _without_times(summaries[1]) == _without_times(summaries[0]) == _without_times(stdout[2])
     assert summaries[0]["instrument"]["by_model"][str(tiny_gemma_dir)]["start"]   # the instrument ran on both ranks
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    # a rerun of the finished run on 2 ranks (rank 0 reads the stored instrument and sends it on) adds nothing
+    proc = torchrun("textdistill.cli", "distill-pm", "--data", "arc-easy:train", "--selection", selection, "--config",
+                    config, "--output", two, "--device", "cpu", "--no-progress", nproc=2, module=True, timeout=120)
+    assert _without_times(json.loads(proc.stdout)) == _without_times(summaries[1])
+    assert [_without_times(json.loads(line)) for line in (two / "metrics.jsonl").read_text().splitlines()] == metrics[1]
 
 
 def test_workers_are_refused_under_a_launcher(tmp_path, tiny_llama_dir, monkeypatch):
@@ -299,3 +304,20 @@ def test_workers_are_refused_under_a_launcher(tmp_path, tiny_llama_dir, monkeypa
     with pytest.raises(ConfigError, match="every process is one worker"):
         _run(tmp_path, "launched", config, selection)
     assert not (tmp_path / "launched" / "state.json").exists()
+
+
+def test_each_rank_is_dealt_runs_of_every_receiver_and_every_score_lands_on_its_run(monkeypatch):
+    """2 candidates x 2 receivers on 2 ranks: rank 0 trains one run of each receiver (not one receiver's runs, which
+    would leave the faster rank idle), and the gathered scores land on their own (set, receiver)."""
+    from textdistill import distributed, performance_distill
+
+    trained = []
+    monkeypatch.setattr(performance_distill, "held_out_score",
+                        lambda **kw: trained.append((kw["model"], kw["seed"])) or float(len(trained)))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda mine: [mine, [-1.0] * len(mine)])   # rank 1's
+    scorer = performance_distill._Scorer(1, [("a", RECIPE), ("b", RECIPE)])
+    rows = ("arc-easy:validation", 0, 2)
+    assert scorer.by_model([([], rows, 10), ([], rows, 11)]) == [{"a": 1.0, "b": 2.0}, {"a": -1.0, "b": -1.0}]
+    assert trained == [("a", 10), ("b", 10)]

@@ -250,9 +250,16 @@ class _Scorer:
         """Each job's (examples, rows, seed) score per receiver."""
         runs = [dict(model=m, recipe=r, examples=list(e), rows=rows, seed=s, **self.fixed)
                 for e, rows, s in jobs for m, r in self.receivers]
-        if distributed.world_size() > 1:   # runs rank, rank + world, ... here; every rank gets every score
-            mine = [held_out_score(**runs[k]) for k in distributed.shard_indices(len(runs))]
-            scores = distributed.merge_shards(distributed.all_gather_objects(mine), len(runs))
+        if distributed.world_size() > 1:   # this rank's share of the runs; every rank gets every score
+            # dealt out receiver by receiver, so that each rank gets its share of every receiver's (slower) runs
+            # rather than, with as many receivers as ranks, one receiver's runs alone
+            n = len(self.receivers)
+            order = sorted(range(len(runs)), key=lambda k: (k % n, k // n))
+            mine = [held_out_score(**runs[order[k]]) for k in distributed.shard_indices(len(runs))]
+            dealt = distributed.merge_shards(distributed.all_gather_objects(mine), len(runs))
+            scores = [0.0] * len(runs)
+            for k, score in zip(order, dealt):
+                scores[k] = score
         elif self.pool is None:
             scores = [held_out_score(**run) for run in runs]
         else:

@@ -249,23 +249,28 @@ def select_by_performance(*, data: str, budget: str | int, output: str | Path, c
     device = str(distributed.init(device))
     caches = {m: score_cache_path(cache_dir, m, recipe, config, pool_ids, count) for m in scoring}
     if distributed.world_size() > 1:
+        # draws of the same rows share a cache entry: only the first of them is dealt out, so none trains twice
+        first: dict[str, int] = {}
+        for k, indices in enumerate(draws):
+            first.setdefault(str(sorted(indices)), k)
+        distinct = sorted(first.values())
         for m in scoring:
             score_draws(pool=pool, draws=draws, model=m, recipe=recipe, config=config, cache=caches[m], device=device,
                         progress=progress and distributed.is_main(), trust_remote_code=trust_remote_code, log=log,
-                        share=distributed.shard_indices(len(draws)))
+                        share=[distinct[k] for k in distributed.shard_indices(len(distinct))])
         distributed.barrier()   # every draw is in the cache now: the pass below reads them
     losses = {m: score_draws(pool=pool, draws=draws, model=m, recipe=recipe, config=config, cache=caches[m],
                              device=device, progress=progress and distributed.is_main(),
                              trust_remote_code=trust_remote_code, log=log)
               for m in scoring}
     best, summed = best_draw(losses)
-    if not distributed.is_main():
-        return {"count": count, "indices": draws[best], "scores": None, "draw": best, "losses": summed}
-    write_selection(output, method="performance", data=data, budget=budget, seed=config.seed, examples=pool,
-                    indices=draws[best], extra={
-                        "draw": best, "draw_seed": config.seed + best, "scoring_models": list(scoring),
-                        "held_out_loss": summed[best], "draw_losses": losses, "summed_losses": summed,
-                        "score": config.score, "margin_cap": config.margin_cap,
-                        "rows": config.rows, "rows_offset": config.rows_offset, "rows_limit": config.rows_limit,
-                        "seconds": round(time.time() - start, 1)})
+    if distributed.is_main():
+        write_selection(output, method="performance", data=data, budget=budget, seed=config.seed, examples=pool,
+                        indices=draws[best], extra={
+                            "draw": best, "draw_seed": config.seed + best, "scoring_models": list(scoring),
+                            "held_out_loss": summed[best], "draw_losses": losses, "summed_losses": summed,
+                            "score": config.score, "margin_cap": config.margin_cap,
+                            "rows": config.rows, "rows_offset": config.rows_offset,
+                            "rows_limit": config.rows_limit, "seconds": round(time.time() - start, 1)})
+    distributed.barrier()   # no rank returns before the selection file is there
     return {"count": count, "indices": draws[best], "scores": None, "draw": best, "losses": summed}
