@@ -6,7 +6,9 @@ samples are resampled together, so the interval covers question sampling as well
     python bench/paired_accuracy.py --a start=DIR0,DIR1,DIR2 --b distilled=DIR0,DIR1,DIR2 [--output FILE.json]
 
 Each DIR holds a `samples_<task>.jsonl` of the same questions in the same order; the k-th DIR of A pairs with the
-k-th of B (the same training seed). `DIR1+DIR2` joins two slices of questions evaluated for one seed.
+k-th of B (the same training seed). `DIR1+DIR2` joins two slices of questions evaluated for one seed. An arm given
+as `@FILE.json:a` (or `:b`) takes its per-seed answers from an earlier output of this script (its `correct_a` /
+`correct_b`): the samples files are not kept in the repository, those outputs are.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ def read_correct(folder: str) -> list[int]:
         return [int(json.loads(line)["acc"]) for line in f if line.strip()]
 
 
+def read_arm(spec: str) -> list[list[int]]:
+    """Per seed, per question 1/0: from ``DIR,DIR,...`` (samples files) or ``@FILE.json:a|b`` (a stored output)."""
+    if spec.startswith("@"):
+        path, _, side = spec[1:].rpartition(":")
+        if side not in ("a", "b"):
+            raise SystemExit(f"{spec}: expected @FILE.json:a or @FILE.json:b")
+        return [[int(c) for c in seed] for seed in json.loads(Path(path).read_text(encoding="utf-8"))[f"correct_{side}"]]
+    return [read_correct(d) for d in spec.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--a", required=True, help="NAME=DIR,DIR,...")
@@ -37,12 +49,12 @@ def main() -> None:
     parser.add_argument("--output")
     args = parser.parse_args()
     (name_a, _, dirs_a), (name_b, _, dirs_b) = args.a.partition("="), args.b.partition("=")
-    result = paired_accuracy_difference([read_correct(d) for d in dirs_a.split(",")],
-                               [read_correct(d) for d in dirs_b.split(",")])
+    correct_a, correct_b = read_arm(dirs_a), read_arm(dirs_b)
+    result = paired_accuracy_difference(correct_a, correct_b)
     result = {"a": name_a, "b": name_b, **result, "dirs_a": dirs_a.split(","), "dirs_b": dirs_b.split(","),
               # per seed, per question: 1 = answered right (the figures above are recomputable from these)
-              "correct_a": ["".join(map(str, read_correct(d))) for d in dirs_a.split(",")],
-              "correct_b": ["".join(map(str, read_correct(d))) for d in dirs_b.split(",")]}
+              "correct_a": ["".join(map(str, c)) for c in correct_a],
+              "correct_b": ["".join(map(str, c)) for c in correct_b]}
     print(f"{name_a}: acc {', '.join(f'{x:.3f}' for x in result['acc_a'])}; {name_b}: acc "
           f"{', '.join(f'{x:.3f}' for x in result['acc_b'])} (n {result['n']})")
     print(f"{name_b} - {name_a}: {result['mean_difference']:+.4f} [{result['ci95'][0]:+.4f}, {result['ci95'][1]:+.4f}]"
