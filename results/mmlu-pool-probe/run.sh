@@ -14,3 +14,8 @@ for f in summary.json run.json metrics.jsonl; do cp $RUN/$f $OUT/smollm2-135m-po
 textdistill eval --model smollm2-135m --adapter $RUN --task mmlu --template rc --split test \
   --item_set mmlu-test-stratified-20 --threads 1 --no-progress --log-samples \
   --output $OUT/smollm2-135m-pool10k-600steps/results.json
+# zero-shot with per-question records, and the paired difference
+textdistill eval --model smollm2-135m --task mmlu --template rc --split test --item_set mmlu-test-stratified-20 \
+  --threads 1 --no-progress --log-samples --output $OUT/smollm2-135m-zero-shot/results.json
+python bench/paired_accuracy.py --a zero-shot=$OUT/smollm2-135m-zero-shot --b pool-600-steps=$OUT/smollm2-135m-pool10k-600steps \
+  --output $OUT/paired-smollm2-135m-pool-vs-zero-shot.json
