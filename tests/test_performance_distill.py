@@ -251,17 +251,21 @@ def _without_times(record: dict) -> dict:
     return {k: v for k, v in record.items() if "seconds" not in k and k != "iterations_per_hour"}
 
 
-def test_two_ranks_share_the_training_runs_and_make_the_one_process_run(tmp_path, tiny_llama_dir, tiny_gemma_dir):
+def test_two_ranks_share_the_training_runs_and_make_the_one_process_run(tmp_path, tiny_llama_dir, smollm_tokenizer):
     """Under torchrun each rank trains its share of every iteration's runs (candidates x receivers, then the
     instrument's) and every rank takes the same decisions from the gathered scores: the text, the state, every
     iteration's scores and the summary are the one-process run's, exactly (fp32, one thread per process), and only
-    rank 0 writes and reports."""
+    rank 0 writes and reports. (The co-receiver is another tiny Llama, of other weights: a tiny Gemma's 262k-row
+    embedding would double the test's time, and the tokenizers are not what is tested here.)"""
+    from conftest import _save_tiny
     from launch import torchrun
+    from tiny import make_tiny_llama
 
+    other = _save_tiny(tmp_path / "other-llama", make_tiny_llama(len(smollm_tokenizer), seed=1), smollm_tokenizer)
     selection, _ = _selection(tmp_path, [0, 3, 5])
     config = tmp_path / "pm.yaml"
     config.write_text(json.dumps({   # JSON is YAML
-        "distill_pm": {"model": str(tiny_llama_dir), "co_receivers": [str(tiny_gemma_dir)], "score": "margin",
+        "distill_pm": {"model": str(tiny_llama_dir), "co_receivers": [str(other)], "score": "margin",
                        "iterations": 2, "candidates": 2, "swaps": 2, "fluent_top_k": 50, "rows_offset": 2,
                        "rows_limit": 3, "instrument_seeds": [2], "instrument_rows_offset": 6,
                        "instrument_rows_limit": 2, "seed": 5},
@@ -286,7 +290,7 @@ def test_two_ranks_share_the_training_runs_and_make_the_one_process_run(tmp_path
     assert len(metrics[0]) == 2 and metrics[1] == metrics[0]   # one line per iteration: rank 1 appends nothing
     summaries = [json.loads((run / "summary.json").read_text()) for run in (one, two)]
     assert _without_times(summaries[1]) == _without_times(summaries[0]) == _without_times(stdout[2])
-    assert summaries[0]["instrument"]["by_model"][str(tiny_gemma_dir)]["start"]   # the instrument ran on both ranks
+    assert summaries[0]["instrument"]["by_model"][str(other)]["start"]   # the instrument ran on both ranks
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     # a rerun of the finished run on 2 ranks (rank 0 reads the stored instrument and sends it on) adds nothing
     proc = torchrun("textdistill.cli", "distill-pm", "--data", "arc-easy:train", "--selection", selection, "--config",
