@@ -29,7 +29,7 @@ from textdistill.artifacts import atomic_write_json, read_json
 from textdistill.data import load_examples
 from textdistill.experiment import load_experiment_config, resolve_precisions, validate
 from textdistill.keys import keyed
-from textdistill.performance_selection import draw_indices, score_cache_path
+from textdistill.performance_selection import draw_indices, draw_key, score_cache_path
 from textdistill.selection import pool_ids_hash, resolve_budget
 from textdistill.validity import _Study, load_validity_config
 
@@ -72,7 +72,7 @@ def main(experiment_config: str, experiment_root: str, validity_config: str, val
         folder = studied.cell_path(model, same[0], "x", study.pm_seed).parents[2]   # cells/<model>/<recipe>
         for path in sorted(folder.glob(f"*/seed{study.pm_seed}/{name}")):
             cell = read_json(path)
-            if str(sorted(cell["indices"])) not in draws:
+            if draw_key(cell["indices"]) not in draws:
                 continue
             if score == "margin":   # the margin of the same training as the cell's (its held-out loss agrees)
                 run = read_json(path.with_name("result.json"))
@@ -81,12 +81,12 @@ def main(experiment_config: str, experiment_root: str, validity_config: str, val
                           f"{run['objective_loss']}); skipped")
                     continue
             if score == "loss" and "objective_loss" in cell:
-                found[str(sorted(cell["indices"]))] = {
+                found[draw_key(cell["indices"])] = {
                     "loss": cell["objective_loss"], "rows": cell["objective_rows"], "train_steps": cell["train_steps"],
                     "seconds": round(cell["train_seconds"] + cell["objective_seconds"], 1),
                     "from": str(path)}
             elif score == "margin" and "question_margins" in cell:
-                found[str(sorted(cell["indices"]))] = {
+                found[draw_key(cell["indices"])] = {
                     "loss": -mean_margin(cell["question_margins"], margin_cap), "train_steps": cell["train_steps"],
                     "seconds": round(cell["train_seconds"] + cell["margin_seconds"], 1), "from": str(path)}
         cache.parent.mkdir(parents=True, exist_ok=True)

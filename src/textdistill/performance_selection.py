@@ -33,7 +33,7 @@ from .config import DataSettings, EvalConfig, TrainConfig, option
 from .errors import ConfigError, DataError
 
 __all__ = ["PerformanceSelectionConfig", "SCORES", "best_draw", "check_score", "draw_indices", "held_out_questions",
-           "held_out_rows", "score_draws", "score_trained", "select_by_performance"]
+           "held_out_rows", "draw_key", "score_draws", "score_trained", "select_by_performance"]
 
 SCORES = ("loss", "margin")
 
@@ -175,6 +175,11 @@ def score_cache_path(cache_dir: str | Path, model: str, recipe: TrainConfig, con
     return Path(cache_dir) / f"{Path(model.rstrip('/')).name}-{key}.json"
 
 
+def draw_key(indices: Sequence[int]) -> str:
+    """A draw's key in a score cache: its rows, sorted (two draws of the same rows share one entry)."""
+    return str(sorted(indices))
+
+
 def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: str, recipe: TrainConfig,
                 config: PerformanceSelectionConfig, cache: Path, device: str = "auto", progress: bool = True,
                 trust_remote_code: bool = False, log=print, share: Sequence[int] | None = None) -> list[float]:
@@ -197,7 +202,7 @@ def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: s
         indices = draws[k]
         with FileLock(str(cache) + ".lock"):   # processes scoring other draws of this model share the file
             stored = read_json(cache)["draws"] if cache.is_file() else {}
-        entry = stored.get(str(sorted(indices)))
+        entry = stored.get(draw_key(indices))
         if entry is None:
             start = time.time()
             trained, tokenizer, result = train_on_examples(   # this process's own run (other ranks: other draws)
@@ -207,7 +212,7 @@ def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: s
             entry = {"loss": loss, "train_steps": result.steps, "seconds": round(time.time() - start, 1)}
             with FileLock(str(cache) + ".lock"):
                 stored = read_json(cache)["draws"] if cache.is_file() else {}
-                stored[str(sorted(indices))] = entry
+                stored[draw_key(indices)] = entry
                 atomic_write_json(cache, {"model": model, "recipe": recipe, "rows": config.rows,
                                           "rows_offset": config.rows_offset, "rows_limit": config.rows_limit,
                                           "score": config.score, "margin_cap": config.margin_cap,
@@ -252,7 +257,7 @@ def select_by_performance(*, data: str, budget: str | int, output: str | Path, c
         # draws of the same rows share a cache entry: only the first of them is dealt out, so none trains twice
         first: dict[str, int] = {}
         for k, indices in enumerate(draws):
-            first.setdefault(str(sorted(indices)), k)
+            first.setdefault(draw_key(indices), k)
         distinct = sorted(first.values())
         for m in scoring:
             score_draws(pool=pool, draws=draws, model=m, recipe=recipe, config=config, cache=caches[m], device=device,
