@@ -16,8 +16,8 @@ from textdistill.errors import ConfigError
 from textdistill.experts import ExpertsConfig, make_experts
 from textdistill.instrument import InstrumentConfig
 from textdistill.matching import StudentSettings
-from textdistill.validity import (ForkSettings, RecipeTuning, ValidityConfig, noise_ceiling, run_validity, spearman,
-                                  spearman_with_interval)
+from textdistill.validity import (ForkSettings, RecipeTuning, ValidityConfig, best_epochs, grid_stopped, noise_ceiling,
+                                  run_validity, spearman, spearman_with_interval)
 
 
 def test_spearman_matches_scipy_with_ties_and_its_interval_covers_it():
@@ -167,6 +167,85 @@ def test_a_tiny_study_writes_every_result_and_resumes(tmp_path, tiny_llama_dir, 
     after = read_json(out / "scores" / "tm.json")
     assert after["scores"][first] == 123.0 and after["scores"][second] == before["scores"][second]
     assert not (out / "scores" / "tm.partial.json").exists()
+
+
+def test_tuning_only_runs_the_rule_alone_and_needs_no_experts(tmp_path, tiny_llama_dir, monkeypatch):
+    """``tuning_only`` trains the grid (seeded subsets of the budget's size, every count) and writes the choice,
+    the count whose cells' mean validation acc is best; nothing of the study is made, and a rerun trains nothing."""
+    from textdistill import validity
+    from textdistill.selection import random_indices
+
+    config = ValidityConfig(
+        pool="arc-easy:train", budget="4", models=(str(tiny_llama_dir),), recipes=("tuned",), tuning_only=True,
+        recipe=TrainConfig(lr=1e-2, epochs=1.0, batch_size=2, warmup_ratio=0.0, precision="fp32",
+                           lora=LoraSettings(r=2, alpha=4), data=DataSettings(max_length=48, limit=12)),
+        tuning=RecipeTuning(epochs=(1.0, 2.0), subsets=2, seed=40,
+                            validation=EvalConfig(task="arc-easy", split="validation", template="rc", limit=3)))
+    out = tmp_path / "tuning-only"
+    lines: list[str] = []
+    written = run_validity(config, out, device="cpu", progress=False, log=lines.append)
+    folder = str(tiny_llama_dir).strip("/").replace("/", "__")
+    assert written == [out / "tuning" / f"{folder}.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "study.json", "tuning"]   # no subsets or cells
+    cells = {(e, k): read_json(out / "tuning" / folder / f"epochs{e:g}" / f"subset{k}" / "result.json")
+             for e in (1.0, 2.0) for k in (0, 1)}
+    assert all(c["indices"] == random_indices(12, 4, 40 + k) for (e, k), c in cells.items())
+    assert [cells[(e, 0)]["train_steps"] for e in (1.0, 2.0)] == [2, 4]   # 4 rows, batch 2: 2 steps an epoch
+    means = {e: (cells[(e, 0)]["acc"] + cells[(e, 1)]["acc"]) / 2 for e in (1.0, 2.0)}
+    chosen = read_json(written[0])
+    assert chosen["mean_validation_acc"] == pytest.approx({f"{e:g}": m for e, m in means.items()})
+    assert chosen["epochs"] == (2.0 if means[2.0] > means[1.0] else 1.0)   # a tie goes to fewer epochs
+    assert any(line.endswith(")") and f"{chosen['epochs']:g} epochs" in line for line in lines)
+
+    monkeypatch.setattr(validity._Study, "tuning_cell", lambda *a, **k: pytest.fail("a finished cell was redone"))
+    assert run_validity(config, out, device="cpu", progress=False, log=lambda *_: None) == written
+    assert run_validity(config, out, device="cpu", progress=False, log=lambda *_: None, report_only=True) == written
+    with pytest.raises(ConfigError, match="made with other settings"):
+        run_validity(dataclasses.replace(config, budget="3"), out, device="cpu", progress=False)
+
+
+def test_grid_stops_after_patience_counts_without_a_better_mean():
+    assert not grid_stopped([0.5, 0.6, 0.55], None)
+    assert grid_stopped([0.5, 0.6, 0.55], 1) and not grid_stopped([0.5, 0.6, 0.55], 2)
+    assert grid_stopped([0.6, 0.5, 0.6], 2)   # an equal mean later does not beat the first best
+    assert not grid_stopped([0.5, 0.55, 0.6], 1) and not grid_stopped([], 1)
+    assert best_epochs({3.0: 0.5, 6.0: 0.6, 10.0: 0.6}) == 6.0   # a tie goes to fewer epochs
+
+
+def test_tuning_with_patience_trains_no_count_after_the_stop(tmp_path, tiny_llama_dir, monkeypatch):
+    """The stored 1% grids choose the same epochs with patience 2; here (fake training, fixed accuracies) the grid
+    1, 2, 3, 4 with patience 1 stops after 3 (it did not beat 2), never trains 4 and chooses 2, though 4 would
+    have been best: the rule is the rule."""
+    import types
+
+    import textdistill.evaluation as evaluation
+    import textdistill.training as training
+
+    accuracy = {1.0: 0.5, 2.0: 0.6, 3.0: 0.55, 4.0: 0.9}
+    trained: list[float] = []
+
+    def fake_train(**kw):
+        trained.append(kw["config"].epochs)
+        return types.SimpleNamespace(epochs=kw["config"].epochs), None, types.SimpleNamespace(steps=1, seconds=0.0)
+
+    monkeypatch.setattr(training, "train_on_examples", fake_train)
+    monkeypatch.setattr(evaluation, "evaluate_model", lambda model, *a, **k: {
+        "acc": accuracy[model.epochs], "acc_norm": 0.0, "n": 3, "seconds": 0.0})
+    config = ValidityConfig(
+        pool="arc-easy:train", budget="4", models=(str(tiny_llama_dir),), tuning_only=True,
+        recipe=TrainConfig(precision="fp32", data=DataSettings(max_length=48, limit=12)),
+        tuning=RecipeTuning(epochs=(1.0, 2.0, 3.0, 4.0), subsets=2, patience=1))
+    out = tmp_path / "patience"
+    chosen = read_json(run_validity(config, out, device="cpu", progress=False, log=lambda *_: None)[0])
+    assert sorted(trained) == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
+    assert chosen["epochs"] == 2.0 and chosen["not_trained"] == [4.0] and chosen["mean_validation_acc"] == {
+        "1": 0.5, "2": 0.6, "3": 0.55}
+    folder = str(tiny_llama_dir).strip("/").replace("/", "__")
+    assert "skipped" in read_json(out / "tuning" / folder / "epochs4" / "subset1" / "result.json")
+    with pytest.raises(ConfigError, match="increasing order"):
+        RecipeTuning(epochs=(3.0, 1.0), patience=1)
+    with pytest.raises(ConfigError, match="patience must be at least 1"):
+        RecipeTuning(patience=0)
 
 
 def test_bad_validity_configs_are_refused(tmp_path, tiny_llama_dir, experts_dir):

@@ -345,6 +345,9 @@ def _cmd_validity(args: argparse.Namespace) -> int:
     config = load_validity_config(args.config, overrides=given_config_flags(args))
     written = run_validity(config, args.output, device=args.device, progress=not args.no_progress,
                            report_only=args.report_only)
+    if config.tuning_only:
+        print(f"chosen epochs: {', '.join(str(p) for p in written) or 'none yet'}")
+        return 0
     print(summary_table(written))
     print(f"results: {config.report or f'{args.output}/validity'}/ ({len(written)} files)")
     return 0

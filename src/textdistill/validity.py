@@ -21,8 +21,10 @@ prefers train better models. This stage measures that directly. For one pool, bu
    questions already answered right by that much cannot raise either.
 4. **Recipes.** ``comparison`` is the comparison's recipe as it is; ``tuned`` is the same recipe with its number of
    epochs chosen per model on validation accuracy (``tuning``: a grid, a few random subsets, questions that are
-   neither the accuracy slice nor the reported ones); ``student`` trains the way the distillation's student does
-   (plain SGD at its lr for its N steps of its batch size), the cheap probe of the optimizer mismatch.
+   neither the accuracy slice nor the reported ones; with ``tuning.patience`` the grid stops once that many counts
+   after the best have not beaten it; ``tuning_only`` runs this rule alone); ``student`` trains the way the
+   distillation's student does (plain SGD at its lr for its N steps of its batch size), the cheap probe of the
+   optimizer mismatch.
 5. **Report.** ``validity/<objective>-<model>-<budget>-<recipe>.json`` per (objective, model, recipe): the Spearman
    correlation between score and accuracy over the subsets, its bootstrap 95% interval, the noise ceiling, the
    seconds one score costs, and every point.
@@ -70,6 +72,8 @@ class RecipeTuning:
     epochs: tuple[float, ...] = option((3.0, 6.0, 10.0, 15.0, 25.0), "the epoch counts tried")
     subsets: int = option(3, "random subsets trained per epoch count")
     seed: int = option(5000, "the subsets are seeded seed, seed + 1, ... (none of the study's)")
+    patience: int | None = option(None, "stop the grid once this many consecutive counts after the best so far have "
+                                        "not beaten it (the longer counts are not trained); null: every count")
     validation: EvalConfig = option(factory=lambda: EvalConfig(task="arc-easy", split="validation", template="rc",
                                                                limit=285),
                                     help="the questions the count is chosen on (neither the accuracy slice nor the "
@@ -80,6 +84,25 @@ class RecipeTuning:
             raise ConfigError(f"tuning.epochs must be positive epoch counts, got {list(self.epochs)}")
         if self.subsets < 1:
             raise ConfigError(f"tuning.subsets must be at least 1, got {self.subsets}")
+        if self.patience is not None:
+            if self.patience < 1:
+                raise ConfigError(f"tuning.patience must be at least 1 (or null), got {self.patience}")
+            if list(self.epochs) != sorted(set(self.epochs)):
+                raise ConfigError(f"tuning.patience needs tuning.epochs in increasing order, got {list(self.epochs)}")
+
+
+def best_epochs(means: dict[float, float]) -> float:
+    """The epoch count of the best mean validation accuracy (a tie goes to fewer epochs)."""
+    return max(means, key=lambda e: (means[e], -e))
+
+
+def grid_stopped(means: Sequence[float], patience: int | None) -> bool:
+    """Whether a grid whose counts so far (in increasing order) gave ``means`` stops here: the last ``patience``
+    counts all came after the best one (none of them beat it). Never with ``patience`` None."""
+    if patience is None or not means:
+        return False
+    best = max(range(len(means)), key=lambda i: (means[i], -i))   # the first of equal bests, as best_epochs
+    return len(means) - 1 - best >= patience
 
 
 @dataclass(frozen=True)
@@ -139,6 +162,9 @@ class ValidityConfig:
     margin_cap: float = option(1.0, "pm-margin-capped: each question's margin counts up to this value, so that "
                                     "questions already answered right by that much cannot raise the score",
                                acts=lambda *configs: "pm-margin-capped" in configs[-1].objectives)
+    tuning_only: bool = option(False, "run only the tuned recipe's rule (its grid and the chosen epochs, for every "
+                                      "model) and stop: the recipe of a new budget or model without the study; "
+                                      "needs no experts or LESS scores")
     bootstrap: int = option(10000, "bootstrap resamples of each interval")
     report: str | None = option(None, "folder of the result files (<objective>-<model>-<budget>-<recipe>.json); "
                                       "null: <output>/validity")
@@ -647,19 +673,36 @@ class _Study:
                                         self.config.objective_rows, self.config.objective_offset,
                                         self.config.objective_limit]))[:12]
 
-    def choose_epochs(self, model: str) -> None:
-        grid = self.config.tuning.epochs
+    def grid_means(self, model: str, counts: Sequence[float] | None = None) -> dict[float, float]:
+        """Mean validation acc of each epoch count of ``counts`` (default: the grid) whose cells were trained (the
+        counts the grid stopped before are left out; every cell must be done)."""
         means = {}
-        for epochs in grid:
-            accs = [read_json(self.tuning_cell_path(model, epochs, k))["acc"] for k in range(self.config.tuning.subsets)]
-            means[f"{epochs:g}"] = sum(accs) / len(accs)
-        best = max(grid, key=lambda e: (means[f"{e:g}"], -e))   # ties: fewer epochs
-        atomic_write_json(self.tuning_path(model), {"model": model, "epochs": best, "mean_validation_acc": means,
-                                                    "validation": to_jsonable(self.config.tuning.validation)})
+        for epochs in self.config.tuning.epochs if counts is None else counts:
+            cells = [read_json(self.tuning_cell_path(model, epochs, k)) for k in range(self.config.tuning.subsets)]
+            if not any("skipped" in c for c in cells):
+                means[epochs] = sum(c["acc"] for c in cells) / len(cells)
+        return means
+
+    def choose_epochs(self, model: str) -> None:
+        means = self.grid_means(model)
+        not_trained = [e for e in self.config.tuning.epochs if e not in means]
+        atomic_write_json(self.tuning_path(model), {
+            "model": model, "epochs": best_epochs(means), "mean_validation_acc": {f"{e:g}": m for e, m in means.items()},
+            **({"not_trained": not_trained, "patience": self.config.tuning.patience} if not_trained else {}),
+            "validation": to_jsonable(self.config.tuning.validation)})
 
     def tuning_cell(self, model: str, epochs: float, k: int) -> None:
         from .selection import random_indices
 
+        grid = self.config.tuning.epochs
+        earlier = grid[:grid.index(epochs)]   # all trained or skipped: the unit's needs
+        means = self.grid_means(model, earlier)
+        if len(means) < len(earlier) or grid_stopped([means[e] for e in earlier], self.config.tuning.patience):
+            atomic_write_json(self.tuning_cell_path(model, epochs, k), {
+                "model": model, "epochs": epochs, "subset": k,
+                "skipped": f"the grid stopped: no count after {best_epochs(means):g} epochs beat it in "
+                           f"{self.config.tuning.patience} consecutive counts"})
+            return
         indices = random_indices(len(self.pool), self.count, self.config.tuning.seed + k)
         config = dataclasses.replace(self.config.recipe, epochs=float(epochs), max_steps=None)
         from .evaluation import evaluate_model
@@ -716,15 +759,7 @@ def _units(study: _Study) -> list[_Unit]:
                 continue
             needs = ("subsets",)
             if recipe == "tuned":
-                grid_units = []
-                for epochs in config.tuning.epochs:
-                    for k in range(config.tuning.subsets):
-                        name = f"tuning {model} epochs {epochs:g} subset {k}"
-                        units.append(_Unit(name, study.tuning_cell_path(model, epochs, k),
-                                           lambda m=model, e=epochs, k=k: study.tuning_cell(m, e, k)))
-                        grid_units.append(name)
-                units.append(_Unit(f"tuning {model}", study.tuning_path(model),
-                                   lambda m=model: study.choose_epochs(m), needs=tuple(grid_units)))
+                units += _tuning_units(study, [model])
                 needs = ("subsets", f"tuning {model}")
             performance = recipe != "student" and any(o in config.objectives for o in ("pm", "pm-sum",
                                                                                           *MARGIN_OBJECTIVES))
@@ -745,6 +780,43 @@ def _units(study: _Study) -> list[_Unit]:
     units += scores(("pm-student",))   # when no recipe is "tuned"
     seen: set[str] = set()
     return [u for u in units if not (u.name in seen or seen.add(u.name))]
+
+
+def _tuning_units(study: _Study, models: Sequence[str]) -> list[_Unit]:
+    """The tuned recipe's rule for ``models``: its grid cells, then each model's choice once its cells are done."""
+    config = study.config
+    grid = {model: [] for model in models}
+    units: list[_Unit] = []
+    for epochs in config.tuning.epochs:   # epoch-major: an interrupted grid has the short counts of every model
+        for model in models:
+            # with patience, whether a count is trained depends on every shorter count's cells
+            needs = tuple(grid[model]) if config.tuning.patience is not None else ()
+            names = [f"tuning {model} epochs {epochs:g} subset {k}" for k in range(config.tuning.subsets)]
+            units += [_Unit(name, study.tuning_cell_path(model, epochs, k),
+                            lambda m=model, e=epochs, k=k: study.tuning_cell(m, e, k), needs)
+                      for k, name in enumerate(names)]
+            grid[model] += names
+    units += [_Unit(f"tuning {model}", study.tuning_path(model), lambda m=model: study.choose_epochs(m),
+                    needs=tuple(grid[model])) for model in models]
+    return units
+
+
+def _run_tuning_only(config: ValidityConfig, root: Path, *, device: str, progress: bool, log,
+                     report_only: bool) -> list[Path]:
+    """``tuning_only``: run the tuned recipe's grid for every model and write ``root/tuning/<model>.json`` (the
+    chosen epochs and the mean validation accuracy of each count). Returns the paths of the models chosen."""
+    root.mkdir(parents=True, exist_ok=True)
+    _check_same_study(root, config)
+    study = _Study(config, root, device=device, progress=progress, log=log)
+    if not report_only:
+        write_run_info(root, command="validity", config=config)
+        _run_units(_tuning_units(study, config.models), log=log)
+    written = [study.tuning_path(model) for model in config.models if study.tuning_path(model).is_file()]
+    for path in written:
+        chosen = read_json(path)
+        means = ", ".join(f"{e}: {a:.3f}" for e, a in chosen["mean_validation_acc"].items())
+        log(f"{chosen['model']}: {chosen['epochs']:g} epochs (mean validation acc by epochs: {means})")
+    return written
 
 
 def _wants_margins(config: ValidityConfig) -> bool:
@@ -924,7 +996,7 @@ def summary_table(paths: Sequence[Path]) -> str:
 #: Settings that may change between runs on one folder (they add work or only change the report); any other change
 #: would mix cells made under two settings, so it is refused.
 # settings that change no stored unit (margin_cap: the capped score is computed from the stored margins)
-_EXTENSIBLE = ("name", "models", "recipes", "objectives", "margin_cap", "bootstrap", "report")
+_EXTENSIBLE = ("name", "models", "recipes", "objectives", "margin_cap", "bootstrap", "report", "tuning_only")
 
 
 def _check_same_study(root: Path, config: ValidityConfig) -> None:
@@ -950,6 +1022,9 @@ def run_validity(config: ValidityConfig, output: str | Path, *, device: str = "a
     processes), then write the per-(objective, model, recipe) result files under ``config.report`` (default
     ``output/validity/``). Returns
     their paths. ``report_only`` runs nothing and reports what is done."""
+    if config.tuning_only:
+        return _run_tuning_only(config, Path(output), device=device, progress=progress, log=log,
+                                report_only=report_only)
     if not config.experts:
         raise ConfigError("set 'experts' to an experts folder (trajectory matching scores against it)")
     if not config.less_scores:
