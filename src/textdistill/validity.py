@@ -101,7 +101,7 @@ def grid_stopped(means: Sequence[float], patience: int | None) -> bool:
     counts all came after the best one (none of them beat it). Never with ``patience`` None."""
     if patience is None or not means:
         return False
-    best = max(range(len(means)), key=lambda i: (means[i], -i))   # the first of equal bests, as best_epochs
+    best = list(means).index(max(means))   # the first of equal bests, as best_epochs
     return len(means) - 1 - best >= patience
 
 
@@ -801,17 +801,9 @@ def _tuning_units(study: _Study, models: Sequence[str]) -> list[_Unit]:
     return units
 
 
-def _run_tuning_only(config: ValidityConfig, root: Path, *, device: str, progress: bool, log,
-                     report_only: bool) -> list[Path]:
-    """``tuning_only``: run the tuned recipe's grid for every model and write ``root/tuning/<model>.json`` (the
-    chosen epochs and the mean validation accuracy of each count). Returns the paths of the models chosen."""
-    root.mkdir(parents=True, exist_ok=True)
-    _check_same_study(root, config)
-    study = _Study(config, root, device=device, progress=progress, log=log)
-    if not report_only:
-        write_run_info(root, command="validity", config=config)
-        _run_units(_tuning_units(study, config.models), log=log)
-    written = [study.tuning_path(model) for model in config.models if study.tuning_path(model).is_file()]
+def _report_tuning(study: _Study, log) -> list[Path]:
+    """``tuning_only``'s result: the paths of the models whose epochs are chosen, each choice logged."""
+    written = [study.tuning_path(m) for m in study.config.models if study.tuning_path(m).is_file()]
     for path in written:
         chosen = read_json(path)
         means = ", ".join(f"{e}: {a:.3f}" for e, a in chosen["mean_validation_acc"].items())
@@ -1021,13 +1013,11 @@ def run_validity(config: ValidityConfig, output: str | Path, *, device: str = "a
     """Entry of ``textdistill validity``: run every unit of the study not done yet (sharing the folder with other
     processes), then write the per-(objective, model, recipe) result files under ``config.report`` (default
     ``output/validity/``). Returns
-    their paths. ``report_only`` runs nothing and reports what is done."""
-    if config.tuning_only:
-        return _run_tuning_only(config, Path(output), device=device, progress=progress, log=log,
-                                report_only=report_only)
-    if not config.experts:
+    their paths. ``report_only`` runs nothing and reports what is done. With ``tuning_only``, only the tuned
+    recipe's rule runs, and the paths returned are ``tuning/<model>.json`` (the chosen epochs)."""
+    if not config.tuning_only and not config.experts:
         raise ConfigError("set 'experts' to an experts folder (trajectory matching scores against it)")
-    if not config.less_scores:
+    if not config.tuning_only and not config.less_scores:
         raise ConfigError("set 'less_scores' to a LESS selection file with all_scores (textdistill select "
                           "--method less)")
     root = Path(output)
@@ -1037,7 +1027,9 @@ def run_validity(config: ValidityConfig, output: str | Path, *, device: str = "a
         write_run_info(root, command="validity", config=config)
     study = _Study(config, root, device=device, progress=progress, log=log)
     if not report_only:
-        _run_units(_units(study), log=log)
+        _run_units(_tuning_units(study, config.models) if config.tuning_only else _units(study), log=log)
+    if config.tuning_only:
+        return _report_tuning(study, log)
     if not study.subsets_path.is_file():
         return []
     return write_report(study, Path(config.report) if config.report else root / "validity")
