@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -194,3 +195,125 @@ def test_two_ranks_train_each_draw_once_and_select_what_one_process_selects(tmp_
     assert {k: v for k, v in records[2].items() if k not in drop} == {k: v for k, v in records[1].items() if k not in drop}
     caches = [json.loads(next(tmp_path.glob(f"ranks{n}.draws/*.json")).read_text())["draws"] for n in (1, 2)]
     assert {k: v["loss"] for k, v in caches[1].items()} == {k: v["loss"] for k, v in caches[0].items()}
+
+
+def _fake_runs(monkeypatch, trained: list, seconds: float = 0.2):
+    """Training replaced by a short sleep that records which thread trained which draw; a draw's score is the sum
+    of its row numbers (so every process computes the same loss for it)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from textdistill import performance_selection, training
+
+    def train(**kw):
+        trained.append((threading.current_thread().name, tuple(kw["examples"])))
+        time.sleep(seconds)
+        return list(kw["examples"]), None, SimpleNamespace(steps=1)
+
+    monkeypatch.setattr(training, "train_on_examples", train)
+    monkeypatch.setattr(performance_selection, "score_trained", lambda trained, *a: float(sum(trained)))
+
+
+def test_processes_sharing_a_cache_split_its_draws_and_train_none_twice(tmp_path, monkeypatch):
+    import threading
+
+    from textdistill.performance_selection import score_draws
+
+    trained: list = []
+    _fake_runs(monkeypatch, trained)
+    pool = list(range(100))
+    draws = [[k, k + 10] for k in range(6)]
+    cache = tmp_path / "draws" / "model.json"
+    results: dict[str, list[float]] = {}
+
+    def score(name: str) -> None:   # two threads hold separate file locks, as two processes would
+        results[name] = score_draws(pool=pool, draws=draws, model="m", recipe=RECIPE, config=CONFIG, cache=cache,
+                                    device="cpu", progress=False, log=lambda *_: None)
+
+    threads = [threading.Thread(target=score, args=(name,), name=name) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    expected = [float(2 * k + 10) for k in range(6)]
+    assert results == {"a": expected, "b": expected}
+    assert sorted(rows for _, rows in trained) == [tuple(d) for d in draws]   # each draw trained once
+    assert {name for name, _ in trained} == {"a", "b"}                        # by both
+    assert len(json.loads(cache.read_text())["draws"]) == 6
+
+
+def test_a_draw_whose_claimer_dies_without_scoring_it_is_trained_by_the_waiting_process(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    from textdistill.performance_selection import score_draws
+
+    trained: list = []
+    _fake_runs(monkeypatch, trained, seconds=0.0)
+    draws = [[1, 2], [3, 4], [5, 6]]
+    cache = tmp_path / "model.json"
+    held = threading.Event()
+
+    def other_process() -> None:   # holds draw 1's claim, then ends without writing its score
+        with FileLock(f"{cache}.draw1.lock", thread_local=False):
+            held.set()
+            time.sleep(0.5)
+
+    holder = threading.Thread(target=other_process)
+    holder.start()
+    held.wait(timeout=10)
+    logs: list[str] = []
+    losses = score_draws(pool=list(range(10)), draws=draws, model="m", recipe=RECIPE, config=CONFIG, cache=cache,
+                         device="cpu", progress=False, log=logs.append)
+    holder.join()
+    assert losses == [3.0, 7.0, 11.0]
+    assert [rows for _, rows in trained] == [(1, 2), (5, 6), (3, 4)]   # draw 1 last, after its holder let go
+    assert any("draw 1: m waiting for the process that trains it" in line for line in logs)
+
+
+def test_two_experiment_processes_needing_one_selection_both_train_its_draws(tmp_path, tiny_llama_dir):
+    """The experiment runner's second process used to wait on the selection's stage lock while the first trained
+    every draw; now each takes the draws the other has not claimed. Two real processes (models do not load
+    safely in two threads of one process), each draw's run slowed down so that both reach the selection."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    body = {"name": "t", "pool": "arc-easy:train", "pool_limit": 16,
+            "target": {"task": "arc-easy", "split": "validation", "limit": 2},
+            "distill_model": str(tiny_llama_dir), "models": [str(tiny_llama_dir)], "budgets": ["4"],
+            "methods": ["performance"], "seeds": [0, 1],
+            "recipe": {"max_steps": 1, "batch_size": 2, "precision": "fp32", "lora": {"r": 2, "alpha": 4},
+                       "data": {"max_length": 64}},
+            "performance": {"draws": 4, "seed": 3, "rows": "arc-easy:validation", "rows_offset": 4, "rows_limit": 2}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"experiment": body}))
+    script = f"""
+import time
+from textdistill import performance_selection
+from textdistill.experiment import load_experiment_config, run_experiment
+
+original = performance_selection._train_and_store
+def slowed(pool, draws, k, *args):
+    print("trains draw", k, flush=True)
+    time.sleep(1.5)
+    return original(pool, draws, k, *args)
+performance_selection._train_and_store = slowed
+rows = run_experiment(load_experiment_config({str(path)!r}), {str(tmp_path / "out")!r}, device="cpu",
+                      progress=False, log=lambda *_: None)
+print("selections", sorted(r["selection"] for r in rows), flush=True)
+"""
+    processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert all(process.returncode == 0 for process in processes), outputs
+    trained = [[int(line.split()[-1]) for line in out.splitlines() if line.startswith("trains draw")]
+               for out in outputs]
+    assert sorted(trained[0] + trained[1]) == [0, 1, 2, 3], trained   # every draw trained once
+    assert trained[0] and trained[1], trained                         # by both processes
+    selections = [line for out in outputs for line in out.splitlines() if line.startswith("selections")]
+    assert len(selections) == 2 and selections[0] == selections[1]

@@ -268,6 +268,12 @@ class _Stages:
         path = self.root / "selections" / name
         if path.is_file():
             return path
+        if method == "performance":
+            # no stage lock: each of its training runs is claimed on its own (performance_selection.score_draws),
+            # so every process that needs this selection trains a share of the draws instead of waiting for one
+            # process to train them all; each then writes the same selection, atomically
+            self._make_selection(method, budget, seed, key, path, model)
+            return path
         with stage_lock(path, log=self.log):
             if not path.is_file():
                 self._make_selection(method, budget, seed, key, path, model)

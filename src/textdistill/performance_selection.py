@@ -185,42 +185,79 @@ def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: s
                 trust_remote_code: bool = False, log=print, share: Sequence[int] | None = None) -> list[float]:
     """The held-out loss (``config.score``; the negated margin for "margin") of ``model`` trained (``recipe``, seed
     ``config.train_seed``) on each draw's rows of ``pool``; draws already in ``cache`` (same rows) are read, the
-    others trained and written there one by one. ``share``: only these draws (by number), e.g. a rank's."""
-    from filelock import FileLock
-    from tqdm.auto import tqdm
+    others trained and written there one by one. ``share``: only these draws (by number), e.g. a rank's.
 
-    from .training import train_on_examples
+    Processes that score the same draws into the same cache split them: each draw is claimed by a lock of its own
+    (``<cache>.draw<k>.lock``), a process skips the draws another holds and takes the next free one, and once its
+    pass is done it waits for those (or trains one itself if its holder died without writing it). So two
+    ``experiment`` processes that both need a selection both train its draws, none twice."""
+    from filelock import FileLock, Timeout
+    from tqdm.auto import tqdm
 
     recipe = dataclasses.replace(recipe, seed=config.train_seed)
     rows = (config.rows, config.rows_offset, config.rows_limit)
     if config.score == "margin":   # a clear error now rather than after the first training run
         held_out_questions(*rows)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    losses: list[float] = []
-    numbers = range(len(draws)) if share is None else share
-    for k in tqdm(numbers, desc=f"performance draws ({Path(model).name})", disable=not progress):
-        indices = draws[k]
+
+    def cached(k: int) -> dict[str, Any] | None:
         with FileLock(str(cache) + ".lock"):   # processes scoring other draws of this model share the file
             stored = read_json(cache)["draws"] if cache.is_file() else {}
-        entry = stored.get(draw_key(indices))
+        return stored.get(draw_key(draws[k]))
+
+    entries: dict[int, dict[str, Any]] = {}
+    held_elsewhere: list[int] = []
+    numbers = list(range(len(draws)) if share is None else share)
+    bar = tqdm(total=len(numbers), desc=f"performance draws ({Path(model).name})", disable=not progress)
+    for k in numbers:
+        entry = cached(k)
         if entry is None:
-            start = time.time()
-            trained, tokenizer, result = train_on_examples(   # this process's own run (other ranks: other draws)
-                model_name=model, examples=[pool[i] for i in indices], config=recipe, device=device,
-                progress=False, trust_remote_code=trust_remote_code, data_parallel=False)
-            loss = score_trained(trained, tokenizer, model, rows, recipe.data, config.score, config.margin_cap)
-            entry = {"loss": loss, "train_steps": result.steps, "seconds": round(time.time() - start, 1)}
-            with FileLock(str(cache) + ".lock"):
-                stored = read_json(cache)["draws"] if cache.is_file() else {}
-                stored[draw_key(indices)] = entry
-                atomic_write_json(cache, {"model": model, "recipe": recipe, "rows": config.rows,
-                                          "rows_offset": config.rows_offset, "rows_limit": config.rows_limit,
-                                          "score": config.score, "margin_cap": config.margin_cap,
-                                          "draws": stored})
-            label = "held-out loss" if config.score == "loss" else "negated held-out margin"
-            log(f"  draw {k}: {Path(model).name} {label} {entry['loss']:.4f} ({entry['seconds']:.0f} s)")
-        losses.append(float(entry["loss"]))
-    return losses
+            claim = FileLock(f"{cache}.draw{k}.lock", thread_local=False)
+            try:
+                claim.acquire(timeout=0)
+            except Timeout:   # another process is training this draw: take the next one, come back at the end
+                held_elsewhere.append(k)
+                continue
+            try:
+                entry = cached(k) or _train_and_store(pool, draws, k, model, recipe, config, rows, cache, device,
+                                                      trust_remote_code, log)
+            finally:
+                claim.release()
+        entries[k] = entry
+        bar.update()
+    for k in held_elsewhere:
+        log(f"  draw {k}: {Path(model).name} waiting for the process that trains it")
+        with FileLock(f"{cache}.draw{k}.lock", thread_local=False):   # returns when its holder ends, done or dead
+            entries[k] = cached(k) or _train_and_store(pool, draws, k, model, recipe, config, rows, cache, device,
+                                                       trust_remote_code, log)
+        bar.update()
+    bar.close()
+    return [float(entries[k]["loss"]) for k in numbers]
+
+
+def _train_and_store(pool: Sequence[Any], draws: Sequence[Sequence[int]], k: int, model: str, recipe: TrainConfig,
+                     config: PerformanceSelectionConfig, rows: tuple, cache: Path, device: str,
+                     trust_remote_code: bool, log) -> dict[str, Any]:
+    """Train ``model`` on draw ``k`` (``recipe`` already at the training seed), score it, add it to ``cache``."""
+    from filelock import FileLock
+
+    from .training import train_on_examples
+
+    start = time.time()
+    trained, tokenizer, result = train_on_examples(   # this process's own run (other ranks: other draws)
+        model_name=model, examples=[pool[i] for i in draws[k]], config=recipe, device=device,
+        progress=False, trust_remote_code=trust_remote_code, data_parallel=False)
+    loss = score_trained(trained, tokenizer, model, rows, recipe.data, config.score, config.margin_cap)
+    entry = {"loss": loss, "train_steps": result.steps, "seconds": round(time.time() - start, 1)}
+    with FileLock(str(cache) + ".lock"):   # re-read: other processes may have added draws meanwhile
+        stored = read_json(cache)["draws"] if cache.is_file() else {}
+        stored[draw_key(draws[k])] = entry
+        atomic_write_json(cache, {"model": model, "recipe": recipe, "rows": config.rows,
+                                  "rows_offset": config.rows_offset, "rows_limit": config.rows_limit,
+                                  "score": config.score, "margin_cap": config.margin_cap, "draws": stored})
+    label = "held-out loss" if config.score == "loss" else "negated held-out margin"
+    log(f"  draw {k}: {Path(model).name} {label} {entry['loss']:.4f} ({entry['seconds']:.0f} s)")
+    return entry
 
 
 def select_by_performance(*, data: str, budget: str | int, output: str | Path, config: PerformanceSelectionConfig,
