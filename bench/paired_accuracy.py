@@ -8,7 +8,9 @@ samples are resampled together, so the interval covers question sampling as well
 Each DIR holds a `samples_<task>.jsonl` of the same questions in the same order; the k-th DIR of A pairs with the
 k-th of B (the same training seed). `DIR1+DIR2` joins two slices of questions evaluated for one seed. An arm given
 as `@FILE.json:a` (or `:b`) takes its per-seed answers from an earlier output of this script (its `correct_a` /
-`correct_b`): the samples files are not kept in the repository, those outputs are.
+`correct_b`): the samples files are not kept in the repository, those outputs are. `@RESULTS.json:METHOD/BUDGET/MODEL`
+takes an arm of a `textdistill experiment` run from its results.json (each cell's `correct`), e.g.
+`@results/arc-easy-tuned-5pct/results.json:match/5%/smollm2-135m`.
 """
 
 from __future__ import annotations
@@ -33,12 +35,21 @@ def read_correct(folder: str) -> list[int]:
 
 
 def read_arm(spec: str) -> list[list[int]]:
-    """Per seed, per question 1/0: from ``DIR,DIR,...`` (samples files) or ``@FILE.json:a|b`` (a stored output)."""
+    """Per seed, per question 1/0: from ``DIR,DIR,...`` (samples files), ``@FILE.json:a|b`` (a stored output) or
+    ``@RESULTS.json:METHOD/BUDGET/MODEL`` (an experiment's results.json: that arm's cells, by seed)."""
     if spec.startswith("@"):
         path, _, side = spec[1:].rpartition(":")
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        if "rows" in record:
+            method, budget, model = (side.split("/") + ["", "", ""])[:3]
+            cells = sorted((r for r in record["rows"] if r["method"] == method and r["budget"] == budget
+                            and Path(r["model"]).name == model), key=lambda r: r["seed"])
+            if not cells or any("correct" not in r for r in cells):
+                raise SystemExit(f"{spec}: no cells with per-question answers for {method} {budget} {model}")
+            return [[int(c) for c in r["correct"]] for r in cells]
         if side not in ("a", "b"):
-            raise SystemExit(f"{spec}: expected @FILE.json:a or @FILE.json:b")
-        return [[int(c) for c in seed] for seed in json.loads(Path(path).read_text(encoding="utf-8"))[f"correct_{side}"]]
+            raise SystemExit(f"{spec}: expected @FILE.json:a, @FILE.json:b or @RESULTS.json:METHOD/BUDGET/MODEL")
+        return [[int(c) for c in seed] for seed in record[f"correct_{side}"]]
     return [read_correct(d) for d in spec.split(",")]
 
 

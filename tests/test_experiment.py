@@ -521,3 +521,24 @@ def test_a_bumped_key_schema_changes_every_key_and_each_field_says_if_it_is_keye
     assert cell_key(draws(config, "gcg", 9), "distilled") != cell_key(draws(config, "gcg", 6), "distilled")
     monkeypatch.setattr(keys_module, "KEY_SCHEMA", 2)
     assert all(cell_key(config, m) != before[m] for m in METHODS)
+
+
+def test_the_paired_script_reads_an_experiments_arm_by_seed_from_its_results(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("paired_accuracy",
+                                                  Path(__file__).parents[1] / "bench" / "paired_accuracy.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    rows = [{"model": "/m/smollm2-135m", "method": "match", "budget": "5%", "seed": seed, "correct": bits}
+            for seed, bits in ((2, "001"), (0, "101"), (1, "011"))]
+    rows += [{"model": "/m/gemma3-270m", "method": "match", "budget": "5%", "seed": 0, "correct": "111"},
+             {"model": "/m/smollm2-135m", "method": "match", "budget": "1%", "seed": 0, "correct": "000"},
+             {"model": "/m/smollm2-135m", "method": "less", "budget": "5%", "seed": 0}]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"rows": rows}))
+    assert paired.read_arm(f"@{results}:match/5%/smollm2-135m") == [[1, 0, 1], [0, 1, 1], [0, 0, 1]]
+    with pytest.raises(SystemExit, match="no cells with per-question answers"):
+        paired.read_arm(f"@{results}:less/5%/smollm2-135m")
