@@ -10,7 +10,8 @@ k-th of B (the same training seed). `DIR1+DIR2` joins two slices of questions ev
 as `@FILE.json:a` (or `:b`) takes its per-seed answers from an earlier output of this script (its `correct_a` /
 `correct_b`): the samples files are not kept in the repository, those outputs are. `@RESULTS.json:METHOD/BUDGET/MODEL`
 takes an arm of a `textdistill experiment` run from its results.json (each cell's `correct`), e.g.
-`@results/arc-easy-tuned-5pct/results.json:match/5%/smollm2-135m`.
+`@results/arc-easy-tuned-5pct/results.json:match/5%/smollm2-135m`; `@ARM_DIR` an arm of bench/text_arm.py (its
+seed<k>.json cells).
 """
 
 from __future__ import annotations
@@ -35,8 +36,15 @@ def read_correct(folder: str) -> list[int]:
 
 
 def read_arm(spec: str) -> list[list[int]]:
-    """Per seed, per question 1/0: from ``DIR,DIR,...`` (samples files), ``@FILE.json:a|b`` (a stored output) or
-    ``@RESULTS.json:METHOD/BUDGET/MODEL`` (an experiment's results.json: that arm's cells, by seed)."""
+    """Per seed, per question 1/0: from ``DIR,DIR,...`` (samples files), ``@FILE.json:a|b`` (a stored output),
+    ``@RESULTS.json:METHOD/BUDGET/MODEL`` (an experiment's results.json: that arm's cells, by seed) or ``@ARM_DIR``
+    (the seed<k>.json cells bench/text_arm.py writes)."""
+    if spec.startswith("@") and Path(spec[1:]).is_dir():   # a bench/text_arm.py arm: seed<k>.json by seed
+        cells = sorted(Path(spec[1:]).glob("seed*.json"), key=lambda p: int(p.stem[4:]))
+        records = [json.loads(p.read_text(encoding="utf-8")) for p in cells]
+        if not records or any("correct" not in r for r in records):
+            raise SystemExit(f"{spec}: no seed*.json with per-question answers")
+        return [[int(c) for c in r["correct"]] for r in records]
     if spec.startswith("@"):
         path, _, side = spec[1:].rpartition(":")
         record = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -1,11 +1,12 @@
 """One more arm of a committed comparison: a text dataset (or a selection of the pool) trained with the experiment
-config's recipe and scored on its target, per model and seed, through `textdistill train` (training.train).
+config's recipe and scored on its target, per model and seed, by the experiment cell's own route (training in
+memory, then the target scored with per-question records).
 
     python bench/text_arm.py EXP_CONFIG RESULTS_DIR ARM --data D [--selection S] --model M[:EPOCHS] ... \
         [--seeds 0 1 2] [--scratch DIR] [--threads 1]
 
-Each cell's summary (train + eval) is written to RESULTS_DIR/<model>/<ARM>/seed<k>.json; the adapters go to the
-scratch folder. A rerun skips finished cells, so two processes (one per core) can share the list: each takes the
+Each cell's summary (train + eval, with each question's answer right or not) is written to
+RESULTS_DIR/<model>/<ARM>/seed<k>.json; the adapters go to the scratch folder. A rerun skips finished cells, so two processes (one per core) can share the list: each takes the
 cells whose lock it gets. Prints acc mean ± std per model. `M:EPOCHS` overrides the recipe's epochs for that model
 (the tuned recipe: SmolLM2 15 epochs at 1%).
 """
@@ -24,7 +25,11 @@ from filelock import FileLock, Timeout
 from textdistill.artifacts import atomic_write_json, machine_description
 from textdistill.config import load_config
 from textdistill.experiment import ExperimentConfig
-from textdistill.training import train
+from textdistill.data import load_examples
+from textdistill.evaluation import evaluate_with_records
+from textdistill.models import save_adapter
+from textdistill.selection import apply_selection
+from textdistill.training import train_on_examples
 
 
 def model_and_epochs(spec: str) -> tuple[str, str]:
@@ -69,17 +74,24 @@ def main() -> None:
                 with FileLock(str(out) + ".lock", timeout=0):
                     if out.is_file():
                         continue
-                    scratch = Path(args.scratch) / Path(model).name / args.arm / f"seed{seed}"
-                    summary = train(model_name=model, data=args.data, selection=args.selection, output=scratch,
-                                    config=dataclasses.replace(recipe, seed=seed), device="cpu",
-                                    evaluate_on=[(target.task, target.split)], eval_limit=target.limit,
-                                    progress=False, resume=True)
-                    metrics = summary["eval"][f"{target.task}:{target.split}"]
+                    # the experiment cell's own route (experiment.run_cell): train in memory, score with records
+                    examples = load_examples(args.data, recipe.data)
+                    if args.selection:
+                        examples = apply_selection(examples, args.selection)
+                    trained, tokenizer, result = train_on_examples(
+                        model_name=model, examples=examples, config=dataclasses.replace(recipe, seed=seed),
+                        device="cpu", progress=False)
+                    save_adapter(trained, tokenizer, Path(args.scratch) / Path(model).name / args.arm / f"seed{seed}",
+                                 model)
+                    metrics, records = evaluate_with_records(trained, tokenizer, target)
                     atomic_write_json(out, {"model": model, "arm": args.arm, "seed": seed, "data": args.data,
                                             "selection": args.selection, "epochs": recipe.epochs,
-                                            "steps": summary["steps"], "train_seconds": summary["train_seconds"],
+                                            "steps": result.steps, "train_seconds": round(result.seconds, 1),
                                             "acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
                                             "eval_seconds": metrics["seconds"],
+                                            # per question (1 = right), for bench/paired_accuracy.py's @ARM_DIR
+                                            "correct": "".join(str(r["acc"]) for r in records),
+                                            "correct_norm": "".join(str(r["acc_norm"]) for r in records),
                                             "threads": args.threads,
                                             "machine": {k: machine_description()[k] for k in ("cpu", "cpu_kind")}})
             except Timeout:   # another process runs this cell

@@ -542,3 +542,8 @@ def test_the_paired_script_reads_an_experiments_arm_by_seed_from_its_results(tmp
     assert paired.read_arm(f"@{results}:match/5%/smollm2-135m") == [[1, 0, 1], [0, 1, 1], [0, 0, 1]]
     with pytest.raises(SystemExit, match="no cells with per-question answers"):
         paired.read_arm(f"@{results}:less/5%/smollm2-135m")
+    arm = tmp_path / "arms" / "smollm2-135m" / "distilled"   # bench/text_arm.py's cells, seed 10 after seed 2
+    arm.mkdir(parents=True)
+    for seed, bits in ((10, "110"), (2, "010")):
+        (arm / f"seed{seed}.json").write_text(json.dumps({"seed": seed, "correct": bits}))
+    assert paired.read_arm(f"@{arm}") == [[0, 1, 0], [1, 1, 0]]
