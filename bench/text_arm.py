@@ -6,8 +6,8 @@ memory, then the target scored with per-question records).
         [--seeds 0 1 2] [--scratch DIR] [--threads 1]
 
 Each cell's summary (train + eval, with each question's answer right or not) is written to
-RESULTS_DIR/<model>/<ARM>/seed<k>.json; the adapters go to the scratch folder. A rerun skips finished cells, so two processes (one per core) can share the list: each takes the
-cells whose lock it gets. Prints acc mean ± std per model. `M:EPOCHS` overrides the recipe's epochs for that model
+RESULTS_DIR/<model>/<ARM>/seed<k>.json; the adapters go to the scratch folder. A rerun skips finished cells, so two
+processes (one per core) can share the list: each takes the cells whose lock it gets. Prints acc mean ± std per model. `M:EPOCHS` overrides the recipe's epochs for that model
 (the tuned recipe: SmolLM2 15 epochs at 1%).
 """
 

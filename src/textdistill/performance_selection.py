@@ -191,8 +191,10 @@ def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: s
     (``<cache>.draw<k>.lock``), a process skips the draws another holds and takes the next free one, and once its
     pass is done it waits for those (or trains one itself if its holder died without writing it). So two
     ``experiment`` processes that both need a selection both train its draws, none twice."""
-    from filelock import FileLock, Timeout
+    from filelock import FileLock
     from tqdm.auto import tqdm
+
+    from .experiment import try_lock
 
     recipe = dataclasses.replace(recipe, seed=config.train_seed)
     rows = (config.rows, config.rows_offset, config.rows_limit)
@@ -212,10 +214,8 @@ def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: s
     for k in numbers:
         entry = cached(k)
         if entry is None:
-            claim = FileLock(f"{cache}.draw{k}.lock", thread_local=False)
-            try:
-                claim.acquire(timeout=0)
-            except Timeout:   # another process is training this draw: take the next one, come back at the end
+            claim = try_lock(cache.with_name(f"{cache.name}.draw{k}"))   # <cache>.draw<k>.lock
+            if claim is None:   # another process is training this draw: take the next one, come back at the end
                 held_elsewhere.append(k)
                 continue
             try:
