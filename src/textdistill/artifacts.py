@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -245,3 +246,17 @@ def exclusive(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def try_lock(target: Path) -> FileLock | None:
+    """Take ``<target>.lock`` for this process without waiting: the held lock (``.release()`` it), or None when
+    another process holds it. It is an operating-system lock (``filelock``): it dies with its process, so a killed
+    run never leaves a stale lock, and there is no window in which two processes both take it."""
+    path = target.with_name(target.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, thread_local=False)   # one holder per call, whichever thread releases it
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock

@@ -28,10 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from filelock import FileLock, Timeout
-
 from . import distributed
-from .artifacts import atomic_write_json, read_json, sha256_json, write_run_info
+from .artifacts import atomic_write_json, read_json, sha256_json, try_lock, write_run_info
 from .config import (DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, option, read_preset,
                      read_yaml)
 from .data import Example, load_examples, load_task, rows_to_examples, with_task_template
@@ -160,20 +158,6 @@ def _cell_dir(root: Path, model: str, method: str, budget: str, seed: int | None
     safe_model = model.strip("/").replace("/", "__")
     budget_name = budget.replace("%", "pct")
     return root / "cells" / safe_model / method / budget_name / (f"seed{seed}" if seed is not None else "none")
-
-
-def try_lock(target: Path) -> FileLock | None:
-    """Take ``<target>.lock`` for this process without waiting: the held lock (``.release()`` it), or None when
-    another process holds it. It is an operating-system lock (``filelock``): it dies with its process, so a killed
-    run never leaves a stale lock, and there is no window in which two processes both take it."""
-    path = target.with_name(target.name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path, thread_local=False)   # one holder per call, whichever thread releases it
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return None
-    return lock
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from .artifacts import atomic_write_json, read_json, sha256_json
+from .artifacts import atomic_write_json, read_json, sha256_json, try_lock
 from .config import DataSettings, EvalConfig, TrainConfig, option
 from .errors import ConfigError, DataError
 
@@ -193,8 +193,6 @@ def score_draws(*, pool: Sequence[Any], draws: Sequence[Sequence[int]], model: s
     ``experiment`` processes that both need a selection both train its draws, none twice."""
     from filelock import FileLock
     from tqdm.auto import tqdm
-
-    from .experiment import try_lock
 
     recipe = dataclasses.replace(recipe, seed=config.train_seed)
     rows = (config.rows, config.rows_offset, config.rows_limit)

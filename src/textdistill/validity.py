@@ -47,7 +47,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from .artifacts import atomic_write_json, read_json, sha256_json, to_jsonable, write_run_info
+from .artifacts import atomic_write_json, read_json, sha256_json, to_jsonable, try_lock, write_run_info
 from .config import (DataSettings, EvalConfig, TrainConfig, apply_overrides, build_dataclass, option,
                      read_yaml)
 from .errors import ConfigError
@@ -288,8 +288,6 @@ class _Unit:
 def _run_units(units: list[_Unit], *, log: Callable[[str], None], poll_seconds: float = 20.0) -> None:
     """Run every unit whose output is missing, in order, skipping ones another process holds or whose needs are
     not done yet; return once every unit is done (waiting for other processes' units at the end)."""
-    from .experiment import try_lock
-
     by_name = {u.name: u for u in units}
     done = lambda u: u.output.is_file()   # noqa: E731
     announced: set[str] = set()
