@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 import sys
 
@@ -18,7 +19,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from tiny import make_tiny_gemma, make_tiny_llama  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Under pytest-xdist (the README's command runs 2 workers) each worker takes one thread, so that workers do not
+# oversubscribe the cores; alone, the suite takes up to 2.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(1 if _WORKERS > 1 else max(1, min(2, torch.get_num_threads())))
 
 
 def _converted(name: str) -> bool:
