@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import OutputError
+from .errors import ConfigError, OutputError
 
 
 def output_error(path: str | os.PathLike, exc: OSError) -> OutputError:
@@ -222,26 +222,30 @@ def write_run_info(run_dir: str | os.PathLike, *, command: str, config: Any, see
     return atomic_write_json(Path(run_dir) / "run.json", info)
 
 
+def _lock_now(lock_path: Path) -> FileLock | None:
+    """The operating-system lock ``lock_path`` (``filelock``) taken without waiting, or None when another process
+    holds it. It dies with its process, so a killed run never leaves a stale lock."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(lock_path.parent, exc) from exc
+    lock = FileLock(str(lock_path), thread_local=False)   # one holder per call, whichever thread releases it
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
+
+
 @contextlib.contextmanager
 def exclusive(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold the operating-system lock ``lock_path`` (``filelock``) while a command writes ``what``; another process
     already holding it makes this one stop at once with a one-line error, so two runs never interleave their writes
     into one output. The lock dies with its process (a killed run leaves no stale lock)."""
-    from filelock import FileLock, Timeout
-
-    from .errors import ConfigError
-
-    lock_path = Path(lock_path)
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise output_error(lock_path.parent, exc) from exc
-    lock = FileLock(str(lock_path), thread_local=False)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+    lock = _lock_now(Path(lock_path))
+    if lock is None:
         raise ConfigError(f"{what} is being written by another textdistill process; wait for it to finish or "
-                          f"choose another output") from None
+                          f"choose another output")
     try:
         yield
     finally:
@@ -250,13 +254,5 @@ def exclusive(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
 
 def try_lock(target: Path) -> FileLock | None:
     """Take ``<target>.lock`` for this process without waiting: the held lock (``.release()`` it), or None when
-    another process holds it. It is an operating-system lock (``filelock``): it dies with its process, so a killed
-    run never leaves a stale lock, and there is no window in which two processes both take it."""
-    path = target.with_name(target.name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path, thread_local=False)   # one holder per call, whichever thread releases it
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return None
-    return lock
+    another process holds it; there is no window in which two processes both take it."""
+    return _lock_now(target.with_name(target.name + ".lock"))
