@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,24 @@ def test_partial_nested_override_keeps_the_nested_default():
     config = load_config(ExpertsConfig, overrides={"train.lr": 0.3, "train.data.limit": 10})
     assert (config.train.optimizer, config.train.schedule, config.train.max_grad_norm) == ("sgd", "constant", None)
     assert config.train.lr == 0.3 and config.train.data.limit == 10
+
+
+def test_mmlu_comparison_keeps_its_splits_apart():
+    """configs/mmlu-rc*.yaml: the recipe is chosen on MMLU validation, LESS and `performance` select for MMLU dev, and
+    only the whole test split is reported; the tuning trains on the same pool sample the comparison's cells use."""
+    from textdistill.experiment import load_experiment_config
+    from textdistill.validity import load_validity_config
+
+    root = Path(__file__).parents[1] / "configs"
+    comparison = load_experiment_config(str(root / "mmlu-rc.yaml"))
+    tuning = load_validity_config(str(root / "mmlu-rc-tuning.yaml"))
+    target = comparison.target
+    assert (target.task, target.split, target.template) == ("mmlu", "test", "rc")
+    assert (target.limit, target.offset, target.item_set, target.per_subject_limit, target.subjects) == (None,) * 5
+    validation = tuning.tuning.validation
+    assert (validation.task, validation.split, validation.template, validation.limit) == ("mmlu", "validation", "rc",
+                                                                                          None)
+    assert comparison.less.target == comparison.performance.rows == "mmlu:dev"
+    assert tuning.recipes == ("tuned",) and tuning.tuning_only
+    assert tuning.pool == comparison.pool and tuning.recipe == comparison.recipe
+    assert comparison.recipe.data.sample == 10000 and comparison.budgets == ("1%", "5%")
