@@ -23,22 +23,24 @@ from pathlib import Path
 from textdistill.report import paired_accuracy_difference
 
 
-def read_correct(folder: str) -> list[int]:
-    """Per question, 1 where the argmax choice is the gold one (the `acc` the eval wrote); ``A+B``: A's questions,
-    then B's."""
+def read_correct(folder: str, metric: str = "acc") -> list[int]:
+    """Per question, 1 where the argmax choice is the gold one (the `acc` the eval wrote; ``metric`` acc_norm: its
+    length-normalised argmax); ``A+B``: A's questions, then B's."""
     if "+" in folder:
-        return [c for part in folder.split("+") for c in read_correct(part)]
+        return [c for part in folder.split("+") for c in read_correct(part, metric)]
     files = sorted(Path(folder).glob("samples_*.jsonl"))
     if len(files) != 1:
         raise SystemExit(f"{folder}: expected one samples_*.jsonl, found {len(files)}")
     with open(files[0], encoding="utf-8") as f:
-        return [int(json.loads(line)["acc"]) for line in f if line.strip()]
+        return [int(json.loads(line)[metric]) for line in f if line.strip()]
 
 
-def read_arm(spec: str) -> list[list[int]]:
+def read_arm(spec: str, metric: str = "acc") -> list[list[int]]:
     """Per seed, per question 1/0: from ``DIR,DIR,...`` (samples files), ``@FILE.json:a|b`` (a stored output),
     ``@RESULTS.json:METHOD/BUDGET/MODEL`` (an experiment's results.json: that arm's cells, by seed) or ``@ARM_DIR``
-    (the seed<k>.json cells bench/text_arm.py writes)."""
+    (the seed<k>.json cells bench/text_arm.py writes). acc_norm is read from samples files only."""
+    if metric != "acc" and spec.startswith("@"):
+        raise SystemExit(f"{spec}: only samples folders keep {metric} per question; give the eval's folders")
     if spec.startswith("@") and Path(spec[1:]).is_dir():   # a bench/text_arm.py arm: seed<k>.json by seed
         cells = sorted(Path(spec[1:]).glob("seed*.json"), key=lambda p: int(p.stem[4:]))
         records = [json.loads(p.read_text(encoding="utf-8")) for p in cells]
@@ -58,23 +60,24 @@ def read_arm(spec: str) -> list[list[int]]:
         if side not in ("a", "b"):
             raise SystemExit(f"{spec}: expected @FILE.json:a, @FILE.json:b or @RESULTS.json:METHOD/BUDGET/MODEL")
         return [[int(c) for c in seed] for seed in record[f"correct_{side}"]]
-    return [read_correct(d) for d in spec.split(",")]
+    return [read_correct(d, metric) for d in spec.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--a", required=True, help="NAME=DIR,DIR,...")
     parser.add_argument("--b", required=True, help="NAME=DIR,DIR,...")
+    parser.add_argument("--metric", choices=("acc", "acc_norm"), default="acc", help="the per-question score paired")
     parser.add_argument("--output")
     args = parser.parse_args()
     (name_a, _, dirs_a), (name_b, _, dirs_b) = args.a.partition("="), args.b.partition("=")
-    correct_a, correct_b = read_arm(dirs_a), read_arm(dirs_b)
+    correct_a, correct_b = read_arm(dirs_a, args.metric), read_arm(dirs_b, args.metric)
     result = paired_accuracy_difference(correct_a, correct_b)
-    result = {"a": name_a, "b": name_b, **result, "dirs_a": dirs_a.split(","), "dirs_b": dirs_b.split(","),
+    result = {"a": name_a, "b": name_b, "metric": args.metric, **result, "dirs_a": dirs_a.split(","), "dirs_b": dirs_b.split(","),
               # per seed, per question: 1 = answered right (the figures above are recomputable from these)
               "correct_a": ["".join(map(str, c)) for c in correct_a],
               "correct_b": ["".join(map(str, c)) for c in correct_b]}
-    print(f"{name_a}: acc {', '.join(f'{x:.3f}' for x in result['acc_a'])}; {name_b}: acc "
+    print(f"{name_a}: {args.metric} {', '.join(f'{x:.3f}' for x in result['acc_a'])}; {name_b}: {args.metric} "
           f"{', '.join(f'{x:.3f}' for x in result['acc_b'])} (n {result['n']})")
     print(f"{name_b} - {name_a}: {result['mean_difference']:+.4f} [{result['ci95'][0]:+.4f}, {result['ci95'][1]:+.4f}]"
           f"; questions only {name_b} gets right per seed {result['b_only_right']}, only {name_a} {result['a_only_right']}")

@@ -547,3 +547,12 @@ def test_the_paired_script_reads_an_experiments_arm_by_seed_from_its_results(tmp
     for seed, bits in ((10, "110"), (2, "010")):
         (arm / f"seed{seed}.json").write_text(json.dumps({"seed": seed, "correct": bits}))
     assert paired.read_arm(f"@{arm}") == [[0, 1, 0], [1, 1, 0]]
+    # samples files: acc or acc_norm per question, slices joined with +; stored outputs keep acc only
+    for name, records in (("a", [(1, 0), (0, 1)]), ("b", [(0, 0)])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "samples_mmlu.jsonl").write_text(
+            "".join(json.dumps({"acc": acc, "acc_norm": norm}) + "\n" for acc, norm in records))
+    assert paired.read_arm(f"{tmp_path / 'a'}+{tmp_path / 'b'}") == [[1, 0, 0]]
+    assert paired.read_arm(f"{tmp_path / 'a'}+{tmp_path / 'b'}", "acc_norm") == [[0, 1, 0]]
+    with pytest.raises(SystemExit, match="only samples folders keep acc_norm"):
+        paired.read_arm(f"@{arm}", "acc_norm")

@@ -191,6 +191,10 @@ def test_tuning_only_runs_the_rule_alone_and_needs_no_experts(tmp_path, tiny_lla
              for e in (1.0, 2.0) for k in (0, 1)}
     assert all(c["indices"] == random_indices(12, 4, 40 + k) for (e, k), c in cells.items())
     assert [cells[(e, 0)]["train_steps"] for e in (1.0, 2.0)] == [2, 4]   # 4 rows, batch 2: 2 steps an epoch
+    for cell in cells.values():   # per-question answers, for paired comparisons: they are the cell's accuracy
+        assert len(cell["correct"]) == len(cell["correct_norm"]) == cell["n"]
+        assert cell["correct"].count("1") / cell["n"] == pytest.approx(cell["acc"])
+        assert cell["correct_norm"].count("1") / cell["n"] == pytest.approx(cell["acc_norm"])
     means = {e: (cells[(e, 0)]["acc"] + cells[(e, 1)]["acc"]) / 2 for e in (1.0, 2.0)}
     chosen = read_json(written[0])
     assert chosen["mean_validation_acc"] == pytest.approx({f"{e:g}": m for e, m in means.items()})

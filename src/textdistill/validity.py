@@ -703,16 +703,19 @@ class _Study:
             return
         indices = random_indices(len(self.pool), self.count, self.config.tuning.seed + k)
         config = dataclasses.replace(self.config.recipe, epochs=float(epochs), max_steps=None)
-        from .evaluation import evaluate_model
+        from .evaluation import evaluate_with_records
         from .training import train_on_examples
 
         model_obj, tokenizer, result = train_on_examples(model_name=model, examples=[self.pool[i] for i in indices],
                                                          config=config, device=self.device, progress=False)
-        metrics = evaluate_model(model_obj, tokenizer, self.config.tuning.validation, progress=False)
+        metrics, records = evaluate_with_records(model_obj, tokenizer, self.config.tuning.validation, progress=False)
         atomic_write_json(self.tuning_cell_path(model, epochs, k), {
             "model": model, "epochs": epochs, "subset": k, "indices": indices, "train_steps": result.steps,
             "acc": metrics["acc"], "acc_norm": metrics["acc_norm"], "n": metrics["n"],
-            "train_seconds": round(result.seconds, 1), "eval_seconds": metrics["seconds"]})
+            "train_seconds": round(result.seconds, 1), "eval_seconds": metrics["seconds"],
+            # per validation question, 1 = right (paired comparisons of counts, or against the untrained model)
+            "correct": "".join(str(r["acc"]) for r in records),
+            "correct_norm": "".join(str(r["acc_norm"]) for r in records)})
 
 
 def _rows_loss(model: torch.nn.Module, rows: Sequence[Any], params: dict[str, torch.Tensor], pad_id: int) -> float:
