@@ -4,7 +4,7 @@
 # per process. Evaluations run in chunks of 1,000 questions (--offset/--limit), each kept when done, so a run
 # resumes over sessions; SmolLM2's zero-shot ran as one evaluation (1 h 11 min of one core of the AMX Xeon).
 # Runs land in $RUNS (samples files are large: not kept in the repository); summaries land here.
-#   bash results/mmlu-full-test/run.sh smollm2 | gemma | smollm2-pool600 | paired-pool600
+#   bash results/mmlu-full-test/run.sh smollm2 | gemma | smollm2-pool600 | paired-pool600 | paired-models
 cd "$(dirname "$0")/../.."
 OUT=results/mmlu-full-test; RUNS=${RUNS:-/work/runs/mmlu}
 COMMON="--task mmlu --template rc --split test --threads 1 --no-progress --log-samples"
@@ -31,6 +31,14 @@ smollm2-pool600) chunked smollm2-135m-pool10k-600steps smollm2-135m --adapter $R
 paired-pool600)
   python bench/paired_accuracy.py --a zero-shot=$RUNS/smollm2-zero-shot-full \
       --b pool-600-steps=$(for k in $CHUNKS; do printf "$RUNS/smollm2-135m-pool10k-600steps/chunk$k+"; done | sed 's/+$//') \
-      --output $OUT/paired-smollm2-135m-pool600-vs-zero-shot.json ;;
-*) echo "usage: $0 smollm2|gemma|smollm2-pool600|paired-pool600"; exit 2 ;;
+      --output $OUT/paired-smollm2-135m-pool600-vs-zero-shot.json
+  python bench/paired_accuracy.py --metric acc_norm --a zero-shot=$RUNS/smollm2-zero-shot-full \
+      --b pool-600-steps=$(for k in $CHUNKS; do printf "$RUNS/smollm2-135m-pool10k-600steps/chunk$k+"; done | sed 's/+$//') \
+      --output $OUT/paired-smollm2-135m-pool600-vs-zero-shot-acc_norm.json ;;
+# the two zero-shot models on the same questions
+paired-models)
+  python bench/paired_accuracy.py --a smollm2-135m=$RUNS/smollm2-zero-shot-full \
+      --b gemma3-270m=$(for k in $CHUNKS; do printf "$RUNS/gemma3-270m-zero-shot/chunk$k+"; done | sed 's/+$//') \
+      --output $OUT/paired-gemma3-270m-vs-smollm2-135m-zero-shot.json ;;
+*) echo "usage: $0 smollm2|gemma|smollm2-pool600|paired-pool600|paired-models"; exit 2 ;;
 esac
