@@ -233,8 +233,8 @@ def test_tuning_with_patience_trains_no_count_after_the_stop(tmp_path, tiny_llam
         return types.SimpleNamespace(epochs=kw["config"].epochs), None, types.SimpleNamespace(steps=1, seconds=0.0)
 
     monkeypatch.setattr(training, "train_on_examples", fake_train)
-    monkeypatch.setattr(evaluation, "evaluate_model", lambda model, *a, **k: {
-        "acc": accuracy[model.epochs], "acc_norm": 0.0, "n": 3, "seconds": 0.0})
+    monkeypatch.setattr(evaluation, "evaluate_with_records", lambda model, *a, **k: (
+        {"acc": accuracy[model.epochs], "acc_norm": 0.0, "n": 3, "seconds": 0.0}, [{"acc": 1, "acc_norm": 0}] * 3))
     config = ValidityConfig(
         pool="arc-easy:train", budget="4", models=(str(tiny_llama_dir),), tuning_only=True,
         recipe=TrainConfig(precision="fp32", data=DataSettings(max_length=48, limit=12)),
