@@ -73,7 +73,8 @@ def main() -> None:
     (name_a, _, dirs_a), (name_b, _, dirs_b) = args.a.partition("="), args.b.partition("=")
     correct_a, correct_b = read_arm(dirs_a, args.metric), read_arm(dirs_b, args.metric)
     result = paired_accuracy_difference(correct_a, correct_b)
-    result = {"a": name_a, "b": name_b, "metric": args.metric, **result, "dirs_a": dirs_a.split(","), "dirs_b": dirs_b.split(","),
+    result = {"a": name_a, "b": name_b, "metric": args.metric, **result,
+              "dirs_a": dirs_a.split(","), "dirs_b": dirs_b.split(","),
               # per seed, per question: 1 = answered right (the figures above are recomputable from these)
               "correct_a": ["".join(map(str, c)) for c in correct_a],
               "correct_b": ["".join(map(str, c)) for c in correct_b]}

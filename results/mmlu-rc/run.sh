@@ -29,7 +29,8 @@ for budget in 1% 5%; do
     if [ -n "$stages" ]; then
       for stage in $stages/experts-* $stages/selections $stages/distill; do
         case $stage in *.lock) continue ;; esac   # each folder keeps its own locks
-        if [ -e $stage ] && [ ! -e $run/$(basename $stage) ]; then ln -s ../$(basename $stages)/$(basename $stage) $run/; fi
+        name=$(basename $stage)
+        if [ -e $stage ] && [ ! -e $run/$name ]; then ln -s ../$(basename $stages)/$name $run/; fi
       done
     fi
     $RUNNER experiment configs/mmlu-rc.yaml --models "[$model]" --budgets "[\"$budget\"]" --recipe.epochs $epochs \
